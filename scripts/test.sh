@@ -1,0 +1,6 @@
+#!/usr/bin/env bash
+# Run the test suite (bootstraps .venv and the DICOM peers on first use).
+set -euo pipefail
+source "$(dirname "${BASH_SOURCE[0]}")/bootstrap.sh"
+cd "$ROOT"
+exec python -m pytest "$@"
