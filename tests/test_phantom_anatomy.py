@@ -163,3 +163,18 @@ def test_generate_case_pairs_and_metadata():
     assert {"noise_br40_hu", "ir_strength_a", "ir_strength_b"} <= set(meta["acquisition"])
     assert len(case.tumour_masks) == len(case.tumour_info) == len(meta["tumours"]) >= 1
     assert case.label_names[NAME["lung"]] == "lung"
+
+
+def test_every_case_gets_a_tumour_even_when_large_ones_do_not_fit() -> None:
+    """Large spiculated tumours that find no room are shrunk, never dropped to zero tumours."""
+    from ltdiff_core.phantom import anatomy as A
+
+    for seed in range(12):
+        body_rng, seg_rng, tum_rng, _, _ = np.random.default_rng(seed).spawn(5)
+        chest = A.sample_chest(body_rng)
+        A.build_segments(chest, seg_rng)
+        placed = A.place_tumours(chest, tum_rng, half_slab_mm=15.0)
+        assert 1 <= len(placed) <= 3
+        for t in placed:
+            assert t.radius_mm >= 6.0 - 1e-9
+            assert A._sphere_in_lung(chest, t.centre_mm, t.extent_mm + 2.0)

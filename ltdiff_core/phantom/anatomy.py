@@ -585,29 +585,45 @@ class PlaneField:
 
 
 def place_tumours(chest: Chest, rng: np.random.Generator, half_slab_mm: float) -> list[tm.Tumour]:
-    """1-3 tumours fully inside the lungs, the later ones within the slab around the first."""
+    """1-3 tumours fully inside the lungs, the later ones within the slab around the first.
+
+    A tumour that finds no room (a large, spiculated one in a small lung) is shrunk and tried
+    again, down to the 6 mm minimum radius, so every case gets at least one tumour.
+    """
     n = int(rng.integers(1, 4))
     draws = [(tm.sample_tumour(r), r) for r in rng.spawn(n)]
     placed: list[tm.Tumour] = []
-    for k, (t, trng) in enumerate(draws):
-        ext = t.extent_mm
-        for _ in range(400):
-            if not placed:
-                z = trng.uniform(25.0 + ext, chest.z_dome[0] - ext - 12.0)
-            else:
-                z0 = placed[0].centre_mm[2]
-                z = z0 + trng.uniform(-1, 1) * max(half_slab_mm - 0.5 * t.radius_mm, 0.0)
-            ac, yc, bc = chest.cavity(z)
-            x = trng.choice([-1.0, 1.0]) * trng.uniform(0.2, 0.95) * ac
-            y = yc + trng.uniform(-0.9, 0.9) * bc
-            if not _sphere_in_lung(chest, np.array([x, y, z]), ext + 2.0):
-                continue
-            if any(np.linalg.norm(o.centre_mm - [x, y, z]) < o.extent_mm + ext + 3.0 for o in placed):
-                continue
-            t.centre_mm = np.array([x, y, z])
-            placed.append(t)
-            break
+    for t, trng in draws:
+        while True:
+            if _try_place(chest, t, trng, placed, half_slab_mm):
+                placed.append(t)
+                break
+            if t.radius_mm <= tm.MIN_RADIUS_MM:
+                break
+            t = tm.scaled(t, max(0.85, tm.MIN_RADIUS_MM / t.radius_mm))
     return placed
+
+
+def _try_place(chest: Chest, t: tm.Tumour, rng: np.random.Generator, placed: list[tm.Tumour],
+               half_slab_mm: float, tries: int = 200) -> bool:
+    """Draw positions for ``t`` until one lies inside a lung, clear of the tumours placed."""
+    ext = t.extent_mm
+    for _ in range(tries):
+        if not placed:
+            z = rng.uniform(25.0 + ext, chest.z_dome[0] - ext - 12.0)
+        else:
+            z0 = placed[0].centre_mm[2]
+            z = z0 + rng.uniform(-1, 1) * max(half_slab_mm - 0.5 * t.radius_mm, 0.0)
+        ac, yc, bc = chest.cavity(z)
+        x = rng.choice([-1.0, 1.0]) * rng.uniform(0.2, 0.95) * ac
+        y = yc + rng.uniform(-0.9, 0.9) * bc
+        if not _sphere_in_lung(chest, np.array([x, y, z]), ext + 2.0):
+            continue
+        if any(np.linalg.norm(o.centre_mm - [x, y, z]) < o.extent_mm + ext + 3.0 for o in placed):
+            continue
+        t.centre_mm = np.array([x, y, z])
+        return True
+    return False
 
 
 def _sphere_in_lung(chest: Chest, c: np.ndarray, r: float) -> bool:

@@ -6,7 +6,7 @@ so every slice thickness of one seed cuts the same object.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -73,6 +73,21 @@ class Tumour:
 def _unit_vectors(rng: np.random.Generator, n: int) -> np.ndarray:
     v = rng.normal(size=(n, 3))
     return v / np.linalg.norm(v, axis=1, keepdims=True)
+
+
+MIN_RADIUS_MM = 6.0
+
+
+def scaled(t: Tumour, factor: float) -> Tumour:
+    """The same tumour scaled in size (composition and HU unchanged), for placement retries."""
+    return replace(
+        t,
+        radius_mm=t.radius_mm * factor,
+        spicules=[(d, length * factor, width) for d, length, width in t.spicules],
+        necrosis=None if t.necrosis is None else (t.necrosis[0] * factor, t.necrosis[1] * factor),
+        cavity=None if t.cavity is None else (t.cavity[0] * factor, t.cavity[1] * factor),
+        calcifications=[(o * factor, r) for o, r in t.calcifications],
+    )
 
 
 def sample_tumour(rng: np.random.Generator) -> Tumour:
