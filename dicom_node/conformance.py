@@ -1,0 +1,276 @@
+"""The DICOM conformance statement, and the SOP class / transfer syntax lists the SCP uses.
+
+The SCP imports :data:`ACCEPTED_TRANSFER_SYNTAXES` and :data:`STORAGE_SOP_CLASSES` from here, so
+what ``dicom-node conformance`` prints is, by construction, what the node negotiates. The text
+is built from the running configuration (AE title, port, allow-list, destinations), so a site
+hands its PACS team the statement of the node they actually run.
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any, Protocol
+
+import pynetdicom
+from pydicom.dataset import Dataset
+from pydicom.sr.codedict import codes
+from pydicom.sr.coding import Code
+from pydicom.uid import (
+    UID,
+    CTImageStorage,
+    DeflatedExplicitVRLittleEndian,
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+    JPEG2000,
+    JPEG2000Lossless,
+    JPEGLossless,
+    JPEGLosslessSV1,
+    JPEGLSLossless,
+    JPEGLSNearLossless,
+    RLELossless,
+)
+
+from .derive import DerivationInfo, uid_prefix, output_kernel
+from .version import SOFTWARE_NAME, SOFTWARE_VERSION
+
+VERIFICATION_SOP_CLASS = UID("1.2.840.10008.1.1")
+# Stored and standardized. CT Image Storage only: the model works on single-frame axial slices.
+STORAGE_SOP_CLASSES: tuple[UID, ...] = (CTImageStorage,)
+# Negotiated so that a refusal is a clear C-STORE status rather than a rejected context.
+ENHANCED_CT_SOP_CLASSES: tuple[UID, ...] = (
+    UID("1.2.840.10008.5.1.4.1.1.2.1"),  # Enhanced CT Image Storage
+    UID("1.2.840.10008.5.1.4.1.1.2.2"),  # Legacy Converted Enhanced CT Image Storage
+)
+ENHANCED_CT_REFUSAL_STATUS = 0x0122  # Refused: SOP Class not supported
+
+# Every syntax here is decodable in-process (pydicom + pylibjpeg) when the series is processed;
+# instances are spooled exactly as received, so no syntax costs a re-encode at receive time.
+ACCEPTED_TRANSFER_SYNTAXES: tuple[UID, ...] = (
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+    DeflatedExplicitVRLittleEndian,
+    JPEGLosslessSV1,      # 1.2.840.10008.1.2.4.70, process 14 selection value 1
+    JPEGLossless,         # 1.2.840.10008.1.2.4.57, process 14
+    JPEG2000Lossless,
+    JPEG2000,             # lossy or lossless
+    JPEGLSLossless,
+    JPEGLSNearLossless,
+    RLELossless,
+)
+# Derived instances are written Explicit VR Little Endian; Implicit is proposed as fallback
+# because every Storage SCP must accept it.
+SEND_TRANSFER_SYNTAXES: tuple[UID, ...] = (ExplicitVRLittleEndian, ImplicitVRLittleEndian)
+
+C_STORE_SCP_STATUSES: tuple[tuple[int, str, str], ...] = (
+    (0x0000, "Success", "instance written to the spool (fsync, rename) and recorded, or a duplicate SOP Instance UID"),
+    (ENHANCED_CT_REFUSAL_STATUS, "Refused: SOP Class not supported", "Enhanced CT when accept_enhanced_ct is false"),
+    (0xA700, "Refused: Out of resources", "the instance could not be persisted; the sender may retry"),
+    (0xA900, "Error: Data set does not match SOP class", "SeriesInstanceUID missing"),
+)
+
+
+class DestinationLike(Protocol):
+    """A configured C-STORE SCP that receives standardized series."""
+
+    @property
+    def name(self) -> str: ...
+    @property
+    def ae_title(self) -> str: ...
+    @property
+    def host(self) -> str: ...
+    @property
+    def port(self) -> int: ...
+
+
+class ConformanceConfig(Protocol):
+    """What the statement needs from the node configuration (``dicom_node.config.NodeConfig``)."""
+
+    @property
+    def ae_title(self) -> str: ...
+    @property
+    def port(self) -> int: ...
+    @property
+    def bind_address(self) -> str: ...
+    @property
+    def max_pdu(self) -> int: ...
+    @property
+    def max_associations(self) -> int: ...
+    @property
+    def allowed_calling_aes(self) -> Sequence[Any]: ...  # str or objects with ae_title (and host)
+    @property
+    def check_called_ae(self) -> bool: ...
+    @property
+    def destinations(self) -> Sequence[DestinationLike]: ...
+    @property
+    def accept_enhanced_ct(self) -> bool: ...
+
+
+def _name(uid: UID) -> str:
+    return uid.name if uid.name != str(uid) else "(unnamed)"
+
+
+def _table(header: Sequence[str], rows: Sequence[Sequence[object]]) -> list[str]:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    return lines
+
+
+def _allowed(config: ConformanceConfig) -> list[str]:
+    """Allow-list entries as text: ``AE`` or ``AE from HOST``."""
+    out = []
+    for item in config.allowed_calling_aes:
+        if isinstance(item, str):
+            out.append(item)
+        else:
+            host = getattr(item, "host", None)
+            out.append(f"{item.ae_title} from {host}" if host else str(item.ae_title))
+    return out
+
+
+def _network_section(c: ConformanceConfig) -> list[str]:
+    pdu = "unlimited" if c.max_pdu == 0 else f"{c.max_pdu} bytes"
+    timeouts = [f"{label} {getattr(c, attr)} s" for attr, label in
+                (("acse_timeout_s", "ACSE"), ("dimse_timeout_s", "DIMSE"), ("network_timeout_s", "network"))
+                if getattr(c, attr, None) is not None]
+    allowed = _allowed(c)
+    lines = [
+        "## 2 Networking",
+        "",
+        f"One Application Entity, AE title **{c.ae_title}**, listening on TCP {c.bind_address}:{c.port} "
+        "(DICOM Upper Layer over TCP/IP, no TLS).",
+        "",
+        f"- Implementation Class UID: {pynetdicom.PYNETDICOM_IMPLEMENTATION_UID}; Implementation Version Name: "
+        f"{pynetdicom.PYNETDICOM_IMPLEMENTATION_VERSION}",
+        f"- Maximum PDU size received: {pdu}",
+        f"- Maximum number of simultaneous associations accepted: {c.max_associations}",
+        "- Asynchronous operations and SOP class extended negotiation: not supported",
+    ]
+    if timeouts:
+        lines.append("- Timeouts: " + ", ".join(timeouts))
+    lines += [
+        "",
+        "### 2.1 Association acceptance policy",
+        "",
+        "- Calling AE titles: " + (", ".join(allowed) if allowed else "any (no allow-list configured)")
+        + ("; an AE pinned to a host is refused from any other address" if any(" from " in a for a in allowed)
+           else ""),
+        f"- Called AE title: {'must equal ' + c.ae_title if c.check_called_ae else 'not checked'}",
+        "- Rejected associations: A-ASSOCIATE-RJ (rejected permanent) for an unknown calling or called AE title; "
+        "A-ASSOCIATE-RJ (rejected transient) when the association limit is reached",
+        "- Per presentation context, the first proposed transfer syntax (in the requester's order) that is "
+        "in the accepted list is chosen; SCP/SCU role selection is not negotiated",
+        "",
+    ]
+    return lines
+
+
+def _scp_section(c: ConformanceConfig) -> list[str]:
+    rows: list[list[object]] = [[_name(VERIFICATION_SOP_CLASS), VERIFICATION_SOP_CLASS, "SCP", "C-ECHO"]]
+    rows += [[_name(u), u, "SCP", "stored; standardized when a routing rule matches"] for u in STORAGE_SOP_CLASSES]
+    for u in ENHANCED_CT_SOP_CLASSES:
+        if c.accept_enhanced_ct:
+            what = "stored and kept (multi-frame objects are not standardized)"
+        else:
+            what = f"negotiated, C-STORE refused with status 0x{ENHANCED_CT_REFUSAL_STATUS:04X} (SOP Class not supported)"
+        rows.append([_name(u), u, "SCP", what])
+    lines = ["### 2.2 SOP classes accepted (SCP)", ""]
+    lines += _table(["SOP Class", "UID", "Role", "Behaviour"], rows)
+    lines += ["", "### 2.3 Transfer syntaxes accepted", "",
+              "Accepted for every storage SOP class above; compressed pixel data is decoded with "
+              "pylibjpeg only when a series is processed (instances are kept exactly as received).", ""]
+    lines += _table(["Transfer Syntax", "UID"], [[_name(u), u] for u in ACCEPTED_TRANSFER_SYNTAXES])
+    lines += ["", "### 2.4 C-STORE SCP status codes", ""]
+    lines += _table(["Status", "Meaning", "When"], [[f"0x{s:04X}", m, w] for s, m, w in C_STORE_SCP_STATUSES])
+    lines += ["", "A success status is sent only after the instance is persisted on disk and recorded in the "
+              "database. Storage is level 2 (full): all attributes, including private ones, are kept as received.",
+              ""]
+    return lines
+
+
+def _scu_section(c: ConformanceConfig) -> list[str]:
+    lines = ["### 2.5 Association initiation (SCU)", "",
+             f"The node sends each standardized series as {_name(CTImageStorage)} ({CTImageStorage}) "
+             "over one association per series and destination, proposing "
+             + " and ".join(f"{_name(u)} ({u})" for u in SEND_TRANSFER_SYNTAXES)
+             + " (the latter as fallback). Calling AE title: " + c.ae_title + ".", ""]
+    if c.destinations:
+        rows = []
+        for d in c.destinations:
+            retries = getattr(d, "max_retries", None)
+            rows.append([d.name, d.ae_title, d.host, d.port, "-" if retries is None else retries])
+        lines += _table(["Destination", "Called AE", "Host", "Port", "Max retries"], rows)
+    else:
+        lines.append("No destinations are configured: standardized series are kept in the node's output folder.")
+    lines += ["", "Transient failures (connection refused, timeout, abort, 0xA7xx Out of resources) are retried "
+              "with exponential backoff up to the destination's retry limit; permanent rejections (association "
+              "rejected, 0x0122, 0xA9xx, 0xCxxx) fail the send at once and are recorded per instance.", ""]
+    return lines
+
+
+def _created_objects_section(c: ConformanceConfig) -> list[str]:
+    d = DerivationInfo(model_name="", uid_root=getattr(c, "uid_root", None))
+    uid_text = f"under the UID root {d.uid_root}" if uid_prefix(d.uid_root) else "as UUID-derived 2.25 UIDs"
+    kernel = "\\".join(output_kernel(Dataset(), d)).replace(d.source_kernel, "<source kernel>")
+
+    def code(c: Code) -> str:
+        return f'({c.value}, {c.scheme_designator}, "{c.meaning}")'
+
+    rows = [
+        ["SOP Class", f"{_name(CTImageStorage)}, Explicit VR Little Endian, uncompressed (even for compressed input)"],
+        ["Series/SOP Instance UID", f"new, {uid_text}; one new series per processed series"],
+        ["Image Type", "DERIVED\\SECONDARY\\AXIAL"],
+        ["Series Number", f"source Series Number + {d.series_number_offset}"],
+        ["Series Description", f'source description + "{d.series_description_suffix.format(target=d.target_kernel)}"'],
+        ["Convolution Kernel", kernel],
+        ["Source Image Sequence", f"the source instance, purpose {code(codes.DCM.SourceImageForImageProcessingOperation)}, "
+                                  "Spatial Locations Preserved YES"],
+        ["Referenced Series Sequence", "source series and instance (Common Instance Reference)"],
+        ["Derivation Code Sequence", f"{code(d.derivation_code)} from CID 7203"],
+        ["Derivation Description", "model name, version, sha256 (short), method and sampler parameters"],
+        ["Contributing Equipment Sequence", f"item appended: purpose {code(codes.DCM.ProcessingEquipment)}, "
+                                            f"Manufacturer, model name, Software Versions ({SOFTWARE_NAME} "
+                                            f"{SOFTWARE_VERSION}, model version), model sha256, date/time"],
+        ["Kept from the source", "patient, study, equipment, frame of reference, geometry, acquisition, "
+                                 "window, stored pixel representation and rescale, Lossy Image Compression"],
+        ["Removed", "private attributes, icon image, digital signatures, earlier derivation/source references"],
+    ]
+    lines = ["## 3 Created SOP instances", ""]
+    lines += _table(["Attribute", "Value"], rows)
+    return lines + [""]
+
+
+def conformance_statement(config: ConformanceConfig) -> str:
+    """The statement as Markdown text, for the configuration the node runs with."""
+    lines = [
+        f"# DICOM Conformance Statement: {SOFTWARE_NAME} {SOFTWARE_VERSION}",
+        "",
+        "A DICOM node that receives CT series, standardizes the reconstruction kernel (Siemens Br40 to "
+        "Bl64-like) with a latent diffusion model, and sends the result as a new DERIVED series. "
+        "Research use; the output is not intended for diagnosis.",
+        "",
+        "## 1 Overview",
+        "",
+    ]
+    lines += _table(
+        ["SOP Class", "UID", "SCU", "SCP"],
+        [[_name(VERIFICATION_SOP_CLASS), VERIFICATION_SOP_CLASS, "no", "yes"]]
+        + [[_name(u), u, "yes", "yes"] for u in STORAGE_SOP_CLASSES]
+        + [[_name(u), u, "no", "stored" if config.accept_enhanced_ct else "refused"] for u in ENHANCED_CT_SOP_CLASSES],
+    )
+    lines.append("")
+    lines += _network_section(config) + _scp_section(config) + _scu_section(config)
+    lines += _created_objects_section(config)
+    lines += [
+        "## 4 Character sets",
+        "",
+        "Received instances are stored with whatever Specific Character Set they carry. Created instances keep "
+        "the source's Specific Character Set; the text the node adds is in the default repertoire (ISO-IR 6).",
+        "",
+        "## 5 Security",
+        "",
+        "No TLS and no user identity negotiation: run the node on a trusted network segment. Access control "
+        "is the calling AE allow-list (optionally pinned to host addresses) and the called AE check above. "
+        "The service runs as a dedicated unprivileged user under systemd hardening; logs at INFO level "
+        "contain no patient identifiers.",
+        "",
+    ]
+    return "\n".join(lines)

@@ -1,0 +1,102 @@
+"""``dicom-node standardize``: one series from a folder in, one standardized series out.
+
+For admins and researchers without a network round trip. It reads, runs the model and derives
+with the same code the service uses (``ltdiff_core`` reader and Standardizer,
+:func:`dicom_node.derive.derive_series`), so an offline result and a PACS result of the same
+input, model, steps and seed differ only in their new UIDs and creation times.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from .derive import DerivationInfo, derive_series, write_series
+
+Progress = Callable[[int, int], None]
+
+
+def sampler_parameters(info: dict[str, Any], steps: int | None, seed: int) -> dict[str, Any]:
+    """The sampler settings recorded in the output: effective steps, seed and model defaults."""
+    params: dict[str, Any] = {"steps": steps if steps is not None else info.get("default_steps"), "seed": seed}
+    for key in ("strength", "variant", "eta", "scheduler"):
+        params.setdefault(key, info.get(key))
+    return {k: v for k, v in params.items() if v is not None}
+
+
+def standardize_series_dir(
+    in_dir: str | Path,
+    out_dir: str | Path,
+    model: str | Path | None = None,
+    steps: int | None = None,
+    device: str = "auto",
+    seed: int = 0,
+    progress: Progress | None = None,
+    uid_root: str | None = None,
+) -> list[Path]:
+    """Standardize the single series in ``in_dir`` and write the derived series to ``out_dir``.
+
+    ``model`` None uses the shipped default checkpoint; ``steps`` None the model's default.
+    Raises ``SeriesError`` (unreadable or mixed series) and ``CheckpointError`` (bad model)
+    before anything is written.
+    """
+    from ltdiff_core import Standardizer
+    from ltdiff_core.dicomio.reader import read_series
+
+    series = read_series(Path(in_dir))
+    std = Standardizer.from_checkpoint(model, device=device)
+    hu = std.standardize(series.hu, series.spacing, steps=steps, seed=seed, progress=progress)
+    info = dict(std.info)
+    derivation = DerivationInfo.from_model_info(
+        info,
+        sampler=sampler_parameters(info, steps, seed),
+        device=str(info.get("device") or device),
+        uid_root=uid_root,
+    )
+    return write_series(derive_series(series.datasets, hu, derivation), out_dir)
+
+
+def add_standardize_arguments(parser: argparse.ArgumentParser) -> None:
+    """Arguments of ``dicom-node standardize``."""
+    parser.add_argument("in_dir", metavar="IN_SERIES_DIR", help="folder holding one CT series")
+    parser.add_argument("out_dir", metavar="OUT_DIR", help="folder for the standardized series")
+    parser.add_argument("--model", metavar="PATH", help="checkpoint (.safetensors); default: the shipped model")
+    parser.add_argument("--steps", type=int, metavar="N", help="sampler steps; default: the model's default")
+    parser.add_argument("--device", default="auto", help="auto (GPU when present), cpu, cuda or cuda:N")
+    parser.add_argument("--seed", type=int, default=0, metavar="N", help="sampler seed (default 0)")
+    parser.add_argument("--uid-root", metavar="ROOT",
+                        help="root for new Series/SOP Instance UIDs (default: UUID-derived 2.25.)")
+    parser.add_argument("--quiet", action="store_true", help="no progress output")
+
+
+def _progress_printer() -> Progress:
+    """Slices done so far, on one stderr line (stdout stays for the result)."""
+
+    def report(done: int, total: int) -> None:
+        end = "\n" if done >= total else ""
+        print(f"\rstandardizing: {done}/{total} slices", end=end, file=sys.stderr, flush=True)
+
+    return report
+
+
+def run_standardize(args: argparse.Namespace) -> int:
+    """CLI entry: 0 on success, 2 on an unreadable series, a bad model or a write failure."""
+    from ltdiff_core import CheckpointError
+    from ltdiff_core.dicomio.reader import SeriesError
+
+    if args.steps is not None and args.steps < 1:
+        print("dicom-node standardize: --steps must be >= 1", file=sys.stderr)
+        return 2
+    try:
+        paths = standardize_series_dir(
+            args.in_dir, args.out_dir, model=args.model, steps=args.steps, device=args.device,
+            seed=args.seed, progress=None if getattr(args, "quiet", False) else _progress_printer(),
+            uid_root=getattr(args, "uid_root", None),
+        )
+    except (SeriesError, CheckpointError, ValueError, OSError) as exc:
+        print(f"dicom-node standardize: {exc}", file=sys.stderr)
+        return 2
+    print(f"wrote {len(paths)} instances to {args.out_dir}")
+    return 0
