@@ -1,0 +1,199 @@
+"""``dicom-node``: a thin command line over the library (serve, status, admin tasks).
+
+Every subcommand reads the same configuration file, so ``status``/``jobs``/``retry``/``purge``
+see the database and data directory of the node that ``serve`` runs.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Sequence
+
+from .config import ConfigError, NodeConfig, load_config
+
+CONFIG_ENV = "DICOM_NODE_CONFIG"
+LOG_LEVEL_ENV = "DICOM_NODE_LOG_LEVEL"
+
+
+def _config(args: argparse.Namespace) -> NodeConfig:
+    return load_config(args.config or os.environ.get(CONFIG_ENV))
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from .logs import setup_logging
+    from .service import NodeService
+
+    cfg = _config(args)
+    setup_logging(args.log_level or os.environ.get(LOG_LEVEL_ENV) or cfg.logging.level, cfg.logging.format)
+    return NodeService(cfg).serve_forever()
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from .status import collect_status, format_status, status_json
+
+    st = collect_status(_config(args), last=args.last, with_instances=args.instances)
+    print(status_json(st) if args.json else format_status(st))
+    return 0 if st["node"]["up"] or not args.check else 3
+
+
+def cmd_jobs(args: argparse.Namespace) -> int:
+    from sqlalchemy import select
+
+    from . import db
+    from .status import job_dict
+
+    cfg = _config(args)
+    database = db.Database(cfg.db_url)
+    database.create_all()
+    with database.session() as s:
+        q = select(db.Job).order_by(db.Job.id.desc()).limit(args.last)
+        if args.state:
+            q = q.where(db.Job.state == args.state)
+        jobs = [(j.series.series_uid, job_dict(j)) for j in s.scalars(q)]
+    database.dispose()
+    if args.json:
+        print(json.dumps([{"series_uid": uid, **j} for uid, j in jobs], indent=2))
+        return 0
+    print(f"{'JOB':>5} {'V':>2} {'STATE':<11}{'SLICES':>7} {'MODEL':<18}{'MODEL_S':>8}  SERIES -> OUTPUT / ERROR")
+    for uid, j in jobs:
+        name = str(j["model"]["name"] or j["model"]["checkpoint"])[:17]
+        ms = j["durations_s"]["model"]
+        tail = j["error"] or j["output_series_uid"] or ""
+        print(f"{j['job']:>5} {j['version']:>2} {j['state']:<11}{str(j['output_count'] or '-'):>7} {name:<18}"
+              f"{(f'{ms:.1f}' if ms is not None else '-'):>8}  {uid} -> {tail}")
+    return 0
+
+
+def cmd_retry(args: argparse.Namespace) -> int:
+    from . import db
+    from .worker import Worker
+
+    cfg = _config(args)
+    database = db.Database(cfg.db_url)
+    database.create_all()
+    n = Worker(cfg, database).retry(series_uid=args.series_uid, failed=args.failed)
+    database.dispose()
+    print(f"{n} series queued for reprocessing" + ("" if n else " (not found, or still in progress)"))
+    return 0 if n or args.failed else 1
+
+
+def cmd_purge(args: argparse.Namespace) -> int:
+    from . import db
+    from .worker import Worker
+
+    cfg = _config(args)
+    database = db.Database(cfg.db_url)
+    database.create_all()
+    n = Worker(cfg, database).purge(args.older_than, [args.state] if args.state else None)
+    database.dispose()
+    print(f"purged {n} series")
+    return 0
+
+
+def cmd_conformance(args: argparse.Namespace) -> int:
+    from .conformance import conformance_statement
+
+    print(conformance_statement(_config(args)))
+    return 0
+
+
+def cmd_echo(args: argparse.Namespace) -> int:
+    """C-ECHO a configured destination (or the node itself) to check the network path."""
+    from pynetdicom import AE
+    from pynetdicom.sop_class import Verification
+
+    cfg = _config(args)
+    if args.destination:
+        d = cfg.destination(args.destination)
+        host, port, called = d.host, d.port, d.ae_title
+    else:
+        host, port, called = "127.0.0.1", cfg.port, cfg.ae_title
+    ae = AE(ae_title=cfg.ae_title)
+    ae.add_requested_context(Verification)
+    assoc = ae.associate(host, port, ae_title=called)
+    if not assoc.is_established:
+        print(f"C-ECHO {called}@{host}:{port}: association failed")
+        return 1
+    rsp = assoc.send_c_echo()
+    assoc.release()
+    status = int(rsp.Status) if rsp is not None and "Status" in rsp else None
+    print(f"C-ECHO {called}@{host}:{port}: status {'none' if status is None else f'0x{status:04X}'}")
+    return 0 if status == 0 else 1
+
+
+def cmd_standardize(args: argparse.Namespace) -> int:
+    from .offline import run_standardize
+
+    return int(run_standardize(args))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="dicom-node", description="DICOM node that standardizes CT kernels (Br40 -> Bl64-like).")
+    p.add_argument("-c", "--config", help=f"TOML configuration file (default: ${CONFIG_ENV}, else built-in defaults)")
+    sub = p.add_subparsers(dest="command", required=True)
+    # `dicom-node serve --config FILE` works as well as `dicom-node --config FILE serve`.
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("-c", "--config", default=argparse.SUPPRESS, help="TOML configuration file")
+
+    sp = sub.add_parser("serve", parents=[common], help="run the node (SCP, processing, sending) until SIGTERM")
+    sp.add_argument("--log-level", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    sp.set_defaults(func=cmd_serve)
+
+    sp = sub.add_parser("status", parents=[common], help="up/down, queue, recent series, failures, throughput")
+    sp.add_argument("--json", action="store_true", help="machine-readable output for monitoring")
+    sp.add_argument("--last", type=int, default=10, metavar="N", help="show the last N series (default 10)")
+    sp.add_argument("--instances", action="store_true", help="include per-instance send state (with --json)")
+    sp.add_argument("--check", action="store_true", help="exit status 3 when the node is down")
+    sp.set_defaults(func=cmd_status)
+
+    sp = sub.add_parser("jobs", parents=[common], help="list processing jobs")
+    sp.add_argument("--state", help="only jobs in this state (queued, processing, sending, done, failed)")
+    sp.add_argument("--last", type=int, default=20, metavar="N")
+    sp.add_argument("--json", action="store_true")
+    sp.set_defaults(func=cmd_jobs)
+
+    sp = sub.add_parser("retry", parents=[common], help="reprocess a series (new job, new output series)")
+    g = sp.add_mutually_exclusive_group(required=True)
+    g.add_argument("series_uid", nargs="?", metavar="SERIES_UID")
+    g.add_argument("--failed", action="store_true", help="every failed series")
+    sp.set_defaults(func=cmd_retry)
+
+    sp = sub.add_parser("purge", parents=[common], help="delete finished series (files and records)")
+    sp.add_argument("--older-than", type=float, metavar="DAYS", help="default: retention.days")
+    sp.add_argument("--state", choices=["done", "failed", "ignored", "unrouted"])
+    sp.set_defaults(func=cmd_purge)
+
+    sp = sub.add_parser("conformance", parents=[common], help="print the DICOM conformance statement for this configuration")
+    sp.set_defaults(func=cmd_conformance)
+
+    sp = sub.add_parser("echo", parents=[common], help="C-ECHO the node itself or a configured destination")
+    sp.add_argument("--destination", metavar="NAME")
+    sp.set_defaults(func=cmd_echo)
+
+    sp = sub.add_parser("standardize", help="standardize a series offline (files in, files out)")
+    try:
+        from .offline import add_standardize_arguments
+
+        add_standardize_arguments(sp)
+    except ImportError:
+        pass
+    sp.set_defaults(func=cmd_standardize)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args))
+    except ConfigError as exc:
+        print(f"dicom-node: configuration error: {exc}", file=sys.stderr)
+        return 2
+    except KeyError as exc:
+        print(f"dicom-node: unknown name {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,312 @@
+"""Receive: the node's Storage and Verification SCP (pynetdicom event handlers).
+
+Each C-STORE is written raw (file meta + dataset exactly as received, no re-encode) to the spool
+atomically and recorded in the database *before* the response says success; any failure to
+persist returns a failure status, so the sender keeps its copy and retries. A duplicate
+SOPInstanceUID is acknowledged without a second file or row (senders resend after timeouts).
+"""
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from pydicom.dataset import Dataset
+from pynetdicom import AE, evt
+from pynetdicom.sop_class import Verification
+from sqlalchemy import select
+from sqlalchemy.exc import IntegrityError
+
+from . import db
+from .config import NodeConfig
+from .conformance import (
+    ACCEPTED_TRANSFER_SYNTAXES, ENHANCED_CT_REFUSAL_STATUS, ENHANCED_CT_SOP_CLASSES, STORAGE_SOP_CLASSES,
+)
+from .logs import log_event
+from .spool import safe_name, write_atomic
+
+log = logging.getLogger("dicom_node.scp")
+
+STATUS_SUCCESS = 0x0000
+STATUS_OUT_OF_RESOURCES = 0xA700  # Refused: out of resources (sender should retry later)
+STATUS_SOP_CLASS_NOT_SUPPORTED = ENHANCED_CT_REFUSAL_STATUS  # 0x0122 Refused: SOP class not supported
+STATUS_DATASET_MISMATCH = 0xA900  # Error: data set does not match SOP class
+STATUS_CANNOT_UNDERSTAND = 0xC000  # Error: cannot understand
+
+
+def _uids(items: Any) -> list[str]:
+    """UIDs from the conformance constants (a sequence of UIDs, or a mapping keyed by UID)."""
+    out = []
+    for item in items:
+        uid = item[0] if isinstance(item, tuple) else item
+        out.append(str(uid))
+    return out
+
+
+def _text(ds: Dataset, keyword: str, limit: int = 64) -> str | None:
+    """A header value as text (multi-valued joined with a backslash), cut to the column size."""
+    value = ds.get(keyword)
+    if value is None or value == "":
+        return None
+    if isinstance(value, (list, tuple)) or type(value).__name__ == "MultiValue":
+        value = "\\".join(str(v) for v in value)
+    return str(value)[:limit]
+
+
+def _int(ds: Dataset, keyword: str | tuple[int, int]) -> int | None:
+    try:
+        elem = ds.get(keyword) if isinstance(keyword, str) else ds.get(keyword)
+        value = elem.value if hasattr(elem, "value") else elem
+        return int(value) if value not in (None, "") else None
+    except (TypeError, ValueError):
+        return None
+
+
+@dataclass
+class _AssocStats:
+    calling_ae: str
+    address: str
+    started: float = field(default_factory=time.monotonic)
+    stored: int = 0
+    duplicates: int = 0
+    failed: int = 0
+    nbytes: int = 0
+
+
+class StorageSCP:
+    """The receiving side: owns the pynetdicom AE and the C-ECHO/C-STORE handlers."""
+
+    def __init__(self, config: NodeConfig, database: db.Database) -> None:
+        self.config = config
+        self.db = database
+        self._server: Any = None
+        self._lock = threading.Lock()  # serialise DB writes: SQLite has one writer anyway
+        self._stats: dict[int, _AssocStats] = {}
+        self._hosts = {a.ae_title: a.host for a in config.allowed_calling_aes if a.host}
+        self._enhanced = frozenset(_uids(ENHANCED_CT_SOP_CLASSES))
+        self.ae = self._build_ae()
+
+    # ------------------------------------------------------------------ set-up
+    def _build_ae(self) -> AE:
+        c = self.config
+        ae = AE(ae_title=c.ae_title)
+        ae.maximum_pdu_size = c.max_pdu
+        ae.maximum_associations = c.max_associations
+        ae.require_called_aet = c.check_called_ae
+        ae.require_calling_aet = [a.ae_title for a in c.allowed_calling_aes]
+        ae.acse_timeout = c.acse_timeout_s
+        ae.dimse_timeout = c.dimse_timeout_s
+        ae.network_timeout = c.network_timeout_s
+        syntaxes = _uids(ACCEPTED_TRANSFER_SYNTAXES)
+        ae.add_supported_context(Verification)
+        for uid in _uids(STORAGE_SOP_CLASSES):
+            ae.add_supported_context(uid, syntaxes)
+        enhanced = set(_uids(ENHANCED_CT_SOP_CLASSES))
+        # Enhanced CT is always negotiable so that a refusal is a clear C-STORE status and a log
+        # line rather than an opaque "no accepted presentation context" on the sender's side.
+        for uid in sorted(enhanced):
+            if uid not in {cx.abstract_syntax for cx in ae.supported_contexts}:
+                ae.add_supported_context(uid, syntaxes)
+        return ae
+
+    def handlers(self) -> list[tuple[Any, Any]]:
+        return [
+            (evt.EVT_REQUESTED, self._on_requested),
+            (evt.EVT_ACCEPTED, self._on_accepted),
+            (evt.EVT_REJECTED, self._on_rejected),
+            (evt.EVT_RELEASED, self._on_closed),
+            (evt.EVT_ABORTED, self._on_closed),
+            (evt.EVT_C_ECHO, self._on_echo),
+            (evt.EVT_C_STORE, self._on_store),
+        ]
+
+    def start(self) -> int:
+        """Start listening (non-blocking); returns the bound port (useful with port 0)."""
+        self._server = self.ae.start_server(
+            (self.config.bind_address, self.config.port), block=False, evt_handlers=self.handlers()
+        )
+        port = self._server.server_address[1]
+        log_event(log, "scp_listening", ae_title=self.config.ae_title, address=self.config.bind_address, port=port,
+                  max_pdu=self.config.max_pdu, max_associations=self.config.max_associations)
+        return port
+
+    def stop(self, drain_s: float = 30.0) -> None:
+        """Stop accepting associations, let open ones finish (up to ``drain_s``), abort the rest."""
+        if self._server is None:
+            return
+        self._server.shutdown()
+        deadline = time.monotonic() + drain_s
+        # Only established associations are worth waiting for: a bare TCP probe sits in the ACSE
+        # timeout without ever sending an A-ASSOCIATE-RQ.
+        while [a for a in self.ae.active_associations if a.is_acceptor and a.is_established] \
+                and time.monotonic() < deadline:
+            time.sleep(0.1)
+        for a in self.ae.active_associations:
+            a.abort()
+        self._server = None
+        log_event(log, "scp_stopped", ae_title=self.config.ae_title)
+
+    # ------------------------------------------------------------------ association events
+    def _on_requested(self, event: evt.Event) -> None:
+        """Host check for calling AEs pinned to an address (pynetdicom checks the title)."""
+        rq = event.assoc.requestor
+        calling = str(rq.primitive.calling_ae_title).strip()
+        host = self._hosts.get(calling)
+        if host is not None and rq.address != host:
+            log_event(log, "association_rejected", level=logging.WARNING, calling_ae=calling, peer=rq.address,
+                      reason="calling AE not allowed from this host", expected_host=host)
+            event.assoc.acse.send_reject(0x01, 0x01, 0x03)  # permanent, calling AE not recognised
+            event.assoc.kill()  # waits until the DUL has sent the A-ASSOCIATE-RJ, as pynetdicom does
+
+    def _on_rejected(self, event: evt.Event) -> None:
+        rq = event.assoc.requestor
+        prim = rq.primitive
+        log_event(log, "association_rejected", level=logging.WARNING, calling_ae=str(prim.calling_ae_title).strip(),
+                  called_ae=str(prim.called_ae_title).strip(), peer=rq.address)
+
+    def _on_accepted(self, event: evt.Event) -> None:
+        rq = event.assoc.requestor
+        self._stats[id(event.assoc)] = _AssocStats(calling_ae=str(rq.ae_title).strip(), address=rq.address)
+        log_event(log, "association_accepted", calling_ae=str(rq.ae_title).strip(), peer=rq.address,
+                  port=rq.port, max_pdu=rq.maximum_length)
+
+    def _on_closed(self, event: evt.Event) -> None:
+        st = self._stats.pop(id(event.assoc), None)
+        if st is None:
+            return
+        dt = max(time.monotonic() - st.started, 1e-6)
+        how = "association_released" if event.event is evt.EVT_RELEASED else "association_aborted"
+        log_event(log, how, level=logging.INFO if how.endswith("released") else logging.WARNING,
+                  calling_ae=st.calling_ae, peer=st.address, stored=st.stored, duplicates=st.duplicates,
+                  failed=st.failed, mbytes=round(st.nbytes / 1e6, 1), seconds=round(dt, 2),
+                  images_per_s=round(st.stored / dt, 1))
+
+    def _on_echo(self, event: evt.Event) -> int:
+        log_event(log, "c_echo", calling_ae=str(event.assoc.requestor.ae_title).strip(),
+                  peer=event.assoc.requestor.address)
+        return STATUS_SUCCESS
+
+    # ------------------------------------------------------------------ C-STORE
+    def _on_store(self, event: evt.Event) -> int | Dataset:
+        st = self._stats.get(id(event.assoc))
+        calling = str(event.assoc.requestor.ae_title).strip()
+        peer = event.assoc.requestor.address
+        sop_uid = str(event.request.AffectedSOPInstanceUID)
+        sop_class = str(event.request.AffectedSOPClassUID)
+        try:
+            status = self._store(event, sop_uid, sop_class, calling, peer, st)
+        except OSError as exc:
+            log_event(log, "c_store_failed", level=logging.ERROR, sop_instance_uid=sop_uid, calling_ae=calling,
+                      reason=f"spool write failed: {exc.strerror or exc}", status="0xA700")
+            status = STATUS_OUT_OF_RESOURCES
+        except Exception as exc:  # the sender must never see success for an unpersisted instance
+            log_event(log, "c_store_failed", level=logging.ERROR, sop_instance_uid=sop_uid, calling_ae=calling,
+                      reason=f"{type(exc).__name__}: {exc}", status="0xA700")
+            status = STATUS_OUT_OF_RESOURCES
+        if st is not None and status != STATUS_SUCCESS:
+            st.failed += 1
+        return status
+
+    def _is_known(self, sop_uid: str) -> bool:
+        with self.db.session() as s:
+            return s.scalar(select(db.Instance.id).where(db.Instance.sop_instance_uid == sop_uid)) is not None
+
+    def _store(self, event: evt.Event, sop_uid: str, sop_class: str, calling: str, peer: str,
+               st: _AssocStats | None) -> int:
+        if sop_class in self._enhanced and not self.config.accept_enhanced_ct:
+            log_event(log, "c_store_refused", level=logging.WARNING, sop_instance_uid=sop_uid, sop_class_uid=sop_class,
+                      calling_ae=calling, reason="Enhanced CT not accepted (node.accept_enhanced_ct = false)",
+                      status="0x0122")
+            return STATUS_SOP_CLASS_NOT_SUPPORTED
+        if self._is_known(sop_uid):
+            if st is not None:
+                st.duplicates += 1
+            log_event(log, "c_store_duplicate", level=logging.DEBUG, sop_instance_uid=sop_uid)
+            return STATUS_SUCCESS
+
+        ds = event.dataset  # decoded lazily: only the header elements read below are parsed
+        series_uid = str(ds.get("SeriesInstanceUID", "") or "")
+        if not series_uid:
+            log_event(log, "c_store_failed", level=logging.WARNING, sop_instance_uid=sop_uid, calling_ae=calling,
+                      reason="SeriesInstanceUID missing", status="0xA900")
+            return STATUS_DATASET_MISMATCH
+        rel = f"{safe_name(series_uid)}/{safe_name(sop_uid)}.dcm"
+        data = event.encoded_dataset()
+        size = write_atomic(self.config.spool_dir / rel, data)
+        ts_uid = str(event.context.transfer_syntax)
+
+        with self._lock:
+            try:
+                self._record(ds, series_uid, sop_uid, sop_class, ts_uid, rel, size, calling, peer)
+            except IntegrityError:
+                # Same instance recorded concurrently by another association: idempotent.
+                if not self._is_known(sop_uid):
+                    raise
+        if st is not None:
+            st.stored += 1
+            st.nbytes += size
+        log_event(log, "c_store", level=logging.DEBUG, sop_instance_uid=sop_uid, series_uid=series_uid,
+                  calling_ae=calling, bytes=size)
+        return STATUS_SUCCESS
+
+    def _record(self, ds: Dataset, series_uid: str, sop_uid: str, sop_class: str, ts_uid: str, rel: str,
+                size: int, calling: str, peer: str) -> None:
+        """Series upsert + instance insert in one transaction; handles a series that grows."""
+        now = db.utcnow()
+        with self.db.session() as s:
+            series = db.series_by_uid(s, series_uid)
+            late = False
+            if series is None:
+                series = db.Series(
+                    series_uid=series_uid,
+                    study_uid=_text(ds, "StudyInstanceUID"),
+                    modality=_text(ds, "Modality", 16),
+                    sop_class_uid=sop_class,
+                    convolution_kernel=_text(ds, "ConvolutionKernel"),
+                    manufacturer=_text(ds, "Manufacturer"),
+                    manufacturer_model=_text(ds, "ManufacturerModelName"),
+                    station_name=_text(ds, "StationName"),
+                    body_part=_text(ds, "BodyPartExamined"),
+                    series_description=_text(ds, "SeriesDescription", 128),
+                    series_number=_text(ds, "SeriesNumber", 16),
+                    calling_ae=calling,
+                    peer_address=peer,
+                    expected_count=_int(ds, (0x0020, 0x1002)),  # Images in Acquisition
+                    instance_count=0,
+                    first_received_at=now,
+                    state=db.RECEIVED,
+                    state_changed_at=now,
+                )
+                s.add(series)
+                s.flush()
+                log_event(log, "series_started", series_uid=series_uid, study_uid=series.study_uid,
+                          modality=series.modality, kernel=series.convolution_kernel, calling_ae=calling,
+                          expected_count=series.expected_count)
+            elif series.state in (db.COMPLETE, db.QUEUED, db.IGNORED, db.UNROUTED):
+                # Not processed yet: drop the pending decision and wait for the series to be stable again.
+                for job in series.jobs:
+                    if job.state == db.QUEUED:
+                        s.delete(job)
+                log_event(log, "series_reopened", series_uid=series_uid, previous_state=series.state)
+                series.set_state(db.RECEIVED)
+                series.completed_at = None
+            elif series.state in db.PROCESSED_STATES:
+                # Output exists or is being produced: record, flag, and reprocess the whole series
+                # into a new output series version once it is stable (never a silent second output).
+                late = True
+                series.grown_after_processing = True
+                series.late_instances += 1
+                if series.state in (db.DONE, db.FAILED):
+                    log_event(log, "series_grown_after_processing", level=logging.WARNING, series_uid=series_uid,
+                              previous_state=series.state)
+                    series.set_state(db.RECEIVED)
+                    series.completed_at = None
+            series.instance_count += 1
+            series.last_received_at = now
+            s.add(db.Instance(
+                series_id=series.id, sop_instance_uid=sop_uid, sop_class_uid=sop_class,
+                transfer_syntax_uid=ts_uid, instance_number=_int(ds, "InstanceNumber"), path=rel, size=size,
+                received_at=now, calling_ae=calling, late=late,
+            ))

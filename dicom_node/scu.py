@@ -1,0 +1,161 @@
+"""Send: C-STORE a derived series to one destination over one association.
+
+The outcome is classified so the caller can retry only what may succeed later:
+transient (connection refused, timeout, abort, association rejected-transient, status 0xA7xx
+"out of resources") versus permanent (association rejected-permanent such as "calling AE not
+recognised", no accepted presentation context / SOP class not supported, status 0xA9xx/0xCxxx
+and other failures). Retrying a permanent rejection forever is the failure mode to avoid.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from pydicom import dcmread
+from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
+from pynetdicom import AE
+from pynetdicom.presentation import build_context
+
+from .config import Destination
+from .logs import log_event
+
+log = logging.getLogger("dicom_node.scu")
+
+TRANSIENT = "transient"
+PERMANENT = "permanent"
+
+_REJECT_REASONS = {
+    (1, 1): "no reason given", (1, 2): "application context name not supported",
+    (1, 3): "calling AE title not recognised", (1, 7): "called AE title not recognised",
+    (2, 1): "no reason given", (2, 2): "protocol version not supported",
+    (3, 1): "temporary congestion", (3, 2): "local limit exceeded",
+}
+
+
+@dataclass
+class InstanceResult:
+    path: Path
+    sop_instance_uid: str
+    status: int | None  # None: no response (not sent, or the association broke)
+    error: str | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.status is not None and is_success(self.status)
+
+
+@dataclass
+class SendOutcome:
+    """Result of one association: per-instance results and, when not all succeeded, why."""
+
+    results: list[InstanceResult] = field(default_factory=list)
+    failure: str | None = None  # TRANSIENT | PERMANENT | None (all sent)
+    error: str | None = None
+    seconds: float = 0.0
+
+    @property
+    def sent(self) -> int:
+        return sum(r.ok for r in self.results)
+
+
+def is_success(status: int) -> bool:
+    """Success (0x0000) or warning (0xB000, 0xB007, 0xB006): the destination kept the instance."""
+    return status == 0x0000 or (status & 0xF000) == 0xB000 or status == 0x0001
+
+
+def classify_status(status: int) -> str:
+    """0xA7xx "out of resources" is worth retrying; every other failure status is permanent."""
+    return TRANSIENT if (status & 0xFF00) == 0xA700 else PERMANENT
+
+
+def _contexts(files: Sequence[Path]) -> tuple[list[tuple[Path, str, str]], list]:
+    """(path, SOPInstanceUID, SOPClassUID) per file and the presentation contexts to propose:
+    each file's own transfer syntax (sent as stored, no re-encode) plus the uncompressed ones."""
+    info = []
+    wanted: dict[str, set[str]] = {}
+    for p in files:
+        meta = dcmread(p, stop_before_pixels=True, specific_tags=["SOPClassUID", "SOPInstanceUID"])
+        sop_class = str(meta.file_meta.MediaStorageSOPClassUID)
+        info.append((p, str(meta.file_meta.MediaStorageSOPInstanceUID), sop_class))
+        wanted.setdefault(sop_class, {ExplicitVRLittleEndian, ImplicitVRLittleEndian}).add(
+            str(meta.file_meta.TransferSyntaxUID)
+        )
+    contexts = [build_context(uid, sorted(ts)) for uid, ts in wanted.items()]
+    return info, contexts
+
+
+def send_files(dest: Destination, files: Sequence[Path], calling_ae: str, max_pdu: int = 131072) -> SendOutcome:
+    """Send ``files`` to ``dest`` over one association; never raises for network outcomes."""
+    t0 = time.monotonic()
+    out = SendOutcome()
+    if not files:
+        return out
+    info, contexts = _contexts(files)
+    ae = AE(ae_title=calling_ae)
+    ae.requested_contexts = contexts
+    ae.acse_timeout = dest.timeout_s
+    ae.dimse_timeout = dest.timeout_s
+    ae.network_timeout = dest.timeout_s
+    ae.connection_timeout = dest.timeout_s
+    ae.maximum_pdu_size = max_pdu
+    assoc = ae.associate(dest.host, dest.port, ae_title=dest.ae_title)
+    try:
+        if not assoc.is_established:
+            if assoc.is_rejected and assoc.acceptor.primitive is not None:
+                prim = assoc.acceptor.primitive
+                result, source, diag = int(prim.result), int(prim.result_source), int(prim.diagnostic)
+                reason = _REJECT_REASONS.get((source, diag), f"source {source} diagnostic {diag}")
+                out.failure = PERMANENT if result == 1 else TRANSIENT
+                out.error = (f"association rejected ({'permanent' if result == 1 else 'transient'}): {reason}")
+            else:
+                out.failure = TRANSIENT
+                out.error = f"association with {dest.host}:{dest.port} not established (refused, timed out or aborted)"
+            out.results = [InstanceResult(p, uid, None, out.error) for p, uid, _ in info]
+            return out
+        accepted = {cx.abstract_syntax for cx in assoc.accepted_contexts}
+        for k, (path, uid, sop_class) in enumerate(info):
+            if sop_class not in accepted:
+                out.results.append(InstanceResult(path, uid, None, f"SOP class {sop_class} not accepted"))
+                out.failure, out.error = PERMANENT, f"no accepted presentation context for SOP class {sop_class}"
+                continue
+            try:
+                rsp = assoc.send_c_store(path)
+            except (ValueError, RuntimeError, OSError) as exc:
+                out.results.append(InstanceResult(path, uid, None, str(exc)))
+                out.failure = out.failure or PERMANENT
+                out.error = out.error or f"cannot send {path.name}: {exc}"
+                continue
+            status = int(rsp.Status) if rsp is not None and "Status" in rsp else None
+            if status is None:
+                # No response: DIMSE timeout or the association broke; the rest can't be sent now.
+                msg = "no C-STORE response (timeout or association aborted)"
+                out.results.append(InstanceResult(path, uid, None, msg))
+                out.results += [InstanceResult(p, u, None, msg) for p, u, _ in info[k + 1:]]
+                out.failure = out.failure or TRANSIENT
+                out.error = out.error or msg
+                break
+            res = InstanceResult(path, uid, status)
+            if not res.ok:
+                kind = classify_status(status)
+                res.error = f"C-STORE status 0x{status:04X}"
+                if out.failure != PERMANENT:
+                    out.failure = kind
+                    out.error = f"C-STORE status 0x{status:04X} ({kind})"
+            out.results.append(res)
+            if not assoc.is_established:
+                msg = "association aborted by the destination"
+                out.results += [InstanceResult(p, u, None, msg) for p, u, _ in info[k + 1:]]
+                out.failure = out.failure or TRANSIENT
+                out.error = out.error or msg
+                break
+    finally:
+        if assoc.is_established:
+            assoc.release()
+        out.seconds = time.monotonic() - t0
+    log_event(log, "c_store_series", level=logging.INFO if out.failure is None else logging.WARNING,
+              destination=dest.name, called_ae=dest.ae_title, host=dest.host, port=dest.port,
+              sent=out.sent, total=len(info), failure=out.failure, error=out.error, seconds=round(out.seconds, 2))
+    return out

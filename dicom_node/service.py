@@ -1,0 +1,146 @@
+"""The running node: start-up, heartbeat, and clean shutdown on SIGTERM/SIGINT.
+
+Start-up order makes a restart safe: database first (create tables, resume interrupted jobs),
+then the scheduler, then the listening socket. Shutdown runs in reverse: stop accepting
+associations and let open ones finish, let a running job finish (a job interrupted anyway is
+resumed at the next start), stop the scheduler, mark the heartbeat stopped, remove the pidfile.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import socket
+import threading
+from typing import Any
+
+from . import db
+from .config import NodeConfig
+from .logs import log_event
+from .scheduler import build_scheduler
+from .scp import StorageSCP
+from .spool import write_atomic
+from .worker import Worker
+
+log = logging.getLogger("dicom_node.service")
+
+HEARTBEAT_S = 5.0
+
+
+def software_version() -> str:
+    from .version import SOFTWARE_VERSION
+
+    return str(SOFTWARE_VERSION)
+
+
+class NodeService:
+    """One ``dicom-node serve`` process."""
+
+    def __init__(self, config: NodeConfig) -> None:
+        self.config = config
+        self.stop_event = threading.Event()
+        self.db = db.Database(config.db_url)
+        self.worker = Worker(config, self.db, self.stop_event)
+        self.scp: StorageSCP | None = None
+        self.scheduler: Any = None
+        self.port: int | None = None
+
+    def _check_pidfile(self) -> None:
+        """Refuse to start a second node on the same data directory (one pidfile, one queue)."""
+        pf = self.config.pid_file
+        try:
+            pid = int(pf.read_text().strip())
+        except (OSError, ValueError):
+            return
+        if pid != os.getpid() and pid_alive(pid):
+            raise RuntimeError(f"another dicom-node (PID {pid}) is running on {self.config.data_dir}")
+
+    def start(self) -> int:
+        """Start everything; returns the DICOM port actually bound."""
+        c = self.config
+        for d in (c.data_dir, c.spool_dir, c.output_dir):
+            d.mkdir(parents=True, exist_ok=True)
+        self._check_pidfile()
+        self.db.create_all()
+        self.worker.recover()
+        write_atomic(c.pid_file, f"{os.getpid()}\n".encode())
+        self.scp = StorageSCP(c, self.db)
+        self.port = self.scp.start()
+        self.heartbeat(started=True)
+        self.scheduler = build_scheduler(c, self.worker, self.heartbeat)
+        self.scheduler.start()
+        log_event(log, "node_started", ae_title=c.ae_title, port=self.port, pid=os.getpid(), data_dir=str(c.data_dir),
+                  database=c.db_url.split("://")[0], destinations=",".join(d.name for d in c.destinations),
+                  rules=",".join(r.name for r in c.rules), version=software_version())
+        return self.port
+
+    def heartbeat(self, started: bool = False, stopped: bool = False) -> None:
+        """Liveness for ``dicom-node status``: PID, AE, port, model and device in use."""
+        now = db.utcnow()
+        lm = self.worker.last_model
+        with self.db.session() as s:
+            row = s.get(db.NodeHeartbeat, self.config.ae_title)
+            if row is None:
+                row = db.NodeHeartbeat(ae_title=self.config.ae_title, started_at=now)
+                s.add(row)
+            if started:
+                row.started_at = now
+                row.stopped_at = None
+                row.model = row.device = None
+            row.pid = os.getpid()
+            row.hostname = socket.gethostname()
+            row.port = int(self.port or self.config.port)
+            row.heartbeat_at = now
+            row.version = software_version()
+            if lm:
+                row.model = f"{lm.get('name') or lm.get('model')} {lm.get('version') or ''}".strip()
+                row.device = str(lm.get("device"))
+            if stopped:
+                row.stopped_at = now
+
+    def request_stop(self, signum: int | None = None, _frame: Any = None) -> None:
+        if not self.stop_event.is_set():
+            log_event(log, "stop_requested", signal=signal.Signals(signum).name if signum else None)
+        self.stop_event.set()
+
+    def stop(self) -> None:
+        """Clean shutdown: no new associations, finish open ones and the running job."""
+        self.stop_event.set()
+        if self.scp is not None:
+            self.scp.stop()
+        if self.scheduler is not None:
+            self.scheduler.shutdown(wait=True)  # waits for a running batch/send to finish
+        # A job interrupted anyway (process killed while shutting down) is re-queued at start.
+        try:
+            self.heartbeat(stopped=True)
+        except Exception:
+            log.exception("could not record the stop in the database")
+        try:
+            if self.config.pid_file.read_text().strip() == str(os.getpid()):
+                self.config.pid_file.unlink()
+        except OSError:
+            pass
+        self.db.dispose()
+        log_event(log, "node_stopped", ae_title=self.config.ae_title)
+
+    def serve_forever(self) -> int:
+        """Run until SIGTERM/SIGINT; returns the process exit code (0 on a clean stop)."""
+        signal.signal(signal.SIGTERM, self.request_stop)
+        signal.signal(signal.SIGINT, self.request_stop)
+        self.start()
+        try:
+            while not self.stop_event.wait(1.0):
+                pass
+        finally:
+            self.stop()
+        return 0
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

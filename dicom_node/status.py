@@ -1,0 +1,202 @@
+"""What an admin (or a monitoring probe) needs to know, read from the same database the node
+writes: up/down, queue depth per state, recent series with stage durations and provenance,
+failures with reasons, throughput, spool usage, model and device in use."""
+from __future__ import annotations
+
+import json
+import os
+from datetime import datetime, timedelta
+from typing import Any
+
+from sqlalchemy import func, select
+
+from . import db
+from .config import NodeConfig
+from .service import HEARTBEAT_S, pid_alive
+from .spool import disk_usage
+
+
+def _iso(t: datetime | None) -> str | None:
+    return t.isoformat(timespec="seconds") + "Z" if t else None
+
+
+def _secs(a: datetime | None, b: datetime | None) -> float | None:
+    return round((b - a).total_seconds(), 2) if a and b else None
+
+
+def job_dict(job: db.Job) -> dict[str, Any]:
+    """Provenance of one processing run."""
+    return {
+        "job": job.id,
+        "version": job.version,
+        "state": job.state,
+        "rule": job.rule_name,
+        "model": {"name": job.model_name, "version": job.model_version, "sha256": job.model_sha256,
+                  "method": job.method, "checkpoint": job.model},
+        "sampler": job.sampler,
+        "seed": job.seed,
+        "device": job.device,
+        "output_series_uid": job.output_series_uid,
+        "output_count": job.output_count,
+        "durations_s": {
+            "queued": _secs(job.created_at, job.processing_started_at),
+            "read": job.read_s, "model": job.model_s, "derive": job.derive_s,
+            "processing": _secs(job.processing_started_at, job.processing_finished_at),
+            "sending": _secs(job.sending_started_at, job.finished_at),
+        },
+        "finished_at": _iso(job.finished_at),
+        "error": job.error,
+        "deliveries": [
+            {
+                "destination": d.destination, "state": d.state, "attempts": d.attempts, "error": d.error,
+                "sent": sum(x.state == db.SENT for x in d.sends), "total": len(d.sends),
+                "instances": [
+                    {"sop_instance_uid": x.sop_instance_uid, "state": x.state,
+                     "status": None if x.status is None else f"0x{x.status:04X}", "attempts": x.attempts,
+                     "sent_at": _iso(x.sent_at), "error": x.error}
+                    for x in d.sends
+                ],
+            }
+            for d in job.deliveries
+        ],
+    }
+
+
+def series_dict(s: db.Series, with_instances: bool = False) -> dict[str, Any]:
+    """One series with its input identity, timing and every job's provenance."""
+    last_job = s.jobs[-1] if s.jobs else None
+    end = last_job.finished_at if last_job and last_job.finished_at else None
+    out = {
+        "series_uid": s.series_uid,
+        "study_uid": s.study_uid,
+        "state": s.state,
+        "error": s.error,
+        "modality": s.modality,
+        "kernel": s.convolution_kernel,
+        "description": s.series_description,
+        "instances": s.instance_count,
+        "expected_count": s.expected_count,
+        "calling_ae": s.calling_ae,
+        "peer_address": s.peer_address,
+        "first_received_at": _iso(s.first_received_at),
+        "last_received_at": _iso(s.last_received_at),
+        "completed_at": _iso(s.completed_at),
+        "complete_reason": s.complete_reason,
+        "rule": s.rule_name,
+        "grown_after_processing": s.grown_after_processing,
+        "late_instances": s.late_instances,
+        "durations_s": {
+            "receive": _secs(s.first_received_at, s.last_received_at),
+            "complete_to_done": _secs(s.completed_at, end),
+        },
+        "jobs": [job_dict(j) for j in s.jobs],
+    }
+    if not with_instances:
+        for j in out["jobs"]:
+            for d in j["deliveries"]:
+                d.pop("instances")
+    return out
+
+
+def collect_status(config: NodeConfig, last: int = 10, with_instances: bool = False) -> dict[str, Any]:
+    """The whole status report as a JSON-serialisable dict."""
+    database = db.Database(config.db_url)
+    try:
+        database.create_all()
+        now = db.utcnow()
+        with database.session() as s:
+            hb = s.get(db.NodeHeartbeat, config.ae_title)
+            pid = None
+            try:
+                pid = int(config.pid_file.read_text().strip())
+            except (OSError, ValueError):
+                pass
+            fresh = hb is not None and hb.stopped_at is None and (now - hb.heartbeat_at).total_seconds() < 3 * HEARTBEAT_S
+            local = hb is not None and hb.hostname == os.uname().nodename
+            alive = pid is not None and pid_alive(pid) if local or hb is None else True
+            up = bool(fresh and alive)
+            counts = dict(s.execute(select(db.Series.state, func.count()).group_by(db.Series.state)).all())
+            recent = s.scalars(select(db.Series).order_by(db.Series.last_received_at.desc()).limit(last)).all()
+            failures = s.scalars(
+                select(db.Series).where(db.Series.state == db.FAILED).order_by(db.Series.state_changed_at.desc()).limit(20)
+            ).all()
+            hour_ago = now - timedelta(hours=1)
+            slices_hour = s.scalar(
+                select(func.coalesce(func.sum(db.Job.output_count), 0)).where(
+                    db.Job.state == db.DONE, db.Job.finished_at >= hour_ago)
+            )
+            received_hour = s.scalar(select(func.count(db.Instance.id)).where(db.Instance.received_at >= hour_ago))
+            pending_sends = s.scalar(select(func.count(db.Delivery.id)).where(db.Delivery.state == db.PENDING))
+            return {
+                "node": {
+                    "up": up,
+                    "pid": hb.pid if hb else pid,
+                    "host": hb.hostname if hb else None,
+                    "ae_title": config.ae_title,
+                    "port": hb.port if hb else config.port,
+                    "started_at": _iso(hb.started_at) if hb else None,
+                    "heartbeat_at": _iso(hb.heartbeat_at) if hb else None,
+                    "stopped_at": _iso(hb.stopped_at) if hb else None,
+                    "version": hb.version if hb else None,
+                    "model": hb.model if hb else None,
+                    "device": (hb.device if hb and hb.device else None) or config.processing.device,
+                },
+                "queue": {state: int(counts.get(state, 0)) for state in db.SERIES_STATES},
+                "pending_deliveries": int(pending_sends or 0),
+                "throughput": {
+                    "slices_per_min_last_hour": round(float(slices_hour or 0) / 60.0, 2),
+                    "received_images_last_hour": int(received_hour or 0),
+                },
+                "spool": {
+                    "path": str(config.data_dir),
+                    "spool_bytes": disk_usage(config.spool_dir),
+                    "output_bytes": disk_usage(config.output_dir),
+                },
+                "series": [series_dict(x, with_instances) for x in recent],
+                "failures": [
+                    {"series_uid": x.series_uid, "failed_at": _iso(x.state_changed_at), "error": x.error}
+                    for x in failures
+                ],
+            }
+    finally:
+        database.dispose()
+
+
+def _mb(n: int) -> str:
+    return f"{n / 1e6:.1f} MB"
+
+
+def format_status(st: dict[str, Any]) -> str:
+    """Human-readable rendering of :func:`collect_status`."""
+    n = st["node"]
+    lines = [
+        f"dicom-node {'UP' if n['up'] else 'DOWN'}  AE {n['ae_title']}  port {n['port']}  PID {n['pid']}"
+        f"  host {n['host']}  heartbeat {n['heartbeat_at']}",
+        f"model {n['model'] or '(none loaded yet)'}  device {n['device']}  version {n['version']}",
+        "queue: " + "  ".join(f"{k} {v}" for k, v in st["queue"].items()),
+        f"pending deliveries {st['pending_deliveries']}  throughput {st['throughput']['slices_per_min_last_hour']}"
+        f" slices/min (last hour)  received {st['throughput']['received_images_last_hour']} images (last hour)",
+        f"spool {_mb(st['spool']['spool_bytes'])}  outputs {_mb(st['spool']['output_bytes'])}  in {st['spool']['path']}",
+        "",
+        f"{'STATE':<11}{'INST':>5} {'KERNEL':<8}{'RULE':<14}{'COMPLETE->DONE':>15}  SERIES / OUTPUT",
+    ]
+    for s in st["series"]:
+        job = s["jobs"][-1] if s["jobs"] else None
+        dur = s["durations_s"]["complete_to_done"]
+        lines.append(f"{s['state']:<11}{s['instances']:>5} {str(s['kernel'] or '-')[:7]:<8}{str(s['rule'] or '-')[:13]:<14}"
+                     f"{(f'{dur:.1f} s' if dur is not None else '-'):>15}  {s['series_uid']}")
+        if job:
+            d = job["durations_s"]
+            sends = ", ".join(f"{x['destination']} {x['state']} {x['sent']}/{x['total']}" for x in job["deliveries"])
+            lines.append(f"{'':<39}-> {job['output_series_uid'] or '-'} (job {job['job']} v{job['version']}, "
+                         f"{job['model']['name'] or job['model']['checkpoint']}, model {d['model']} s, {sends or 'no destinations'})")
+        if s["grown_after_processing"]:
+            lines.append(f"{'':<39}!! grew after processing ({s['late_instances']} late instances)")
+    if st["failures"]:
+        lines += ["", "failures:"]
+        lines += [f"  {f['failed_at']} {f['series_uid']}: {f['error']}" for f in st["failures"]]
+    return "\n".join(lines)
+
+
+def status_json(st: dict[str, Any]) -> str:
+    return json.dumps(st, indent=2)

@@ -1,0 +1,436 @@
+"""Process: the scheduled steps that move a series from ``received`` to ``done``.
+
+Four idempotent steps, each run periodically by :mod:`dicom_node.scheduler` and each committing
+every state change before acting on it, so a crash at any point leaves a state a restart can
+resume from (:meth:`Worker.recover`):
+
+* :meth:`Worker.scan` — completeness + routing: ``received -> queued | ignored | unrouted``
+* :meth:`Worker.process` — model + derive: ``queued -> processing -> sending``; several queued
+  series that use the same model are processed in one batch (up to ``max_batch_slices``)
+* :meth:`Worker.send` — C-STORE with retry/backoff: ``sending -> done | failed(reason)``
+* :meth:`Worker.purge` — retention: removes finished series older than ``retention.days``
+
+Growth after processing: an instance that arrives for a series that is being or has been
+processed is recorded (``Instance.late``), the series is flagged ``grown_after_processing``, and
+once the current job has finished the series goes back to ``received``; when it is stable again
+the *whole* series is reprocessed as a new job (``version`` + 1) into a new output series. Earlier
+outputs are not recalled; status shows both jobs, so there is never a silent second output.
+"""
+from __future__ import annotations
+
+import io
+import logging
+import shutil
+import threading
+import time
+from collections.abc import Sequence
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import select
+
+from . import db
+from .completeness import SeriesProgress, completeness_reason
+from .config import NodeConfig
+from .logs import log_event
+from .rules import match_rule, series_attributes
+from .scu import PERMANENT, send_files
+from .spool import safe_name, write_atomic
+
+log = logging.getLogger("dicom_node.worker")
+
+
+class ModelCache:
+    """Standardizers loaded once per worker process, keyed by (checkpoint, device): loading the
+    weights (and moving them to the GPU) costs far more than one series."""
+
+    def __init__(self, device: str) -> None:
+        self.device = device
+        self._models: dict[str, Any] = {}
+        self._lock = threading.Lock()
+
+    def get(self, model: str) -> Any:
+        with self._lock:
+            if model not in self._models:
+                from ltdiff_core import Standardizer  # heavy (torch): imported on first use only
+
+                t0 = time.monotonic()
+                path = None if model == "default" else model
+                std = Standardizer.from_checkpoint(path, device=self.device)
+                self._models[model] = std
+                info = dict(getattr(std, "info", {}) or {})
+                log_event(log, "model_loaded", model=model, name=info.get("name"), version=info.get("version"),
+                          sha256=str(info.get("sha256", ""))[:16], device=device_of(std, self.device),
+                          seconds=round(time.monotonic() - t0, 2))
+            return self._models[model]
+
+    def loaded(self) -> list[str]:
+        return list(self._models)
+
+
+def device_of(std: Any, fallback: str) -> str:
+    dev = getattr(std, "device", None)
+    return str(dev) if dev is not None else fallback
+
+
+def derivation_info(std_info: dict[str, Any], *, sampler: dict[str, Any], uid_root: str, device: str) -> Any:
+    """``DerivationInfo`` for the output series, from the model's ``info`` and the run's settings."""
+    from .derive import DerivationInfo
+
+    return DerivationInfo.from_model_info(std_info, sampler=sampler, device=device, uid_root=uid_root)
+
+
+class Worker:
+    """The steps of the pipeline; thread-safe to run concurrently (one instance of each step)."""
+
+    def __init__(self, config: NodeConfig, database: db.Database, stop: threading.Event | None = None) -> None:
+        self.config = config
+        self.db = database
+        self.stop = stop or threading.Event()
+        self.models = ModelCache(config.processing.device)
+        self.last_model: dict[str, Any] = {}
+
+    # ------------------------------------------------------------------ restart
+    def recover(self) -> dict[str, int]:
+        """Resume after a restart: jobs left in ``processing`` are queued again (their partial
+        output is discarded and rebuilt); ``sending`` jobs keep their per-instance send state and
+        continue. Nothing received is deleted."""
+        counts = {"requeued": 0, "sending": 0}
+        with self.db.session() as s:
+            for job in s.scalars(select(db.Job).where(db.Job.state == db.PROCESSING)):
+                job.state = db.QUEUED
+                job.processing_started_at = None
+                job.series.set_state(db.QUEUED)
+                counts["requeued"] += 1
+            counts["sending"] = len(s.scalars(select(db.Job.id).where(db.Job.state == db.SENDING)).all())
+        if counts["requeued"] or counts["sending"]:
+            log_event(log, "recovered", jobs_requeued=counts["requeued"], jobs_sending=counts["sending"])
+        return counts
+
+    # ------------------------------------------------------------------ decide
+    def scan(self) -> int:
+        """Mark stable series complete and route them; returns how many were decided."""
+        now = db.utcnow()
+        cfg = self.config.completeness
+        decided = 0
+        with self.db.session() as s:
+            for series in s.scalars(select(db.Series).where(db.Series.state == db.RECEIVED)):
+                reason = completeness_reason(
+                    SeriesProgress(series.instance_count, series.expected_count, series.last_received_at), cfg, now
+                )
+                if reason is None:
+                    continue
+                series.completed_at = now
+                series.complete_reason = reason
+                rule = match_rule(self.config.rules, series_attributes(series))
+                decided += 1
+                if rule is None:
+                    series.rule_name = None
+                    series.set_state(db.UNROUTED)
+                elif rule.action == "ignore":
+                    series.rule_name = rule.name
+                    series.set_state(db.IGNORED)
+                else:
+                    series.rule_name = rule.name
+                    series.set_state(db.QUEUED)
+                    s.add(db.Job(
+                        series_id=series.id, version=len(series.jobs) + 1, state=db.QUEUED, rule_name=rule.name,
+                        model=rule.model, destinations=list(rule.destinations),
+                        seed=rule.seed if rule.seed else self.config.processing.seed,
+                        created_at=now,
+                    ))
+                log_event(log, "series_complete", series_uid=series.series_uid, instances=series.instance_count,
+                          reason=reason, rule=series.rule_name, state=series.state,
+                          grown_after_processing=series.grown_after_processing)
+        return decided
+
+    # ------------------------------------------------------------------ process
+    def _claim_batch(self) -> list[tuple[int, str, list[Path]]]:
+        """Atomically move a batch of queued jobs (same model) to ``processing``."""
+        limit = self.config.processing.max_batch_slices
+        out: list[tuple[int, str, list[Path]]] = []
+        with self.db.session() as s:
+            queued = s.scalars(select(db.Job).where(db.Job.state == db.QUEUED).order_by(db.Job.id)).all()
+            if not queued:
+                return []
+            model = queued[0].model
+            total = 0
+            now = db.utcnow()
+            for job in queued:
+                n = job.series.instance_count
+                if job.model != model or (out and total + n > limit):
+                    continue
+                job.state = db.PROCESSING
+                job.processing_started_at = now
+                job.instance_count = n
+                job.attempts += 1
+                job.error = None
+                job.series.set_state(db.PROCESSING)
+                paths = [self.config.spool_dir / i.path for i in job.series.instances]
+                out.append((job.id, model, paths))
+                total += n
+                if total >= limit:
+                    break
+        return out
+
+    def process(self) -> int:
+        """Run one batch of queued series through the model; returns the number of jobs handled."""
+        batch = self._claim_batch()
+        if not batch:
+            return 0
+        from ltdiff_core.dicomio.reader import SeriesError, read_series
+
+        model_key = batch[0][1]
+        log_event(log, "batch_started", jobs=len(batch), model=model_key,
+                  slices=sum(len(p) for _, _, p in batch))
+        try:
+            std = self.models.get(model_key)
+        except Exception as exc:  # a missing/corrupt checkpoint fails the jobs, not the node
+            for job_id, _, _ in batch:
+                self._fail(job_id, f"model {model_key!r} could not be loaded: {type(exc).__name__}: {exc}")
+            return len(batch)
+        info = dict(getattr(std, "info", {}) or {})
+        device = device_of(std, self.config.processing.device)
+        self.last_model = {"model": model_key, "name": info.get("name"), "version": info.get("version"),
+                           "device": device}
+
+        loaded: list[tuple[int, Any, float]] = []
+        for job_id, _, paths in batch:
+            t0 = time.monotonic()
+            try:
+                loaded.append((job_id, read_series(paths), time.monotonic() - t0))
+            except (SeriesError, OSError, ValueError) as exc:
+                self._fail(job_id, f"series could not be read: {exc}")
+        if not loaded:
+            return len(batch)
+
+        steps_by_job = self._settings([j for j, _, _ in loaded])
+        t0 = time.monotonic()
+        try:
+            outputs = self._run_model(std, loaded, steps_by_job)
+        except Exception as exc:
+            log.exception("model run failed")
+            for job_id, _, _ in loaded:
+                self._fail(job_id, f"model run failed: {type(exc).__name__}: {exc}")
+            return len(batch)
+        model_s = time.monotonic() - t0
+        total_slices = sum(int(sr.hu.shape[0]) for _, sr, _ in loaded)
+
+        for (job_id, sr, read_s), out_hu in zip(loaded, outputs):
+            share = model_s * int(sr.hu.shape[0]) / max(total_slices, 1)
+            steps, seed = steps_by_job[job_id]
+            try:
+                self._derive_and_store(job_id, sr, out_hu, std, info, device, steps, seed, read_s, share)
+            except Exception as exc:
+                log.exception("derive failed")
+                self._fail(job_id, f"derive failed: {type(exc).__name__}: {exc}")
+        return len(batch)
+
+    def _settings(self, job_ids: Sequence[int]) -> dict[int, tuple[int | None, int]]:
+        """(steps, seed) per job: the rule's values, else the processing defaults."""
+        rules = {r.name: r for r in self.config.rules}
+        out = {}
+        with self.db.session() as s:
+            for job in s.scalars(select(db.Job).where(db.Job.id.in_(job_ids))):
+                rule = rules.get(job.rule_name)
+                steps = (rule.steps if rule and rule.steps else None) or self.config.processing.steps
+                out[job.id] = (steps, job.seed or 0)
+        return out
+
+    @staticmethod
+    def _run_model(std: Any, loaded: list[tuple[int, Any, float]],
+                   steps_by_job: dict[int, tuple[int | None, int]]) -> list[Any]:
+        """One call for the whole batch when the model supports it (fills the device), else one
+        call per series. Series with different sampler settings are never mixed in one call."""
+        batch_fn = getattr(std, "standardize_batch", None)
+        settings = {steps_by_job[j] for j, _, _ in loaded}
+        if batch_fn is not None and len(loaded) > 1 and len(settings) == 1:
+            steps, seed = settings.pop()
+            return list(batch_fn([sr.hu for _, sr, _ in loaded], [sr.spacing for _, sr, _ in loaded],
+                                 steps=steps, seed=seed))
+        outs = []
+        for job_id, sr, _ in loaded:
+            steps, seed = steps_by_job[job_id]
+            outs.append(std.standardize(sr.hu, sr.spacing, steps=steps, seed=seed))
+        return outs
+
+    def _derive_and_store(self, job_id: int, sr: Any, out_hu: Any, std: Any, info: dict[str, Any], device: str,
+                          steps: int | None, seed: int, read_s: float, model_s: float) -> None:
+        from .derive import derive_series
+        from .offline import sampler_parameters
+
+        t0 = time.monotonic()
+        sampler = sampler_parameters(info, steps, seed)
+        dinfo = derivation_info(info, sampler=sampler, uid_root=self.config.uid_root, device=device)
+        derived = derive_series(sr.datasets, out_hu, dinfo)
+        out_dir = self.config.output_dir / f"job-{job_id}"
+        if out_dir.exists():  # partial output of an interrupted run
+            shutil.rmtree(out_dir)
+        rels = []
+        for ds in derived:
+            buf = io.BytesIO()
+            ds.save_as(buf, enforce_file_format=True)
+            rel = f"job-{job_id}/{safe_name(str(ds.SOPInstanceUID))}.dcm"
+            write_atomic(self.config.output_dir / rel, buf.getbuffer())
+            rels.append((str(ds.SOPInstanceUID), rel))
+        derive_s = time.monotonic() - t0
+        now = db.utcnow()
+        with self.db.session() as s:
+            job = s.get(db.Job, job_id)
+            assert job is not None
+            job.model_name = info.get("name")
+            job.model_version = str(info.get("version")) if info.get("version") is not None else None
+            job.model_sha256 = info.get("sha256")
+            job.method = info.get("method")
+            job.sampler = sampler
+            job.seed = seed
+            job.device = device
+            job.output_series_uid = str(derived[0].SeriesInstanceUID) if derived else None
+            job.output_count = len(derived)
+            job.read_s, job.model_s, job.derive_s = round(read_s, 3), round(model_s, 3), round(derive_s, 3)
+            job.processing_finished_at = now
+            for name in job.destinations:
+                d = db.Delivery(destination=name, state=db.PENDING, next_attempt_at=now)
+                d.sends = [db.InstanceSend(sop_instance_uid=uid, path=rel) for uid, rel in rels]
+                job.deliveries.append(d)
+            if job.destinations:
+                job.state = db.SENDING
+                job.sending_started_at = now
+                job.series.set_state(db.SENDING)
+            else:
+                self._finish(job, now)
+        log_event(log, "series_processed", series_uid=sr.series_uid, job=job_id, slices=len(derived),
+                  output_series_uid=str(derived[0].SeriesInstanceUID) if derived else None,
+                  model=info.get("name"), device=device, read_s=round(read_s, 2), model_s=round(model_s, 2),
+                  derive_s=round(derive_s, 2))
+
+    def _finish(self, job: db.Job, now: Any, error: str | None = None) -> None:
+        """Close a job (done or failed) and decide what its series does next."""
+        job.state = db.FAILED if error else db.DONE
+        job.error = error
+        job.finished_at = now
+        series = job.series
+        if job.instance_count is not None and series.instance_count > job.instance_count:
+            # Instances arrived while this job ran: reprocess the whole series as a new version.
+            series.grown_after_processing = True
+            series.set_state(db.RECEIVED)
+            series.completed_at = None
+            log_event(log, "series_grown_after_processing", level=logging.WARNING, series_uid=series.series_uid,
+                      job=job.id, processed=job.instance_count, now=series.instance_count)
+        else:
+            series.set_state(job.state, error)
+        log_event(log, "job_finished", level=logging.INFO if not error else logging.WARNING, job=job.id,
+                  series_uid=series.series_uid, state=job.state, error=error)
+
+    def _fail(self, job_id: int, reason: str) -> None:
+        with self.db.session() as s:
+            job = s.get(db.Job, job_id)
+            if job is not None:
+                job.processing_finished_at = job.processing_finished_at or db.utcnow()
+                self._finish(job, db.utcnow(), reason)
+
+    # ------------------------------------------------------------------ send
+    def send(self) -> int:
+        """Attempt every delivery that is due; returns the number of associations made."""
+        done = 0
+        while not self.stop.is_set():
+            with self.db.session() as s:
+                d = s.scalars(
+                    select(db.Delivery)
+                    .where(db.Delivery.state == db.PENDING, db.Delivery.next_attempt_at <= db.utcnow())
+                    .order_by(db.Delivery.next_attempt_at, db.Delivery.id)
+                ).first()
+                if d is None:
+                    return done
+                delivery_id, name = d.id, d.destination
+                todo = [(x.id, x.path) for x in d.sends if x.state != db.SENT]
+                d.started_at = d.started_at or db.utcnow()
+            self._attempt(delivery_id, name, todo)
+            done += 1
+        return done
+
+    def _attempt(self, delivery_id: int, name: str, todo: list[tuple[int, str]]) -> None:
+        try:
+            dest = self.config.destination(name)
+        except KeyError:
+            dest = None
+        if dest is None:
+            outcome_error, failure, results = f"destination {name!r} is no longer configured", PERMANENT, []
+        else:
+            outcome = send_files(dest, [self.config.output_dir / p for _, p in todo], self.config.ae_title,
+                                 self.config.max_pdu)
+            outcome_error, failure, results = outcome.error, outcome.failure, outcome.results
+        now = db.utcnow()
+        with self.db.session() as s:
+            d = s.get(db.Delivery, delivery_id)
+            assert d is not None
+            d.attempts += 1
+            by_id = {x.id: x for x in d.sends}
+            for (send_id, _), res in zip(todo, results):
+                row = by_id[send_id]
+                if res.status is None and res.error and "not established" in res.error:
+                    pass  # never reached the destination: not an attempt for this instance
+                else:
+                    row.attempts += 1
+                row.status = res.status
+                row.error = res.error
+                if res.ok:
+                    row.state, row.sent_at = db.SENT, now
+                elif failure == PERMANENT and res.status is not None:
+                    row.state = db.FAILED
+            if failure is None and all(x.state == db.SENT for x in d.sends):
+                d.state, d.finished_at, d.error = db.SENT, now, None
+            elif failure == PERMANENT:
+                d.state, d.finished_at, d.error = db.FAILED, now, f"permanent: {outcome_error}"
+            else:
+                retries = dest.max_retries if dest else 0
+                if d.attempts > retries:
+                    d.state, d.finished_at = db.FAILED, now
+                    d.error = f"gave up after {d.attempts} attempts: {outcome_error}"
+                else:
+                    delay = (dest.backoff_base_s if dest else 1.0) * 2 ** (d.attempts - 1)
+                    d.next_attempt_at = now + timedelta(seconds=delay)
+                    d.error = f"retry {d.attempts}/{retries} in {delay:.0f} s: {outcome_error}"
+                    log_event(log, "delivery_retry", level=logging.WARNING, destination=name, job=d.job_id,
+                              attempt=d.attempts, delay_s=delay, error=outcome_error)
+            job = d.job
+            states = [x.state for x in job.deliveries]
+            if all(st in (db.SENT, db.FAILED) for st in states):
+                errors = [f"{x.destination}: {x.error}" for x in job.deliveries if x.state == db.FAILED]
+                self._finish(job, now, "; ".join(errors) if errors else None)
+
+    # ------------------------------------------------------------------ retention
+    def purge(self, older_than_days: float | None = None, states: Sequence[str] | None = None) -> int:
+        """Delete finished series (spool, outputs, rows) last received more than N days ago.
+        Series still in progress are never purged."""
+        days = self.config.retention.days if older_than_days is None else older_than_days
+        states = tuple(states or (db.DONE, db.FAILED, db.IGNORED, db.UNROUTED))
+        cutoff = db.utcnow() - timedelta(days=days)
+        n = 0
+        with self.db.session() as s:
+            for series in s.scalars(select(db.Series).where(db.Series.state.in_(states),
+                                                            db.Series.last_received_at <= cutoff)):
+                shutil.rmtree(self.config.spool_dir / safe_name(series.series_uid), ignore_errors=True)
+                for job in series.jobs:
+                    shutil.rmtree(self.config.output_dir / f"job-{job.id}", ignore_errors=True)
+                s.delete(series)
+                n += 1
+        if n:
+            log_event(log, "purged", series=n, older_than_days=days, states=",".join(states))
+        return n
+
+    def retry(self, series_uid: str | None = None, failed: bool = False) -> int:
+        """Queue a series again (a new job version); with ``failed`` every failed series."""
+        n = 0
+        with self.db.session() as s:
+            q = select(db.Series)
+            q = q.where(db.Series.state == db.FAILED) if failed else q.where(db.Series.series_uid == series_uid)
+            for series in s.scalars(q):
+                if series.state in (db.QUEUED, db.PROCESSING, db.SENDING, db.RECEIVED):
+                    continue
+                series.set_state(db.RECEIVED)
+                series.completed_at = None
+                series.last_received_at = db.utcnow() - timedelta(seconds=self.config.completeness.stable_age_s)
+                n += 1
+        return n

@@ -1,0 +1,310 @@
+"""Real DICOM peers for tests, the demo and the benchmark: DCMTK storescp/storescu/echoscu,
+Orthanc, and the node itself as a ``dicom-node serve`` subprocess.
+
+Every server binds loopback on a free port and is stopped by its PID (terminate, then kill),
+also when the caller fails: use the context managers or call ``stop()`` in a finally block.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+LOOPBACK = "127.0.0.1"
+ORTHANC = shutil.which("Orthanc") or ("/usr/sbin/Orthanc" if Path("/usr/sbin/Orthanc").exists() else None)
+
+
+def peer_env() -> dict[str, str]:
+    """Environment for DCMTK/Orthanc: TCP_NODELAY=1 (Debian builds stall ~45 ms per image without)."""
+    env = dict(os.environ)
+    env["TCP_NODELAY"] = "1"
+    return env
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((LOOPBACK, 0))
+        return int(s.getsockname()[1])
+
+
+def wait_port(port: int, timeout: float = 30.0, proc: subprocess.Popen | None = None) -> None:
+    """Wait until something accepts TCP connections on loopback ``port``."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"process {proc.args!r} exited with {proc.returncode} before listening on {port}")
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            s.settimeout(0.5)
+            if s.connect_ex((LOOPBACK, port)) == 0:
+                return
+        time.sleep(0.1)
+    raise TimeoutError(f"nothing listening on {LOOPBACK}:{port} after {timeout} s")
+
+
+@dataclass
+class Peer:
+    """A started server process; ``stop()`` ends it by PID (idempotent)."""
+
+    proc: subprocess.Popen
+    port: int
+    log_path: Path | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 30.0) -> int | None:
+        if self.proc.poll() is None:
+            try:
+                os.kill(self.proc.pid, sig)
+            except ProcessLookupError:
+                pass
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                os.kill(self.proc.pid, signal.SIGKILL)
+                self.proc.wait(10)
+        return self.proc.returncode
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path and self.log_path.exists() else ""
+
+    def __enter__(self) -> Peer:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def _spawn(cmd: Sequence[str], log_path: Path, env: dict[str, str] | None = None,
+           cwd: Path | None = None) -> subprocess.Popen:
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(log_path, "ab") as logf:
+        return subprocess.Popen(list(cmd), stdout=logf, stderr=subprocess.STDOUT, env=env or peer_env(),
+                                cwd=cwd, start_new_session=True)
+
+
+# --------------------------------------------------------------------------- DCMTK
+def start_storescp(out_dir: Path, ae_title: str = "PACS", port: int | None = None,
+                   extra: Sequence[str] = ()) -> Peer:
+    """DCMTK storescp writing received files to ``out_dir`` (``.dcm`` extension)."""
+    port = port or free_port()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    cmd = ["storescp", "--aetitle", ae_title, "-od", str(out_dir), "-fe", ".dcm",
+           "--max-pdu", "131072", *extra, str(port)]
+    proc = _spawn(cmd, out_dir.parent / f"storescp-{port}.log")
+    peer = Peer(proc, port, out_dir.parent / f"storescp-{port}.log")
+    try:
+        wait_port(port, 15, proc)
+    except BaseException:
+        peer.stop()
+        raise
+    return peer
+
+
+def storescu(files: Sequence[Path] | Path, port: int, called: str, calling: str = "STORESCU",
+             extra: Sequence[str] = (), timeout: float = 300) -> subprocess.CompletedProcess:
+    """Send files (or a directory, recursively) with DCMTK storescu; returns the completed process."""
+    args = ["+sd", "+r", str(files)] if isinstance(files, Path) else [str(f) for f in files]
+    cmd = ["storescu", "-aet", calling, "-aec", called, "--max-pdu", "131072", *extra, LOOPBACK, str(port), *args]
+    return subprocess.run(cmd, env=peer_env(), capture_output=True, text=True, timeout=timeout)
+
+
+def echoscu(port: int, called: str, calling: str = "ECHOSCU") -> subprocess.CompletedProcess:
+    return subprocess.run(["echoscu", "-aet", calling, "-aec", called, LOOPBACK, str(port)], env=peer_env(),
+                          capture_output=True, text=True, timeout=60)
+
+
+# --------------------------------------------------------------------------- Orthanc
+def start_orthanc(work_dir: Path, ae_title: str = "ORTHANC", modalities: dict[str, tuple[str, int]] | None = None,
+                  timeout: float = 60.0) -> Peer:
+    """Orthanc with a generated configuration: loopback REST API, DICOM on a free port, called-AE
+    check on, only the listed modalities (name -> (AE title, port)) may store."""
+    if ORTHANC is None:
+        raise FileNotFoundError("Orthanc is not installed")
+    work_dir.mkdir(parents=True, exist_ok=True)
+    dicom_port, http_port = free_port(), free_port()
+    cfg = {
+        "Name": "dicom-node-test",
+        "StorageDirectory": str(work_dir / "storage"),
+        "IndexDirectory": str(work_dir / "index"),
+        "DicomAet": ae_title,
+        "DicomPort": dicom_port,
+        "DicomCheckCalledAet": True,
+        "DicomAlwaysAllowStore": False,
+        "DicomAlwaysAllowEcho": True,
+        "DicomModalities": {k: [ae, LOOPBACK, p] for k, (ae, p) in (modalities or {}).items()},
+        "DicomCheckModalityHost": False,
+        "HttpServerEnabled": True,
+        "HttpPort": http_port,
+        "RemoteAccessAllowed": False,
+        "AuthenticationEnabled": False,
+        "Plugins": [],
+        "StableAge": 2,
+        "SaveJobs": False,
+        "ConcurrentJobs": 1,
+        "HttpThreadsCount": 4,
+    }
+    cfg_path = work_dir / "orthanc.json"
+    cfg_path.write_text(json.dumps(cfg, indent=2))
+    log_path = work_dir / "orthanc.log"
+    proc = _spawn([ORTHANC, str(cfg_path)], log_path, cwd=work_dir)
+    peer = Peer(proc, dicom_port, log_path, {"http_port": http_port, "config": cfg_path})
+    try:
+        wait_port(dicom_port, timeout, proc)
+        wait_port(http_port, timeout, proc)
+    except BaseException:
+        peer.stop()
+        raise
+    return peer
+
+
+def orthanc_get(peer: Peer, path: str) -> Any:
+    """GET a REST resource of a test Orthanc (loopback only)."""
+    url = f"http://{LOOPBACK}:{peer.extra['http_port']}{path}"
+    with urllib.request.urlopen(url, timeout=30) as r:  # noqa: S310 - loopback test server
+        return json.loads(r.read())
+
+
+def orthanc_get_bytes(peer: Peer, path: str) -> bytes:
+    url = f"http://{LOOPBACK}:{peer.extra['http_port']}{path}"
+    with urllib.request.urlopen(url, timeout=30) as r:  # noqa: S310
+        return r.read()
+
+
+# --------------------------------------------------------------------------- the node
+def write_node_config(path: Path, *, port: int, data_dir: Path, ae_title: str = "LTDIFF",
+                      destinations: Sequence[dict[str, Any]] = (), rules: Sequence[dict[str, Any]] | None = None,
+                      stable_age_s: float = 1.0, extra_node: dict[str, Any] | None = None,
+                      processing: dict[str, Any] | None = None) -> Path:
+    """A TOML configuration for a node on loopback (written by hand: TOML has no stdlib writer)."""
+
+    def val(v: Any) -> str:
+        if isinstance(v, bool):
+            return "true" if v else "false"
+        if isinstance(v, (int, float)):
+            return repr(v)
+        if isinstance(v, str):
+            return json.dumps(v)
+        if isinstance(v, (list, tuple)):
+            return "[" + ", ".join(val(x) for x in v) + "]"
+        if isinstance(v, dict):
+            return "{" + ", ".join(f"{k} = {val(x)}" for k, x in v.items()) + "}"
+        raise TypeError(type(v))
+
+    node = {"ae_title": ae_title, "bind_address": LOOPBACK, "port": port, "data_dir": str(data_dir),
+            **(extra_node or {})}
+    lines = ["[node]", *(f"{k} = {val(v)}" for k, v in node.items()),
+             "", "[completeness]", f"stable_age_s = {stable_age_s}", "scan_interval_s = 0.5",
+             "", "[processing]", *(f"{k} = {val(v)}" for k, v in {"poll_interval_s": 0.5, **(processing or {})}.items()),
+             "", "[logging]", 'level = "INFO"']
+    for d in destinations:
+        lines += ["", "[[destinations]]", *(f"{k} = {val(v)}" for k, v in d.items())]
+    for r in rules or []:
+        lines += ["", "[[rules]]", *(f"{k} = {val(v)}" for k, v in r.items())]
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def node_cmd(*args: str) -> list[str]:
+    return [sys.executable, "-m", "dicom_node.cli", *args]
+
+
+def start_node(config: Path, port: int, log_path: Path, timeout: float = 60.0) -> Peer:
+    """``dicom-node serve`` as a subprocess; returns once its DICOM port accepts connections."""
+    env = peer_env()
+    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
+    proc = _spawn(node_cmd("--config", str(config), "serve"), log_path, env=env, cwd=ROOT)
+    peer = Peer(proc, port, log_path)
+    try:
+        wait_port(port, timeout, proc)
+    except BaseException:
+        peer.stop()
+        raise
+    return peer
+
+
+def node_status(config: Path) -> dict[str, Any]:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
+    out = subprocess.run(node_cmd("--config", str(config), "status", "--json", "--last", "50", "--instances"),
+                         capture_output=True, text=True, env=env, cwd=ROOT, timeout=60, check=True)
+    return json.loads(out.stdout)
+
+
+def wait_for(predicate: Any, timeout: float, interval: float = 0.25, what: str = "condition") -> Any:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval)
+    raise TimeoutError(f"timed out after {timeout} s waiting for {what}")
+
+
+# --------------------------------------------------------------------------- test data
+def make_ct_series(out_dir: Path, n: int = 4, size: int = 64, kernel: str = "Br40", seed: int = 0,
+                   study_uid: str | None = None, manufacturer: str = "SIEMENS", description: str | None = None,
+                   expected_count: int | None = None, transfer_syntax: str | None = None,
+                   modality_extra: dict[str, Any] | None = None) -> list[Path]:
+    """A small synthetic CT Image Storage series (noisy disc in air) written as files."""
+    from ltdiff_core.dicomio.uids import make_uid
+    from ltdiff_core.dicomio.writer import StudyInfo, ct_datasets, save_datasets
+
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[:size, :size]
+    disc = (yy - size / 2) ** 2 + (xx - size / 2) ** 2 < (0.4 * size) ** 2
+    vol = np.where(disc, 40.0, -1000.0)[None].repeat(n, 0) + rng.normal(0, 10, (n, size, size))
+    study = StudyInfo(study_uid=study_uid or make_uid(), frame_of_reference_uid=make_uid())
+    dss = ct_datasets(vol.astype(np.float32), (1.5, 0.7, 0.7), study=study, kernel=kernel, series_number=2,
+                      series_description=description)
+    for ds in dss:
+        ds.Manufacturer = manufacturer
+        if expected_count is not None:
+            ds.ImagesInAcquisition = expected_count
+        for k, v in (modality_extra or {}).items():
+            setattr(ds, k, v)
+    kw = {"transfer_syntax": transfer_syntax} if transfer_syntax else {}
+    return save_datasets(dss, out_dir, **kw)
+
+
+@contextlib.contextmanager
+def started(peer: Peer) -> Iterator[Peer]:
+    try:
+        yield peer
+    finally:
+        peer.stop()
+
+
+def make_linear_checkpoint(path: Path, seed: int = 7, slices: int = 3, size: int = 128) -> Path:
+    """A real (small) linear-filter checkpoint fitted on phantom slices: fast, runs on CPU."""
+    from ltdiff_core.checkpoint import save_checkpoint
+    from ltdiff_core.linear_filter import LinearFilterFitter
+    from ltdiff_core.normalize import NORMALIZATION
+    from ltdiff_core.phantom import generate_case
+
+    case = generate_case(seed, slices, size=size)
+    fitter = LinearFilterFitter()
+    for z in range(case.br40.shape[0]):
+        fitter.add(case.br40[z], case.bl64[z], (case.spacing[1], case.spacing[2]))
+    filt = fitter.fit(with_residual=True)
+    meta = {"name": "linear-kernel-filter-test", "version": "0.0.1", "method": "linear", "networks": {},
+            "normalization": NORMALIZATION, "filter": {"pad": 32, "bin_lpcm": 0.1}, "training": {}, "metrics": {}}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_checkpoint(path, filt.to_tensors("linear"), meta)
+    return path

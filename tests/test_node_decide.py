@@ -1,0 +1,111 @@
+"""Decide: completeness timing and routing rules, on series received over real associations."""
+from __future__ import annotations
+
+import time
+from datetime import datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+from peers import LOOPBACK, free_port, make_ct_series, storescu
+from sqlalchemy import select
+
+from dicom_node import db
+from dicom_node.completeness import SeriesProgress, completeness_reason
+from dicom_node.config import Completeness, parse_config
+from dicom_node.rules import match_rule
+from dicom_node.scp import StorageSCP
+from dicom_node.worker import Worker
+
+
+def test_completeness_rule() -> None:
+    t0 = datetime(2024, 1, 1, 12, 0, 0)
+    cfg = Completeness(stable_age_s=30, use_expected_count=True)
+    assert completeness_reason(SeriesProgress(5, None, t0), cfg, t0 + timedelta(seconds=29)) is None
+    assert completeness_reason(SeriesProgress(5, None, t0), cfg, t0 + timedelta(seconds=30)) == "stable_age"
+    assert completeness_reason(SeriesProgress(5, 5, t0), cfg, t0 + timedelta(seconds=1)) == "expected_count"
+    assert completeness_reason(SeriesProgress(4, 5, t0), cfg, t0 + timedelta(seconds=1)) is None
+    off = Completeness(stable_age_s=30, use_expected_count=False)
+    assert completeness_reason(SeriesProgress(5, 5, t0), off, t0 + timedelta(seconds=1)) is None
+
+
+def test_rules_first_match_wins() -> None:
+    cfg = parse_config({
+        "destinations": [{"name": "P", "ae_title": "P", "host": "h", "port": 104}],
+        "rules": [
+            {"name": "scout", "match": {"SeriesDescription": "topogram|scout"}, "action": "ignore"},
+            {"name": "siemens-br40", "match": {"Modality": "CT", "ConvolutionKernel": ["Br40*", "B40f"],
+                                               "Manufacturer": "SIEMENS*", "calling_ae": "CT?"},
+             "destinations": ["P"]},
+        ],
+    })
+    base = {"Modality": "CT", "ConvolutionKernel": "Br40d\\3", "Manufacturer": "SIEMENS Healthineers",
+            "SeriesDescription": "Thorax 1.5 Br40", "calling_ae": "CT1"}
+    assert match_rule(cfg.rules, base).name == "siemens-br40"
+    assert match_rule(cfg.rules, {**base, "SeriesDescription": "Topogram 0.6 T20s"}).name == "scout"
+    assert match_rule(cfg.rules, {**base, "ConvolutionKernel": "Bl64"}) is None
+    assert match_rule(cfg.rules, {**base, "calling_ae": "PACS"}) is None
+    assert match_rule(cfg.rules, {**base, "Manufacturer": None}) is None
+
+
+class Node:
+    def __init__(self, tmp: Path, raw: dict[str, Any]) -> None:
+        raw.setdefault("node", {}).update(bind_address=LOOPBACK, port=free_port(), data_dir=str(tmp / "data"))
+        self.config = parse_config(raw, tmp)
+        self.db = db.Database(self.config.db_url)
+        self.db.create_all()
+        self.scp = StorageSCP(self.config, self.db)
+        self.port = self.scp.start()
+        self.worker = Worker(self.config, self.db)
+
+    def states(self) -> dict[str, tuple[str, str | None]]:
+        with self.db.session() as s:
+            return {x.series_description: (x.state, x.rule_name) for x in s.scalars(select(db.Series))}
+
+
+def test_stable_age_expected_count_and_routing(tmp_path: Path) -> None:
+    node = Node(tmp_path, {
+        "completeness": {"stable_age_s": 1.5},
+        "rules": [
+            {"name": "ignore-bl", "match": {"ConvolutionKernel": "Bl*"}, "action": "ignore"},
+            {"name": "br40", "match": {"Modality": "CT", "ConvolutionKernel": "Br40*"}},
+        ],
+    })
+    try:
+        study = "1.2.826.0.1.3680043.10.999.1"
+        for name, kernel, expected in (("br", "Br40", None), ("bl", "Bl64", None), ("other", "B70f", None),
+                                       ("counted", "Br40", 3)):
+            files = make_ct_series(tmp_path / name, n=3, size=32, kernel=kernel, study_uid=study,
+                                   description=name, expected_count=expected)
+            assert storescu(files, node.port, "LTDIFF").returncode == 0
+        t_sent = time.monotonic()
+        node.worker.scan()
+        st = node.states()
+        if time.monotonic() - t_sent < 1.4:  # nothing stable yet, only the counted series is complete
+            assert st["br"] == ("received", None) and st["bl"] == ("received", None)
+        assert st["counted"] == ("queued", "br40")
+        time.sleep(1.6)
+        node.worker.scan()
+        st = node.states()
+        assert st["br"] == ("queued", "br40")
+        assert st["bl"] == ("ignored", "ignore-bl")
+        assert st["other"] == ("unrouted", None)  # kept and visible, never dropped
+        with node.db.session() as s:
+            reasons = {x.series_description: x.complete_reason for x in s.scalars(select(db.Series))}
+            assert reasons["counted"] == "expected_count" and reasons["br"] == "stable_age"
+            assert len(s.scalars(select(db.Job)).all()) == 2
+
+        # A late instance for a series that is queued (not processed yet) reopens it: no job runs twice.
+        extra = make_ct_series(tmp_path / "late", n=1, size=32, kernel="Br40", study_uid=study, description="br")
+        import pydicom
+        ds = pydicom.dcmread(extra[0])
+        with node.db.session() as s:
+            br = s.scalars(select(db.Series).where(db.Series.series_description == "br")).one()
+            ds.SeriesInstanceUID = br.series_uid
+        ds.save_as(extra[0])
+        assert storescu(extra, node.port, "LTDIFF").returncode == 0
+        with node.db.session() as s:
+            br = s.scalars(select(db.Series).where(db.Series.series_description == "br")).one()
+            assert br.state == db.RECEIVED and br.instance_count == 4 and not br.jobs
+    finally:
+        node.scp.stop(5)
+        node.db.dispose()

@@ -1,0 +1,123 @@
+"""Receive: real DCMTK peers (echoscu, storescu) against the node's SCP on loopback."""
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pydicom
+import pytest
+from peers import LOOPBACK, echoscu, free_port, make_ct_series, storescu
+from sqlalchemy import func, select
+
+from dicom_node import db
+from dicom_node.config import parse_config
+from dicom_node.scp import StorageSCP
+
+
+class RunningSCP:
+    def __init__(self, tmp: Path, **node: Any) -> None:
+        raw = {"node": {"bind_address": LOOPBACK, "port": free_port(), "data_dir": str(tmp / "data"), **node}}
+        self.config = parse_config(raw, tmp)
+        self.config.data_dir.mkdir(parents=True)
+        self.db = db.Database(self.config.db_url)
+        self.db.create_all()
+        self.scp = StorageSCP(self.config, self.db)
+        self.port = self.scp.start()
+
+    def stop(self) -> None:
+        self.scp.stop(drain_s=5)
+        self.db.dispose()
+
+    def count(self, model: Any) -> int:
+        with self.db.session() as s:
+            return int(s.scalar(select(func.count()).select_from(model)))
+
+
+@pytest.fixture
+def scp_factory(tmp_path: Path) -> Iterator[Any]:
+    started: list[RunningSCP] = []
+
+    def make(**node: Any) -> RunningSCP:
+        node_ = RunningSCP(tmp_path, **node)
+        started.append(node_)
+        return node_
+
+    yield make
+    for n in started:
+        n.stop()
+
+
+def test_echo_and_calling_ae_allow_list(scp_factory: Any) -> None:
+    node = scp_factory(allowed_calling_aes=["ECHOSCU", "STORESCU"])
+    ok = echoscu(node.port, "LTDIFF", "ECHOSCU")
+    assert ok.returncode == 0, ok.stderr
+    bad = echoscu(node.port, "LTDIFF", "BAD")
+    assert bad.returncode != 0
+    assert "Calling AE Title Not Recognized" in bad.stderr or "Association Rejected" in bad.stderr
+    wrong_called = echoscu(node.port, "NOTUS", "ECHOSCU")
+    assert wrong_called.returncode != 0
+
+
+def test_calling_ae_pinned_to_another_host_is_rejected(scp_factory: Any) -> None:
+    node = scp_factory(allowed_calling_aes=[{"ae_title": "ECHOSCU", "host": "10.255.255.1"}])
+    r = echoscu(node.port, "LTDIFF", "ECHOSCU")
+    assert r.returncode != 0
+    assert "Rejected" in r.stderr
+
+
+def test_series_is_on_disk_and_in_db_before_success_and_duplicates_are_idempotent(
+        scp_factory: Any, tmp_path: Path) -> None:
+    node = scp_factory()
+    files = make_ct_series(tmp_path / "in", n=4, size=64, expected_count=4)
+    r = storescu(files, node.port, "LTDIFF")
+    assert r.returncode == 0, r.stderr
+    # storescu only exits 0 after every C-STORE response; by then everything must be persisted.
+    with node.db.session() as s:
+        series = s.scalars(select(db.Series)).one()
+        inst = s.scalars(select(db.Instance)).all()
+        assert series.instance_count == 4 and series.state == db.RECEIVED
+        assert series.expected_count == 4 and series.convolution_kernel == "Br40"
+        assert series.calling_ae == "STORESCU" and series.peer_address == LOOPBACK
+        assert len(inst) == 4
+        for i in inst:
+            path = node.config.spool_dir / i.path
+            raw = path.read_bytes()
+            src = next(f for f in files if pydicom.dcmread(f).SOPInstanceUID == i.sop_instance_uid)
+            # stored as received: the pixel bytes end the file unchanged, the meta names the negotiated syntax
+            assert raw[-64 * 64 * 2:] == src.read_bytes()[-64 * 64 * 2:]
+            assert str(pydicom.dcmread(path).file_meta.TransferSyntaxUID) == i.transfer_syntax_uid
+            assert pydicom.dcmread(path).SOPInstanceUID == i.sop_instance_uid
+    spool_files = sorted(p for p in node.config.spool_dir.rglob("*") if p.is_file())
+    assert len(spool_files) == 4
+
+    again = storescu(files, node.port, "LTDIFF")
+    assert again.returncode == 0
+    assert node.count(db.Instance) == 4
+    assert sorted(p for p in node.config.spool_dir.rglob("*") if p.is_file()) == spool_files
+    with node.db.session() as s:
+        assert s.scalars(select(db.Series)).one().instance_count == 4
+
+
+def test_persistence_failure_returns_failure_status(scp_factory: Any, tmp_path: Path) -> None:
+    node = scp_factory()
+    # A regular file where the spool directory should be: every write fails (even as root).
+    node.config.spool_dir.write_text("not a directory")
+    files = make_ct_series(tmp_path / "in", n=2, size=32)
+    r = storescu(files, node.port, "LTDIFF", extra=["-v"])
+    out = r.stdout + r.stderr
+    assert "Refused: OutOfResources" in out, out
+    assert node.count(db.Instance) == 0
+
+
+def test_enhanced_ct_is_refused_with_a_clear_status(scp_factory: Any, tmp_path: Path) -> None:
+    node = scp_factory()
+    (f,) = make_ct_series(tmp_path / "in", n=1, size=32)
+    ds = pydicom.dcmread(f)
+    ds.SOPClassUID = "1.2.840.10008.5.1.4.1.1.2.1"
+    ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID
+    enh = tmp_path / "enhanced.dcm"
+    ds.save_as(enh)
+    r = storescu([enh], node.port, "LTDIFF", extra=["-v"])
+    assert "Refused: SOPClassNotSupported" in r.stderr, r.stderr
+    assert node.count(db.Instance) == 0

@@ -1,0 +1,102 @@
+"""Send: C-STORE to DCMTK storescp, with retry on transient failures and none on permanent ones."""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import pydicom
+from peers import LOOPBACK, free_port, make_ct_series, start_storescp
+from sqlalchemy import select
+
+from dicom_node import db
+from dicom_node.config import Destination, parse_config
+from dicom_node.scu import PERMANENT, TRANSIENT, classify_status, send_files
+from dicom_node.worker import Worker
+
+
+def _dest(port: int, ae: str = "PACS", retries: int = 3, backoff: float = 0.5) -> dict:
+    return {"name": "PACS", "ae_title": ae, "host": LOOPBACK, "port": port, "max_retries": retries,
+            "backoff_base_s": backoff, "timeout_s": 5}
+
+
+def _worker_with_delivery(tmp: Path, dest: dict, n: int = 3) -> tuple[Worker, list[Path]]:
+    """A node state with one processed series waiting to be sent (as after a model run)."""
+    cfg = parse_config({"node": {"data_dir": str(tmp / "data"), "ae_title": "LTDIFF"},
+                        "destinations": [dest], "rules": [{"name": "r", "destinations": ["PACS"]}]}, tmp)
+    database = db.Database(cfg.db_url)
+    database.create_all()
+    files = make_ct_series(cfg.output_dir / "job-1", n=n, size=32)
+    with database.session() as s:
+        series = db.Series(series_uid="1.2.3.4", instance_count=n, state=db.SENDING)
+        job = db.Job(series=series, state=db.SENDING, rule_name="r", model="default", destinations=["PACS"],
+                     instance_count=n, output_count=n)
+        d = db.Delivery(destination="PACS")
+        d.sends = [db.InstanceSend(sop_instance_uid=str(pydicom.dcmread(f).SOPInstanceUID),
+                                   path=f"job-1/{f.name}") for f in files]
+        job.deliveries.append(d)
+        s.add(series)
+    return Worker(cfg, database), files
+
+
+def test_status_classification() -> None:
+    assert classify_status(0xA700) == TRANSIENT and classify_status(0xA702) == TRANSIENT
+    assert classify_status(0xA900) == PERMANENT and classify_status(0xC000) == PERMANENT
+    assert classify_status(0x0122) == PERMANENT
+
+
+def test_send_series_to_storescp(tmp_path: Path) -> None:
+    files = make_ct_series(tmp_path / "out", n=3, size=32)
+    with start_storescp(tmp_path / "pacs", "PACS") as pacs:
+        dest = Destination("PACS", "PACS", LOOPBACK, pacs.port, timeout_s=5)
+        out = send_files(dest, files, "LTDIFF")
+        assert out.failure is None and out.sent == 3
+        assert all(r.status == 0 for r in out.results)
+    received = sorted((tmp_path / "pacs").glob("*.dcm"))
+    assert len(received) == 3
+    assert {pydicom.dcmread(f).SOPInstanceUID for f in received} == {pydicom.dcmread(f).SOPInstanceUID for f in files}
+
+
+def test_transient_failure_is_retried_until_the_destination_is_up(tmp_path: Path) -> None:
+    port = free_port()
+    worker, files = _worker_with_delivery(tmp_path, _dest(port, retries=4, backoff=0.5))
+    assert worker.send() == 1  # connection refused: nothing listening yet
+    with worker.db.session() as s:
+        d = s.scalars(select(db.Delivery)).one()
+        assert d.state == db.PENDING and d.attempts == 1 and "retry 1/4" in d.error
+        assert d.next_attempt_at > db.utcnow()
+    assert worker.send() == 0  # backoff: not due yet
+    with start_storescp(tmp_path / "pacs", "PACS", port=port):
+        time.sleep(0.6)
+        assert worker.send() == 1
+    with worker.db.session() as s:
+        d = s.scalars(select(db.Delivery)).one()
+        job = s.scalars(select(db.Job)).one()
+        assert d.state == db.SENT and d.attempts == 2
+        assert all(x.state == db.SENT and x.status == 0 for x in d.sends)
+        assert job.state == db.DONE and job.series.state == db.DONE
+    assert len(list((tmp_path / "pacs").glob("*.dcm"))) == 3
+
+
+def test_permanent_rejection_fails_at_once(tmp_path: Path) -> None:
+    with start_storescp(tmp_path / "pacs", "PACS", extra=["--refuse"]) as pacs:
+        worker, _ = _worker_with_delivery(tmp_path, _dest(pacs.port, retries=5, backoff=0.1))
+        assert worker.send() == 1
+        time.sleep(0.3)
+        assert worker.send() == 0  # nothing left to retry
+    with worker.db.session() as s:
+        d = s.scalars(select(db.Delivery)).one()
+        job = s.scalars(select(db.Job)).one()
+        assert d.state == db.FAILED and d.attempts == 1
+        assert d.error.startswith("permanent: association rejected (permanent)")
+        assert job.state == db.FAILED and job.series.state == db.FAILED
+        assert "PACS: permanent" in job.series.error
+
+
+def test_exhausted_retries_fail_with_reason(tmp_path: Path) -> None:
+    worker, _ = _worker_with_delivery(tmp_path, _dest(free_port(), retries=1, backoff=0.1))
+    worker.send()
+    time.sleep(0.25)
+    worker.send()
+    with worker.db.session() as s:
+        d = s.scalars(select(db.Delivery)).one()
+        assert d.state == db.FAILED and d.attempts == 2 and d.error.startswith("gave up after 2 attempts")
