@@ -12,7 +12,6 @@
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import os
 import platform
 import shutil
@@ -23,11 +22,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-spec = importlib.util.spec_from_file_location("peers", ROOT / "tests" / "peers.py")
-assert spec and spec.loader
-peers = importlib.util.module_from_spec(spec)
-sys.modules["peers"] = peers
-spec.loader.exec_module(peers)
+from dicom_node import peers
 
 
 def machine() -> str:

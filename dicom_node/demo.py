@@ -10,33 +10,22 @@
 5. writes ``before_after.png`` (input Br40 vs standardized output vs Bl64 reference, same window),
 6. stops everything it started (by PID, also on Ctrl-C or failure).
 
-The process-management functions are the ones the tests use (``tests/peers.py``): the demo is a repository
-job, run from a checkout like the test suite.
+The peers are started and stopped by ``dicom_node.peers``, the same code the tests use.
 """
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import os
 import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 
+from dicom_node import peers
+
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def _peers() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("dicom_node_test_peers", ROOT / "tests" / "peers.py")
-    if spec is None or spec.loader is None:
-        raise RuntimeError("tests/peers.py not found: run the demo from a source checkout")
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = mod
-    spec.loader.exec_module(mod)
-    return mod
 
 
 def _say(msg: str) -> None:
@@ -87,7 +76,6 @@ def write_png(path: Path, src_dir: Path, ref_dir: Path, out_files: list[Path]) -
 
 
 def run(args: argparse.Namespace) -> int:
-    peers = _peers()
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
     started: list[Any] = []

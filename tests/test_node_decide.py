@@ -6,7 +6,7 @@ from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-from peers import LOOPBACK, free_port, make_ct_series, storescu
+from dicom_node.peers import LOOPBACK, free_port, make_ct_series, storescu
 from sqlalchemy import select
 
 from dicom_node import db

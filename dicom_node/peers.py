@@ -1,4 +1,4 @@
-"""Real DICOM peers for tests, the demo and the benchmark: DCMTK storescp/storescu/echoscu,
+"""Local DICOM peers for the demo, the tests and the benchmark: DCMTK storescp/storescu/echoscu,
 Orthanc, and the node itself as a ``dicom-node serve`` subprocess.
 
 Every server binds loopback on a free port and is stopped by its PID (terminate, then kill),
@@ -228,8 +228,7 @@ def node_cmd(*args: str) -> list[str]:
 def start_node(config: Path, port: int, log_path: Path, timeout: float = 60.0) -> Peer:
     """``dicom-node serve`` as a subprocess; returns once its DICOM port accepts connections."""
     env = peer_env()
-    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
-    proc = _spawn(node_cmd("--config", str(config), "serve"), log_path, env=env, cwd=ROOT)
+    proc = _spawn(node_cmd("--config", str(config), "serve"), log_path, env=env)
     peer = Peer(proc, port, log_path)
     try:
         wait_port(port, timeout, proc)
@@ -241,9 +240,8 @@ def start_node(config: Path, port: int, log_path: Path, timeout: float = 60.0) -
 
 def node_status(config: Path) -> dict[str, Any]:
     env = dict(os.environ)
-    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
     out = subprocess.run(node_cmd("--config", str(config), "status", "--json", "--last", "50", "--instances"),
-                         capture_output=True, text=True, env=env, cwd=ROOT, timeout=60, check=True)
+                         capture_output=True, text=True, env=env, timeout=60, check=True)
     return json.loads(out.stdout)
 
 
