@@ -690,7 +690,6 @@ def chest_truth(rng: np.random.Generator, n_slices: int, thickness_mm: float, si
     else:
         row0 = col0 = (FULL_SIZE - size) // 2
     rows, cols = np.arange(row0, row0 + size), np.arange(col0, col0 + size)
-    x_out = (cols + 0.5 - FULL_SIZE / 2) * pixel_mm
     y_out = (rows + 0.5 - FULL_SIZE / 2) * pixel_mm
     xs2 = (np.arange(2 * size) + 0.5) * (pixel_mm / 2) + (col0 - FULL_SIZE / 2) * pixel_mm
     ys2 = (np.arange(2 * size) + 0.5) * (pixel_mm / 2) + (row0 - FULL_SIZE / 2) * pixel_mm
