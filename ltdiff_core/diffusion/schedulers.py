@@ -1,0 +1,113 @@
+"""Noise schedules: MONAI ``DDPMScheduler`` for training, a few-step DDIM sampler for inference.
+
+The sampler follows the diffusers ``step()`` contract (``step(model_output, timestep, sample)``
+returns an object with ``prev_sample`` and ``pred_original_sample``) but looks the previous
+timestep up in its own schedule. MONAI's ``DDIMScheduler.step`` assumes a spacing of
+``T // n`` that differs from its own ``linspace`` timesteps, which matters at 4-8 steps, and it
+cannot start part-way (SDEdit). Latents are never clipped: they are not in [-1, 1].
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+from monai.networks.schedulers import DDPMScheduler, Scheduler
+
+PREDICTION_TYPES = ("epsilon", "v_prediction")
+
+
+@dataclass
+class ScheduleConfig:
+    """Diffusion process shared by training and sampling (stored in checkpoints)."""
+
+    num_train_timesteps: int = 1000
+    schedule: str = "scaled_linear_beta"
+    beta_start: float = 0.00085
+    beta_end: float = 0.012
+    prediction_type: str = "v_prediction"
+    t_max_fraction: float = 1.0  # training samples t in [0, fraction * T)
+    parameterization: str = "latent"  # diffuse Z_B itself, or "residual": Z_B - Z_A
+
+    def __post_init__(self) -> None:
+        if self.parameterization not in ("latent", "residual"):
+            raise ValueError("parameterization must be 'latent' or 'residual'")
+        if self.prediction_type not in PREDICTION_TYPES:
+            raise ValueError(f"prediction_type must be one of {PREDICTION_TYPES}")
+        if not 0.0 < self.t_max_fraction <= 1.0:
+            raise ValueError("t_max_fraction must be in (0, 1]")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def make_train_scheduler(cfg: ScheduleConfig) -> DDPMScheduler:
+    """MONAI DDPM scheduler with ``clip_sample=False`` (latents are unbounded)."""
+    return DDPMScheduler(
+        num_train_timesteps=cfg.num_train_timesteps,
+        schedule=cfg.schedule,
+        beta_start=cfg.beta_start,
+        beta_end=cfg.beta_end,
+        clip_sample=False,
+        prediction_type=cfg.prediction_type,
+    )
+
+
+@dataclass
+class SchedulerOutput:
+    prev_sample: torch.Tensor
+    pred_original_sample: torch.Tensor
+
+
+class DDIMSampler(Scheduler):
+    """Deterministic DDIM (eta = 0) over an explicit timestep list, optionally SDEdit-style.
+
+    ``set_timesteps(n, strength)`` places ``n`` model evaluations evenly on ``[t_start, 0]``
+    with ``t_start = strength * (T - 1)``; the last step jumps to the clean sample.
+    """
+
+    def __init__(self, cfg: ScheduleConfig) -> None:
+        super().__init__(cfg.num_train_timesteps, cfg.schedule, beta_start=cfg.beta_start, beta_end=cfg.beta_end)
+        self.prediction_type = cfg.prediction_type
+        self.timesteps = torch.empty(0, dtype=torch.long)
+        self._prev: dict[int, int] = {}
+
+    def set_timesteps(self, num_inference_steps: int, strength: float = 1.0) -> None:
+        if num_inference_steps < 1:
+            raise ValueError("num_inference_steps must be >= 1")
+        if not 0.0 < strength <= 1.0:
+            raise ValueError("strength must be in (0, 1]")
+        t_start = int(round(strength * (self.num_train_timesteps - 1)))
+        if num_inference_steps > t_start + 1:
+            raise ValueError(f"{num_inference_steps} steps do not fit below t_start={t_start}")
+        grid = torch.linspace(t_start, 0, num_inference_steps + 1)[:-1].round().long()
+        self.timesteps = grid
+        prevs = grid.tolist()[1:] + [-1]
+        self._prev = dict(zip(grid.tolist(), prevs))
+
+    def _alpha(self, t: int) -> torch.Tensor:
+        return self.alphas_cumprod[t] if t >= 0 else torch.tensor(1.0)
+
+    def step(
+        self, model_output: torch.Tensor, timestep: int, sample: torch.Tensor, generator: torch.Generator | None = None
+    ) -> SchedulerOutput:
+        """One deterministic DDIM update x_t -> x_prev (``generator`` is unused: eta = 0)."""
+        t = int(timestep)
+        if t not in self._prev:
+            raise ValueError(f"timestep {t} is not in the schedule; call set_timesteps first")
+        a_t = self._alpha(t).to(sample.device, sample.dtype)
+        a_prev = self._alpha(self._prev[t]).to(sample.device, sample.dtype)
+        x0, eps = predicted_x0_eps(self.prediction_type, model_output, sample, a_t)
+        prev = a_prev.sqrt() * x0 + (1 - a_prev).sqrt() * eps
+        return SchedulerOutput(prev_sample=prev, pred_original_sample=x0)
+
+
+def predicted_x0_eps(
+    prediction_type: str, model_output: torch.Tensor, sample: torch.Tensor, alpha_cumprod: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Clean-sample and noise estimates from a model output (``alpha_cumprod`` broadcastable)."""
+    a, s = alpha_cumprod.sqrt(), (1 - alpha_cumprod).sqrt()
+    if prediction_type == "v_prediction":
+        return a * sample - s * model_output, a * model_output + s * sample
+    x0 = (sample - s * model_output) / a
+    return x0, model_output

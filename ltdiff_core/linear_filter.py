@@ -1,0 +1,128 @@
+"""Radial Wiener-style kernel filter: the fast deterministic fallback and the bar to clear.
+
+``H(f) = <B conj(A)> / <|A|^2>`` is estimated per radial frequency bin with ``f`` in lp/cm
+(from the pixel spacing), so one fitted filter applies to any matrix and pixel size. Slices are
+reflect-padded before the FFT, identically in fitting and applying, so the body outline does
+not wrap around. The residual's radial NPS is kept for the optional "linear+noise" variant.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+from scipy import fft as sfft
+
+PAD = 32
+DEFAULT_BIN_LPCM = 0.1
+
+
+def _padded(img: np.ndarray, pad: int) -> np.ndarray:
+    return np.pad(img, pad, mode="reflect") if pad else img
+
+
+def radial_frequency(shape: tuple[int, int], pixel_mm: tuple[float, float]) -> np.ndarray:
+    """|f| in lp/cm on an ``rfft2`` grid of ``shape`` with pixel size ``(dy, dx)`` mm."""
+    fy = np.fft.fftfreq(shape[0], d=pixel_mm[0])[:, None]
+    fx = np.fft.rfftfreq(shape[1], d=pixel_mm[1])[None, :]
+    return np.sqrt(fy**2 + fx**2) * 10.0
+
+
+@dataclass
+class LinearKernelFilter:
+    """Fitted transfer function on radial bins (centres in lp/cm) plus residual NPS."""
+
+    freq_lpcm: np.ndarray
+    h_real: np.ndarray
+    h_imag: np.ndarray
+    residual_nps: np.ndarray = field(default_factory=lambda: np.zeros(0, np.float32))
+    pad: int = PAD
+
+    def transfer(self, f_lpcm: np.ndarray) -> np.ndarray:
+        """Complex H at arbitrary radial frequencies (held constant beyond the fitted range)."""
+        return np.interp(f_lpcm, self.freq_lpcm, self.h_real) + 1j * np.interp(f_lpcm, self.freq_lpcm, self.h_imag)
+
+    def apply(self, hu: np.ndarray, pixel_mm: tuple[float, float], *, noise_seed: int | None = None) -> np.ndarray:
+        """Filter a slice ``(Y, X)`` or volume ``(Z, Y, X)`` in HU; adds residual-NPS noise if seeded."""
+        hu = np.asarray(hu, dtype=np.float32)
+        if hu.ndim == 3:
+            return np.stack([self.apply(s, pixel_mm, noise_seed=None if noise_seed is None else noise_seed * 100003 + i)
+                             for i, s in enumerate(hu)])
+        p = self.pad
+        x = _padded(hu.astype(np.float64), p)
+        f = radial_frequency(x.shape, pixel_mm)
+        spec = sfft.rfft2(x, workers=-1) * self.transfer(f)
+        if noise_seed is not None and self.residual_nps.size:
+            spec = spec + self._noise_spectrum(x.shape, f, pixel_mm, noise_seed)
+        out = sfft.irfft2(spec, s=x.shape, workers=-1)
+        return out[p:p + hu.shape[0], p:p + hu.shape[1]].astype(np.float32)
+
+    def _noise_spectrum(self, shape, f, pixel_mm, seed: int) -> np.ndarray:
+        rng = np.random.default_rng(seed)
+        white = sfft.rfft2(rng.standard_normal(shape), workers=-1)
+        nps = np.maximum(np.interp(f, self.freq_lpcm, self.residual_nps), 0.0)
+        return white * np.sqrt(nps / (pixel_mm[0] * pixel_mm[1]))
+
+    def to_tensors(self, prefix: str = "linear") -> dict[str, np.ndarray]:
+        return {f"{prefix}.freq_lpcm": self.freq_lpcm.astype(np.float32), f"{prefix}.h_real": self.h_real.astype(np.float32),
+                f"{prefix}.h_imag": self.h_imag.astype(np.float32),
+                f"{prefix}.residual_nps": self.residual_nps.astype(np.float32)}
+
+    @classmethod
+    def from_tensors(cls, tensors: dict[str, np.ndarray], prefix: str = "linear", pad: int = PAD) -> "LinearKernelFilter":
+        g = lambda k: np.asarray(tensors[f"{prefix}.{k}"], dtype=np.float64)  # noqa: E731
+        return cls(g("freq_lpcm"), g("h_real"), g("h_imag"), g("residual_nps"), pad)
+
+
+class LinearFilterFitter:
+    """Accumulates cross- and auto-spectra over paired slices, then solves per radial bin."""
+
+    def __init__(self, f_max_lpcm: float = 10.0, bin_lpcm: float = DEFAULT_BIN_LPCM, pad: int = PAD) -> None:
+        self.edges = np.arange(0.0, f_max_lpcm + bin_lpcm, bin_lpcm)
+        self.pad = pad
+        n = len(self.edges) - 1
+        self.cross = np.zeros(n, np.complex128)
+        self.auto = np.zeros(n, np.float64)
+        self.slices: list[tuple[np.ndarray, np.ndarray, tuple[float, float]]] = []
+
+    def _bins(self, f: np.ndarray) -> np.ndarray:
+        return np.clip(np.digitize(f, self.edges) - 1, 0, len(self.edges) - 2)
+
+    def add(self, a: np.ndarray, b: np.ndarray, pixel_mm: tuple[float, float]) -> None:
+        """Add one paired slice (HU, same grid)."""
+        xa, xb = _padded(a.astype(np.float64), self.pad), _padded(b.astype(np.float64), self.pad)
+        fa, fb = sfft.rfft2(xa, workers=-1), sfft.rfft2(xb, workers=-1)
+        w = np.ones(fa.shape)
+        w[:, 1:(xa.shape[1] + 1) // 2] = 2.0  # rfft half-plane: count conjugate partners
+        idx = self._bins(radial_frequency(xa.shape, pixel_mm)).ravel()
+        self.cross += np.bincount(idx, (w * fb * np.conj(fa)).real.ravel(), len(self.auto)) + 1j * np.bincount(
+            idx, (w * fb * np.conj(fa)).imag.ravel(), len(self.auto))
+        self.auto += np.bincount(idx, (w * np.abs(fa) ** 2).ravel(), len(self.auto))
+        self.slices.append((a, b, pixel_mm))
+
+    def fit(self, with_residual: bool = True) -> LinearKernelFilter:
+        """Solve H per bin (empty bins interpolated) and measure the residual's radial NPS."""
+        centres = 0.5 * (self.edges[1:] + self.edges[:-1])
+        ok = self.auto > 0
+        if not ok.any():
+            raise ValueError("no paired slices were added")
+        h = np.zeros_like(self.cross)
+        h[ok] = self.cross[ok] / self.auto[ok]
+        hr = np.interp(centres, centres[ok], h[ok].real)
+        hi = np.interp(centres, centres[ok], h[ok].imag)
+        filt = LinearKernelFilter(centres, hr, hi, np.zeros(len(centres)), self.pad)
+        if with_residual:
+            filt.residual_nps = self._residual_nps(filt, centres)
+        return filt
+
+    def _residual_nps(self, filt: LinearKernelFilter, centres: np.ndarray) -> np.ndarray:
+        acc = np.zeros(len(centres))
+        cnt = np.zeros(len(centres))
+        for a, b, px in self.slices:
+            r = b.astype(np.float64) - filt.apply(a, px)
+            r -= r.mean()
+            spec = np.abs(np.fft.rfft2(r)) ** 2 * (px[0] * px[1]) / r.size
+            idx = self._bins(radial_frequency(r.shape, px)).ravel()
+            acc += np.bincount(idx, spec.ravel(), len(centres))
+            cnt += np.bincount(idx, None, len(centres))
+        ok = cnt > 0
+        return np.interp(centres, centres[ok], acc[ok] / cnt[ok])

@@ -1,0 +1,230 @@
+"""Inference entry point: HU volume in, kernel-standardized HU volume out.
+
+One class runs every shipped method (latent diffusion, its autoencoder reconstruction, the
+direct UNet++ and the linear filter) behind the same call, so the service, the offline
+command and the evaluation treat models interchangeably. Randomness is drawn per slice from
+``(seed, slice index)`` on the CPU, so results do not depend on batching or device.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+
+from .checkpoint import Checkpoint, CheckpointError, load_checkpoint, load_networks
+from .linear_filter import LinearKernelFilter
+from .normalize import check_normalization, hu_to_unit, unit_to_hu
+from .tiling import pad_to_multiple, run_tiled
+
+log = logging.getLogger(__name__)
+
+VARIANTS = {
+    "latent_diffusion": ("diffusion", "autoencoder"),
+    "linear": ("linear", "linear+noise"),
+    "direct": ("direct",),
+}
+Progress = Callable[[int, int], None]
+
+
+def _slice_key(seed: int, index: int, y: int = 0, x: int = 0) -> int:
+    """Stable 63-bit seed for one slice (and tile) of one call."""
+    return (seed * 1_000_003 + index * 7919 + y * 131 + x) % (2**63 - 1)
+
+
+class Standardizer:
+    """Kernel standardization with a loaded checkpoint (see :meth:`from_checkpoint`)."""
+
+    def __init__(
+        self,
+        ckpt: Checkpoint,
+        device: str = "auto",
+        variant: str | None = None,
+        max_batch_pixels: int = 4 * 512 * 512,
+        tile_size: int = 1024,
+        tile_overlap: int = 64,
+    ) -> None:
+        meta = ckpt.metadata
+        self.ckpt = ckpt
+        self.method = meta["method"]
+        available = VARIANTS[self.method]
+        if self.method == "latent_diffusion" and "denoiser" not in meta["networks"]:
+            available = ("autoencoder",)  # an autoencoder-only checkpoint (training stage 1)
+        self.variant = variant or available[0]
+        if self.variant not in available:
+            raise ValueError(f"variant {self.variant!r} not available for checkpoint {ckpt.path.name} "
+                             f"(method {self.method!r}; choose from {available})")
+        try:
+            check_normalization(meta["normalization"])
+        except ValueError as exc:
+            raise CheckpointError(f"{ckpt.path}: {exc}") from exc
+        self.norm = meta["normalization"]
+        self.sampling = meta.get("sampling", {})
+        self.max_batch_pixels = int(max_batch_pixels)
+        self.tile_size, self.tile_overlap = int(tile_size), int(tile_overlap)
+        self.device = "cpu"
+        self._nets: dict[str, Any] = {}
+        if self.method == "linear":
+            self.filter = LinearKernelFilter.from_tensors(ckpt.tensors, "linear")
+            self.factor = 1
+        else:
+            import torch
+
+            self.device = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
+            self._nets = load_networks(ckpt, self.device)
+            if self.method == "direct":
+                self.factor = self._nets["direct"].config.factor
+            else:
+                from .diffusion import ConditionalLatentInferer, ScheduleConfig
+
+                ae = self._nets["autoencoder"]
+                if self.variant == "autoencoder" and "denoiser" not in self._nets:
+                    self.factor = ae.config.factor
+                    return
+                den = self._nets["denoiser"]
+                # the denoiser UNet halves the latent grid len(channels) - 1 times
+                self.factor = ae.config.factor * 2 ** (len(den.config.channels) - 1)
+                if self.variant == "autoencoder":
+                    self.factor = ae.config.factor
+                t = {k: torch.from_numpy(np.array(v)) for k, v in ckpt.tensors.items() if k.startswith("latent.")}
+                if "latent.shift" not in t or "latent.scale" not in t:
+                    raise CheckpointError(f"{ckpt.path}: latent statistics (latent.shift/scale) are missing")
+                try:
+                    schedule = ScheduleConfig(**meta["scheduler"])
+                    self.inferer = ConditionalLatentInferer(
+                        ae, den, schedule, t["latent.shift"], t["latent.scale"],
+                        t.get("latent.residual_shift"), t.get("latent.residual_scale"),
+                    ).to(self.device)
+                except (TypeError, ValueError, KeyError) as exc:
+                    raise CheckpointError(f"{ckpt.path}: bad diffusion settings: {exc}") from exc
+                strength = float(self.sampling.get("strength", 0.5))
+                if strength > float(meta["scheduler"].get("t_max_fraction", 1.0)) + 1e-9:
+                    log.warning("sampling strength %.2f exceeds the noise levels the denoiser was trained on "
+                                "(t_max_fraction %.2f)", strength, meta["scheduler"]["t_max_fraction"])
+
+    # --- construction --------------------------------------------------------------------
+    @classmethod
+    def from_checkpoint(
+        cls, path: str | Path | None = None, device: str = "auto", variant: str | None = None, **kwargs: Any
+    ) -> "Standardizer":
+        """Load a checkpoint (``None`` = shipped default ``ltdiff``); raises ``CheckpointError``."""
+        if path is None:
+            from .weights import default_checkpoint
+
+            path = default_checkpoint("ltdiff")
+        return cls(load_checkpoint(path), device=device, variant=variant, **kwargs)
+
+    @property
+    def info(self) -> dict[str, Any]:
+        m = self.ckpt.metadata
+        return {
+            "name": m["name"], "version": m["version"], "sha256": self.ckpt.file_sha256,
+            "weights_sha256": m["weights_sha256"], "method": self.method, "variant": self.variant,
+            "default_steps": self.sampling.get("default_steps"), "strength": self.sampling.get("strength"),
+            "trained_on": m.get("training", {}).get("data"), "device": self.device, "path": str(self.ckpt.path),
+        }
+
+    # --- public API ----------------------------------------------------------------------
+    def standardize(
+        self,
+        hu_volume: np.ndarray,
+        spacing: Sequence[float],
+        steps: int | None = None,
+        seed: int = 0,
+        progress: Progress | None = None,
+    ) -> np.ndarray:
+        """Standardize a ``(Z, Y, X)`` or ``(Y, X)`` HU array; returns float32 HU, same shape."""
+        return self.standardize_batch([hu_volume], [spacing], steps=steps, seed=seed, progress=progress)[0]
+
+    def standardize_batch(
+        self,
+        volumes: Sequence[np.ndarray],
+        spacings: Sequence[Sequence[float]],
+        steps: int | None = None,
+        seed: int = 0,
+        progress: Progress | None = None,
+    ) -> list[np.ndarray]:
+        """Several volumes at once (slices of equal size share batches). Results equal per-volume calls."""
+        if len(volumes) != len(spacings):
+            raise ValueError("one spacing per volume is needed")
+        vols = [np.asarray(v, dtype=np.float32) for v in volumes]
+        for v in vols:
+            if v.ndim not in (2, 3) or min(v.shape[-2:]) < 2:
+                raise ValueError(f"expected (Z, Y, X) or (Y, X) with Y, X >= 2, got shape {v.shape}")
+        pixel = [self._pixel_mm(s) for s in spacings]
+        stacks = [v[None] if v.ndim == 2 else v for v in vols]
+        outs = [np.empty_like(s) for s in stacks]
+        jobs = [(vi, zi) for vi, s in enumerate(stacks) for zi in range(s.shape[0])]
+        total, done = len(jobs), 0
+        groups: dict[tuple[int, int], list[tuple[int, int]]] = {}
+        for vi, zi in jobs:
+            groups.setdefault(stacks[vi].shape[1:], []).append((vi, zi))
+        for shape, members in groups.items():
+            per = max(1, self.max_batch_pixels // (shape[0] * shape[1]))
+            for k in range(0, len(members), per):
+                chunk = members[k:k + per]
+                imgs = np.stack([stacks[vi][zi] for vi, zi in chunk])
+                keys = [_slice_key(seed, zi) for _, zi in chunk]
+                res = self._run(imgs, [pixel[vi] for vi, _ in chunk], keys, steps)
+                for (vi, zi), r in zip(chunk, res):
+                    outs[vi][zi] = r
+                done += len(chunk)
+                if progress is not None:
+                    progress(done, total)
+        return [o[0] if v.ndim == 2 else o for o, v in zip(outs, vols)]
+
+    # --- internals -----------------------------------------------------------------------
+    def _pixel_mm(self, spacing: Sequence[float]) -> tuple[float, float]:
+        sp = [float(s) for s in spacing]
+        if len(sp) not in (2, 3) or min(sp[-2:]) <= 0:
+            raise ValueError(f"spacing must be (dz, dy, dx) or (dy, dx) in mm, got {spacing}")
+        trained = self.ckpt.metadata.get("training", {}).get("pixel_mm")
+        if trained and not 0.7 <= sp[-1] / float(trained) <= 1.4:
+            log.warning("pixel spacing %.2f mm differs from the training spacing %.2f mm; the model is "
+                        "applied without resampling", sp[-1], float(trained))
+        return sp[-2], sp[-1]
+
+    def _run(self, hu: np.ndarray, pixel: list[tuple[float, float]], keys: list[int], steps: int | None) -> np.ndarray:
+        if self.method == "linear":
+            noisy = self.variant == "linear+noise"
+            return np.stack([self.filter.apply(s, px, noise_seed=k if noisy else None)
+                             for s, px, k in zip(hu, pixel, keys)])
+        x = hu_to_unit(hu, self.norm)
+        extra = 8 if self.factor > 1 else 0
+        xp, crop = pad_to_multiple(x, self.factor, extra)
+
+        def fn(tile: np.ndarray, y: int, x0: int) -> np.ndarray:
+            tkeys = [k if (y, x0) == (0, 0) else _slice_key(k, 0, y, x0) for k in keys]
+            return self._run_net(tile, tkeys, steps)
+
+        out = run_tiled(xp, fn, self.tile_size, self.tile_overlap)
+        return unit_to_hu(out[:, crop[0], crop[1]], self.norm)
+
+    def _run_net(self, x: np.ndarray, keys: list[int], steps: int | None) -> np.ndarray:
+        import torch
+
+        t = torch.from_numpy(np.ascontiguousarray(x))[:, None].to(self.device)
+        cuda = self.device.startswith("cuda")
+        with torch.inference_mode(), torch.autocast("cuda", dtype=torch.bfloat16, enabled=cuda):
+            if self.method == "direct":
+                y = self._nets["direct"](t)
+            elif self.variant == "autoencoder":
+                ae = self._nets["autoencoder"]
+                y = ae.decode(ae.encode(t))
+            else:
+                y = self._diffuse(t, keys, steps)
+        return y.float()[:, 0].cpu().numpy()
+
+    def _diffuse(self, t: Any, keys: list[int], steps: int | None) -> Any:
+        import torch
+
+        inf = self.inferer
+        z_a = inf.encode(t).float()
+        gens = [torch.Generator().manual_seed(k) for k in keys]
+        noise = torch.stack([torch.randn(z_a.shape[1:], generator=g) for g in gens]).to(z_a.device)
+        n_steps = int(steps or self.sampling.get("default_steps", 4))
+        strength = float(self.sampling.get("strength", 0.5))
+        z_b = inf.sample(z_a, noise, n_steps, strength)
+        return inf.decode(z_b)

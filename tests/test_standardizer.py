@@ -1,0 +1,163 @@
+"""Standardizer: any size in, same size out, determinism, batching invariance, all methods."""
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from ltdiff_core import Standardizer
+from ltdiff_core.checkpoint import save_checkpoint, state_dict_to_numpy
+from ltdiff_core.linear_filter import LinearKernelFilter
+from ltdiff_core.nets import DirectUNetPlusPlus
+from ltdiff_core.normalize import NORMALIZATION
+from ltdiff_core.tiling import pad_to_multiple, run_tiled
+from ltdiff_core.weights import default_checkpoint
+from test_checkpoint import tiny_latent_checkpoint
+
+
+@pytest.fixture(autouse=True)
+def _threads():
+    torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="module")
+def latent_ckpt(tmp_path_factory) -> Path:
+    return tiny_latent_checkpoint(tmp_path_factory.mktemp("ck") / "tiny.safetensors")
+
+
+def _direct_ckpt(path: Path) -> Path:
+    torch.manual_seed(0)
+    net = DirectUNetPlusPlus({"features": [4, 4, 8, 8, 16, 4]})
+    meta = {"name": "d", "version": "0", "method": "direct",
+            "networks": {"direct": {"kind": "direct", "config": net.config.to_dict()}}, "normalization": NORMALIZATION}
+    save_checkpoint(path, state_dict_to_numpy(net.state_dict(), "direct"), meta)
+    return path
+
+
+def _linear_ckpt(path: Path) -> Path:
+    f = np.linspace(0, 10, 101)
+    filt = LinearKernelFilter(f, 1 + 0.1 * f, np.zeros_like(f), np.full_like(f, 50.0))
+    save_checkpoint(path, filt.to_tensors(), {"name": "l", "version": "0", "method": "linear", "networks": {},
+                                              "normalization": NORMALIZATION})
+    return path
+
+
+def _volume(shape, seed=0):
+    rng = np.random.default_rng(seed)
+    return (rng.normal(0, 30, shape) + np.linspace(-900, 100, shape[-1])).astype(np.float32)
+
+
+@pytest.mark.parametrize("variant", ["diffusion", "autoencoder"])
+@pytest.mark.parametrize("shape", [(2, 70, 90), (33, 17), (1, 64, 64)])
+def test_shapes_any_size(latent_ckpt, variant, shape):
+    s = Standardizer.from_checkpoint(latent_ckpt, device="cpu", variant=variant)
+    spacing = (0.7, 0.7) if len(shape) == 2 else (1.5, 0.7, 0.7)
+    out = s.standardize(_volume(shape), spacing)
+    assert out.shape == shape and out.dtype == np.float32 and np.isfinite(out).all()
+
+
+def test_deterministic_per_seed_and_batching_invariant(latent_ckpt):
+    vol = _volume((3, 40, 48))
+    s = Standardizer.from_checkpoint(latent_ckpt, device="cpu")
+    a = s.standardize(vol, (1, 0.7, 0.7), seed=3)
+    b = Standardizer.from_checkpoint(latent_ckpt, device="cpu", max_batch_pixels=40 * 48).standardize(
+        vol, (1, 0.7, 0.7), seed=3)
+    c = s.standardize(vol, (1, 0.7, 0.7), seed=4)
+    np.testing.assert_allclose(a, b, atol=1e-3)
+    assert np.abs(a - c).max() > 1e-3
+    np.testing.assert_array_equal(a, s.standardize(vol, (1, 0.7, 0.7), seed=3))
+
+
+def test_batch_of_volumes_equals_single_calls_and_reports_progress(latent_ckpt):
+    s = Standardizer.from_checkpoint(latent_ckpt, device="cpu")
+    v1, v2 = _volume((2, 32, 32), 1), _volume((3, 48, 40), 2)
+    calls: list[tuple[int, int]] = []
+    o1, o2 = s.standardize_batch([v1, v2], [(1, .7, .7), (1, .7, .7)], seed=5, progress=lambda d, n: calls.append((d, n)))
+    np.testing.assert_allclose(o1, s.standardize(v1, (1, .7, .7), seed=5), atol=1e-3)
+    np.testing.assert_allclose(o2, s.standardize(v2, (1, .7, .7), seed=5), atol=1e-3)
+    assert calls[-1] == (5, 5) and [d for d, _ in calls] == sorted(d for d, _ in calls)
+
+
+def test_steps_parameter_changes_output(latent_ckpt):
+    s = Standardizer.from_checkpoint(latent_ckpt, device="cpu")
+    vol = _volume((1, 32, 32))
+    assert np.abs(s.standardize(vol, (1, .7, .7), steps=1) - s.standardize(vol, (1, .7, .7), steps=3)).max() > 1e-4
+
+
+def test_info_and_bad_variant(latent_ckpt):
+    s = Standardizer.from_checkpoint(latent_ckpt, device="cpu")
+    info = s.info
+    assert info["method"] == "latent_diffusion" and info["variant"] == "diffusion" and info["default_steps"] == 2
+    assert len(info["sha256"]) == 64
+    with pytest.raises(ValueError, match="variant .linear. not available"):
+        Standardizer.from_checkpoint(latent_ckpt, device="cpu", variant="linear")
+
+
+def test_direct_and_linear_methods(tmp_path):
+    d = Standardizer.from_checkpoint(_direct_ckpt(tmp_path / "d.safetensors"), device="cpu")
+    assert d.standardize(_volume((2, 70, 90)), (1, .7, .7)).shape == (2, 70, 90)
+    lin = Standardizer.from_checkpoint(_linear_ckpt(tmp_path / "l.safetensors"))
+    vol = _volume((2, 70, 90))
+    out = lin.standardize(vol, (1, .7, .7))
+    assert out.shape == vol.shape and lin.info["variant"] == "linear"
+    noisy = Standardizer.from_checkpoint(tmp_path / "l.safetensors", variant="linear+noise")
+    n1, n2 = noisy.standardize(vol, (1, .7, .7), seed=1), noisy.standardize(vol, (1, .7, .7), seed=2)
+    np.testing.assert_array_equal(n1, noisy.standardize(vol, (1, .7, .7), seed=1))
+    assert np.abs(n1 - n2).max() > 1 and np.abs(n1 - out).std() > 1
+
+
+def test_pixel_spacing_warning(latent_ckpt, caplog):
+    s = Standardizer.from_checkpoint(latent_ckpt, device="cpu", variant="autoencoder")
+    s.standardize(_volume((1, 32, 32)), (1, 2.0, 2.0))
+    assert "differs from the training spacing" in caplog.text
+
+
+def test_tiles_blend_without_seams():
+    img = np.random.default_rng(0).normal(size=(2, 100, 130)).astype(np.float32)
+    np.testing.assert_allclose(run_tiled(img, lambda t, y, x: t, 48, 16), img, atol=1e-5)
+    smooth = lambda t, y, x: (t + np.roll(t, 1, -1) + np.roll(t, -1, -1)) / 3  # noqa: E731
+    tiled, full = run_tiled(img, smooth, 48, 16), smooth(img, 0, 0)
+    err = np.abs(tiled - full)[..., 1:-1]
+    # a tile's wrong border pixels only enter with the ramp's smallest weight
+    assert err.max() < 0.1 and err.mean() < 0.005
+
+
+def test_tiled_standardize_matches_shape(latent_ckpt):
+    s = Standardizer.from_checkpoint(latent_ckpt, device="cpu", variant="autoencoder", tile_size=48, tile_overlap=16)
+    out = s.standardize(_volume((1, 100, 70)), (1, .7, .7))
+    assert out.shape == (1, 100, 70) and np.isfinite(out).all()
+
+
+def test_pad_to_multiple_crops_back():
+    img = np.arange(7 * 9, dtype=np.float32).reshape(7, 9)
+    padded, crop = pad_to_multiple(img, 4, extra=2)
+    assert padded.shape[0] % 4 == 0 and padded.shape[1] % 4 == 0 and padded.shape[0] >= 11
+    np.testing.assert_array_equal(padded[crop], img)
+
+
+def test_package_import_is_cheap_and_default_paths():
+    code = "import sys, ltdiff_core; assert 'torch' not in sys.modules; print('ok')"
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True).stdout.strip() == "ok"
+    for name in ("ltdiff", "linear", "direct"):
+        assert default_checkpoint(name).name == f"{name}.safetensors"
+    with pytest.raises(ValueError):
+        default_checkpoint("gan")
+
+
+def test_autoencoder_only_checkpoint_runs_reconstruction(tmp_path):
+    from ltdiff_core.checkpoint import load_checkpoint
+
+    ck = load_checkpoint(tiny_latent_checkpoint(tmp_path / "full.safetensors"))
+    meta = dict(ck.metadata)
+    meta["networks"] = {"autoencoder": meta["networks"]["autoencoder"]}
+    tensors = {k: v for k, v in ck.tensors.items() if k.startswith("autoencoder.")}
+    save_checkpoint(tmp_path / "ae.safetensors", tensors, meta)
+    s = Standardizer.from_checkpoint(tmp_path / "ae.safetensors", device="cpu")
+    assert s.variant == "autoencoder"
+    assert s.standardize(_volume((1, 30, 50)), (1, .7, .7)).shape == (1, 30, 50)
+    with pytest.raises(ValueError, match="not available"):
+        Standardizer.from_checkpoint(tmp_path / "ae.safetensors", device="cpu", variant="diffusion")

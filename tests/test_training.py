@@ -1,0 +1,175 @@
+"""Training scripts end to end on tiny data: configs, checkpoints, resume, and a 2-process DDP step."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from ltdiff_core import Standardizer
+from train import fit_autoencoder, fit_diffusion, fit_direct, fit_linear
+from train.common import ConfigError, load_config
+from train.data import CropSampler, load_split
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY_AE = """
+[data]
+cases = ["{cases}"]
+crop = 32
+batch = 2
+val_cases = 1
+[model]
+features = [4, 8, 16]
+latent_channels = [1, 2, 4]
+[train]
+steps = {steps}
+threads = 1
+log_every = 1
+val_every = 2
+save_every = 1
+val_batches = 1
+[output]
+path = "{out}"
+"""
+
+
+@pytest.fixture(autouse=True)
+def _threads():
+    torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="module")
+def cases(tmp_path_factory) -> Path:
+    """Three paired npz cases: a smooth source and a sharper, noisier target."""
+    from scipy import ndimage
+
+    root = tmp_path_factory.mktemp("cases")
+    for i in range(3):
+        rng = np.random.default_rng(i)
+        base = np.where(np.hypot(*np.mgrid[-32:32, -32:32]) < 26, 40.0, -1000.0)[None].repeat(2, 0)
+        noise = rng.normal(0, 60, base.shape)
+        target = base + noise
+        source = base + ndimage.gaussian_filter(noise, (0, 1.2, 1.2))
+        np.savez(root / f"c{i}.npz", source=source.astype(np.float32), target=target.astype(np.float32),
+                 spacing=np.array([1.5, 0.7, 0.7]))
+    return root
+
+
+def _ae_config(tmp: Path, cases: Path, steps: int = 3) -> Path:
+    p = tmp / "ae.toml"
+    p.write_text(TINY_AE.format(cases=cases.as_posix(), steps=steps, out=(tmp / "ae.safetensors").as_posix()))
+    return p
+
+
+def test_config_errors_name_the_key(tmp_path):
+    p = tmp_path / "c.toml"
+    p.write_text("[train]\nstep = 3\n")
+    with pytest.raises(ConfigError, match="'train.step'"):
+        load_config(p, fit_autoencoder.DEFAULTS)
+    p.write_text("[train]\nsteps = 'many'\n")
+    with pytest.raises(ConfigError, match="'train.steps' must be an integer"):
+        load_config(p, fit_autoencoder.DEFAULTS)
+    p.write_text("[optim]\nlr = 1\n")
+    with pytest.raises(ConfigError, match=r"\[optim\]"):
+        load_config(p, fit_autoencoder.DEFAULTS)
+
+
+def test_split_is_by_case_and_crops_are_reproducible(cases):
+    train, val = load_split([cases], 1)
+    assert [v.name.split("/")[-1] for v in train] == ["c0", "c1"] and val[0].name.endswith("c2")
+    s1, s2 = CropSampler(train, 32, 2, seed=0), CropSampler(train, 32, 2, seed=0, rank=1)
+    np.testing.assert_array_equal(s1.paired(5)[0], CropSampler(train, 32, 2, seed=0).paired(5)[0])
+    assert not np.array_equal(s1.paired(5)[0], s2.paired(5)[0])
+
+
+def test_autoencoder_diffusion_pipeline_and_resume(tmp_path, cases):
+    cfg = _ae_config(tmp_path, cases, steps=2)
+    fit_autoencoder.main(["--config", str(cfg)])
+    ae_path = tmp_path / "ae.safetensors"
+    log = json.loads(ae_path.with_suffix(".log.json").read_text())
+    assert [r["step"] for r in log["rows"]] == [1, 2] and "val_total" in log["rows"][-1]
+    # resume to 4 steps continues at step 3 instead of restarting
+    fit_autoencoder.main(["--config", str(cfg), "--resume", "--steps", "4"])
+    log = json.loads(ae_path.with_suffix(".log.json").read_text())
+    assert [r["step"] for r in log["rows"]] == [1, 2, 3, 4]
+    assert "step,lr" in ae_path.with_suffix(".log.csv").read_text().splitlines()[0]
+
+    diff_cfg = tmp_path / "diff.toml"
+    diff_cfg.write_text(f"""
+[data]
+cases = ["{cases.as_posix()}"]
+crop = 32
+batch = 2
+stat_slices = 2
+[model]
+autoencoder = "{ae_path.as_posix()}"
+channels = [8, 8, 8]
+norm_num_groups = 4
+num_head_channels = 4
+[sampling]
+default_steps = 2
+strength = 0.5
+[train]
+steps = 2
+threads = 1
+log_every = 1
+val_every = 1
+val_batches = 1
+[output]
+path = "{(tmp_path / 'ltdiff.safetensors').as_posix()}"
+""")
+    fit_diffusion.main(["--config", str(diff_cfg)])
+    s = Standardizer.from_checkpoint(tmp_path / "ltdiff.safetensors", device="cpu")
+    meta = s.ckpt.metadata
+    assert meta["training"]["autoencoder"]["weights_sha256"] == json.loads(ae_path.with_suffix(".json").read_text())["weights_sha256"]
+    assert len(meta["latent"]["scale"]) == s.inferer.scale.numel() and min(meta["latent"]["scale"]) > 0
+    out = s.standardize(np.zeros((1, 50, 40), np.float32) - 500, (1.5, 0.7, 0.7))
+    assert out.shape == (1, 50, 40) and np.isfinite(out).all()
+
+
+def test_direct_and_linear_scripts(tmp_path, cases):
+    p = tmp_path / "direct.toml"
+    p.write_text(f"""
+[data]
+cases = ["{cases.as_posix()}"]
+crop = 32
+batch = 2
+[model]
+features = [4, 4, 8, 8, 16, 4]
+[train]
+steps = 1
+threads = 1
+log_every = 1
+val_batches = 1
+[output]
+path = "{(tmp_path / 'direct.safetensors').as_posix()}"
+""")
+    fit_direct.main(["--config", str(p)])
+    assert Standardizer.from_checkpoint(tmp_path / "direct.safetensors", device="cpu").info["method"] == "direct"
+    fit_linear.main(["--config", str(ROOT / "conf/train-linear.toml"), "--cases", str(cases),
+                     "--out", str(tmp_path / "linear.safetensors")])
+    lin = Standardizer.from_checkpoint(tmp_path / "linear.safetensors")
+    m = lin.ckpt.metadata["metrics"]["linear"]
+    assert m["val_rmse_hu_filter"] < m["val_rmse_hu_identity"]
+
+
+def test_ddp_two_processes_end_with_identical_weights(tmp_path, cases):
+    cfg = _ae_config(tmp_path, cases, steps=1)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    # ``python -m torch.distributed.run`` is the ``torchrun`` console script
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "train.fit_autoencoder",
+                           "--config", str(cfg)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    meta = json.loads((tmp_path / "ae.json").read_text())
+    digests = meta["training"]["rank_weight_digests"]
+    assert meta["training"]["world_size"] == 2 and len(digests) == 2 and digests[0] == digests[1]
+    # the two ranks drew different crops, so the averaged step differs from a single-process step
+    single = tmp_path / "single"
+    single.mkdir()
+    fit_autoencoder.main(["--config", str(_ae_config(single, cases, steps=1))])
+    assert json.loads((single / "ae.json").read_text())["training"]["rank_weight_digests"][0] != digests[0]

@@ -1,0 +1,333 @@
+"""Shared training machinery: config files, DDP, seeds, logging, checkpoint/resume.
+
+Every training script is ``parse args -> TrainContext -> loop``; what differs between them
+(networks, loss) lives in the script, what must behave the same (distribution, resume,
+logs) lives here.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import hashlib
+import json
+import math
+import os
+import random
+import subprocess
+import sys
+import time
+import tomllib
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import nn
+
+CODE_VERSION_FALLBACK = "unknown"
+
+
+# --- configuration ----------------------------------------------------------------------
+class ConfigError(ValueError):
+    """A config file has an unknown, missing or mistyped key; the message names it."""
+
+
+def _check_type(key: str, value: Any, default: Any) -> Any:
+    if default is None:
+        return value
+    if isinstance(default, bool):
+        if not isinstance(value, bool):
+            raise ConfigError(f"config key '{key}' must be true/false, got {value!r}")
+    elif isinstance(default, int):
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"config key '{key}' must be an integer, got {value!r}")
+    elif isinstance(default, float):
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"config key '{key}' must be a number, got {value!r}")
+        value = float(value)
+    elif isinstance(default, str):
+        if not isinstance(value, str):
+            raise ConfigError(f"config key '{key}' must be a string, got {value!r}")
+    elif isinstance(default, list):
+        if not isinstance(value, list):
+            raise ConfigError(f"config key '{key}' must be a list, got {value!r}")
+    return value
+
+
+def load_config(path: str | Path | None, defaults: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Read a TOML config over ``defaults`` (``{section: {key: default}}``), validating keys and types."""
+    cfg = {s: dict(v) for s, v in defaults.items()}
+    if path is None:
+        return cfg
+    try:
+        raw = tomllib.loads(Path(path).read_text())
+    except FileNotFoundError as exc:
+        raise ConfigError(f"config file {path} does not exist") from exc
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"config file {path} is not valid TOML: {exc}") from exc
+    for section, values in raw.items():
+        if section not in defaults:
+            raise ConfigError(f"unknown config section '[{section}]' in {path} (known: {sorted(defaults)})")
+        if not isinstance(values, dict):
+            raise ConfigError(f"'{section}' in {path} must be a table")
+        for key, value in values.items():
+            if key not in defaults[section]:
+                raise ConfigError(f"unknown config key '{section}.{key}' in {path} "
+                                  f"(known: {sorted(defaults[section])})")
+            cfg[section][key] = _check_type(f"{section}.{key}", value, defaults[section][key])
+    return cfg
+
+
+def base_parser(description: str, default_config: str) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=description)
+    p.add_argument("--config", default=default_config, help="TOML config file")
+    p.add_argument("--cases", action="append", default=None,
+                   help="case root folder (repeatable); overrides data.cases")
+    p.add_argument("--out", default=None, help="output checkpoint (.safetensors); overrides output.path")
+    p.add_argument("--resume", action="store_true", help="continue from OUT.train.pt if present")
+    p.add_argument("--steps", type=int, default=None, help="override train.steps")
+    return p
+
+
+# --- distribution -----------------------------------------------------------------------
+@dataclass
+class DistContext:
+    """Rank, world size and device; ``torchrun`` (env://) when ``WORLD_SIZE > 1``."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+    @classmethod
+    def from_env(cls) -> "DistContext":
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        rank = int(os.environ.get("RANK", "0"))
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+        cuda = torch.cuda.is_available()
+        device = torch.device(f"cuda:{local}") if cuda else torch.device("cpu")
+        if cuda:
+            torch.cuda.set_device(device)
+        if world > 1 and not dist.is_initialized():
+            dist.init_process_group("nccl" if cuda else "gloo", init_method="env://")
+        return cls(rank, world, local, device)
+
+    def wrap(self, model: nn.Module) -> nn.Module:
+        """DDP wrapper when distributed (gradients averaged over ranks), else the model itself."""
+        if not self.distributed:
+            return model
+        from torch.nn.parallel import DistributedDataParallel
+
+        ids = [self.device.index] if self.device.type == "cuda" else None
+        return DistributedDataParallel(model, device_ids=ids)
+
+    def all_mean(self, value: float) -> float:
+        if not self.distributed:
+            return value
+        t = torch.tensor([value], dtype=torch.float64, device=self.device)
+        dist.all_reduce(t)
+        return float(t.item()) / self.world_size
+
+    def gather_strings(self, s: str) -> list[str]:
+        if not self.distributed:
+            return [s]
+        out: list[Any] = [None] * self.world_size
+        dist.all_gather_object(out, s)
+        return [str(x) for x in out]
+
+    def barrier(self) -> None:
+        if self.distributed:
+            dist.barrier()
+
+    def close(self) -> None:
+        if self.distributed and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    return model.module if hasattr(model, "module") else model
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % (2**32))
+    torch.manual_seed(seed)
+
+
+def set_threads(n: int) -> None:
+    """``n`` > 0 limits intra-op threads (shared CPU machines)."""
+    if n > 0:
+        torch.set_num_threads(n)
+
+
+def autocast(device: torch.device):
+    """bf16 autocast on GPU, full precision on CPU."""
+    if device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return nullcontext()
+
+
+def weights_digest(model: nn.Module) -> str:
+    h = hashlib.sha256()
+    for k, v in sorted(unwrap(model).state_dict().items()):
+        h.update(k.encode())
+        h.update(v.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+def cosine_lr(step: int, total: int, warmup: int, floor: float = 0.1) -> float:
+    if step < warmup:
+        return (step + 1) / warmup
+    p = min(1.0, (step - warmup) / max(1, total - warmup))
+    return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * p))
+
+
+# --- logging ----------------------------------------------------------------------------
+class LossLog:
+    """CSV (one row per logged step) + JSON summary next to the output checkpoint (main rank)."""
+
+    def __init__(self, out: Path, enabled: bool, resume: bool) -> None:
+        self.csv_path = out.with_suffix(".log.csv")
+        self.json_path = out.with_suffix(".log.json")
+        self.enabled = enabled
+        self.rows: list[dict[str, Any]] = []
+        if enabled and resume and self.json_path.is_file():
+            self.rows = json.loads(self.json_path.read_text()).get("rows", [])
+        elif enabled and self.csv_path.exists():
+            self.csv_path.unlink()
+        self.summary: dict[str, Any] = {}
+
+    def add(self, row: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        self.rows.append(row)
+        keys: list[str] = []
+        for r in self.rows:  # validation columns appear only on some rows
+            keys += [k for k in r if k not in keys]
+        with open(self.csv_path, "w", newline="") as fh:
+            w = csv.DictWriter(fh, fieldnames=keys)
+            w.writeheader()
+            w.writerows(self.rows)
+        self.flush()
+
+    def flush(self) -> None:
+        if self.enabled:
+            self.json_path.write_text(json.dumps({"summary": self.summary, "rows": self.rows}, indent=1) + "\n")
+
+
+# --- train state (resume) ---------------------------------------------------------------
+def state_path(out: Path) -> Path:
+    return out.with_suffix(".train.pt")
+
+
+def save_state(out: Path, model: nn.Module, opt: torch.optim.Optimizer, sched: Any, step: int,
+               elapsed: float) -> None:
+    tmp = state_path(out).with_suffix(".tmp")
+    torch.save({"model": unwrap(model).state_dict(), "optimizer": opt.state_dict(),
+                "scheduler": sched.state_dict(), "step": step, "elapsed_s": elapsed}, tmp)
+    tmp.replace(state_path(out))
+
+
+def load_state(out: Path, model: nn.Module, opt: torch.optim.Optimizer, sched: Any) -> tuple[int, float]:
+    p = state_path(out)
+    if not p.is_file():
+        return 0, 0.0
+    st = torch.load(p, map_location="cpu", weights_only=True)
+    unwrap(model).load_state_dict(st["model"])
+    opt.load_state_dict(st["optimizer"])
+    sched.load_state_dict(st["scheduler"])
+    return int(st["step"]), float(st.get("elapsed_s", 0.0))
+
+
+def code_version() -> str:
+    """Package version plus the commit when run from a git checkout (read-only query)."""
+    try:
+        from importlib.metadata import version
+
+        v = version("dicom-node-ltdiff")
+    except Exception:
+        v = "0.0.0"
+    try:
+        rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                             cwd=Path(__file__).resolve().parent, timeout=5).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        rev = ""
+    return f"{v}+{rev}" if rev else v
+
+
+def command_line() -> str:
+    return " ".join([Path(sys.executable).name, "-m", Path(sys.argv[0]).stem if sys.argv[0].endswith(".py") else sys.argv[0]]
+                    + sys.argv[1:])
+
+
+# --- the loop ---------------------------------------------------------------------------
+@dataclass
+class LoopSpec:
+    """What a script plugs into :func:`train_loop`."""
+
+    model: nn.Module                      # the trained (possibly DDP-wrapped) module
+    params: list[nn.Parameter]
+    loss_fn: Callable[[int], dict[str, torch.Tensor]]   # step -> losses incl. "total"
+    val_fn: Callable[[], dict[str, float]] | None
+    steps: int
+    lr: float
+    warmup: int
+    log_every: int
+    val_every: int
+    save_every: int
+    grad_clip: float = 1.0
+
+
+def train_loop(ctx: DistContext, spec: LoopSpec, out: Path, resume: bool, log: LossLog) -> dict[str, Any]:
+    """Adam + warm-up/cosine schedule, logging, validation, periodic train-state saves."""
+    from tqdm import tqdm
+
+    opt = torch.optim.AdamW(spec.params, lr=spec.lr, weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: cosine_lr(s, spec.steps, spec.warmup))
+    start, elapsed0 = (load_state(out, spec.model, opt, sched) if resume else (0, 0.0))
+    t0 = time.time()
+    bar = tqdm(range(start, spec.steps), initial=start, total=spec.steps, disable=not ctx.is_main,
+               dynamic_ncols=True, mininterval=2.0)
+    acc: dict[str, float] = {}
+    n_acc = 0
+    last_val: dict[str, float] = {}
+    for step in bar:
+        spec.model.train()
+        losses = spec.loss_fn(step)
+        opt.zero_grad(set_to_none=True)
+        losses["total"].backward()
+        if spec.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(spec.params, spec.grad_clip)
+        opt.step()
+        sched.step()
+        for k, v in losses.items():
+            acc[k] = acc.get(k, 0.0) + float(v.detach())
+        n_acc += 1
+        done = step + 1
+        if done % spec.log_every == 0 or done == spec.steps:
+            row = {"step": done, "lr": sched.get_last_lr()[0], "elapsed_s": round(elapsed0 + time.time() - t0, 1)}
+            row.update({f"train_{k}": ctx.all_mean(v / n_acc) for k, v in acc.items()})
+            if spec.val_fn is not None and (done % spec.val_every == 0 or done == spec.steps):
+                spec.model.eval()
+                with torch.no_grad():
+                    last_val = {f"val_{k}": ctx.all_mean(v) for k, v in spec.val_fn().items()}
+                row.update(last_val)
+            log.add(row)
+            bar.set_postfix({k: f"{v:.4g}" for k, v in row.items() if k.startswith(("train_total", "val_total"))})
+            acc, n_acc = {}, 0
+        if ctx.is_main and (done % spec.save_every == 0 or done == spec.steps):
+            save_state(out, spec.model, opt, sched, done, elapsed0 + time.time() - t0)
+    digests = ctx.gather_strings(weights_digest(spec.model))
+    return {"steps": spec.steps, "train_seconds": round(elapsed0 + time.time() - t0, 1),
+            "world_size": ctx.world_size, "rank_weight_digests": digests, "final_val": last_val}

@@ -1,0 +1,152 @@
+"""Paired training data: case folders -> normalised slices -> random crops.
+
+Reads the DICOM case layout through ``ltdiff_core.dicomio.cases`` (phantom or real paired
+acquisitions) and, for small tests and exported data, ``*.npz`` files holding ``source``,
+``target`` (Z, Y, X) HU and ``spacing``. Nothing here assumes phantom content.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from ltdiff_core.normalize import hu_to_unit
+
+BODY_HU = -500.0
+
+
+@dataclass
+class PairedVolume:
+    name: str
+    source: np.ndarray   # (Z, Y, X) normalised
+    target: np.ndarray
+    spacing: tuple[float, float, float]
+
+    @property
+    def pixel_mm(self) -> tuple[float, float]:
+        return self.spacing[1], self.spacing[2]
+
+
+def find_cases(roots: Sequence[str | Path]) -> list[Path]:
+    """Case folders (DICOM layout) and ``*.npz`` case files under the given roots, sorted."""
+    found: list[Path] = []
+    for root in roots:
+        root = Path(root)
+        if not root.exists():
+            raise FileNotFoundError(f"case root {root} does not exist")
+        if root.is_file() and root.suffix == ".npz":
+            found.append(root)
+            continue
+        npz = sorted(root.glob("*.npz"))
+        if npz:
+            found.extend(npz)
+            continue
+        from ltdiff_core.dicomio.cases import list_cases
+
+        found.extend(Path(p) for p in list_cases(root))
+    if not found:
+        raise FileNotFoundError(f"no cases found under {list(map(str, roots))}")
+    return sorted(found, key=lambda p: (p.parent.as_posix(), p.name))
+
+
+def load_volume(path: Path, source_kernel: str = "Br40", target_kernel: str = "Bl64") -> PairedVolume:
+    if path.suffix == ".npz":
+        with np.load(path) as d:
+            src, tgt, sp = d["source"], d["target"], tuple(float(s) for s in d["spacing"])
+        name = f"{path.parent.name}/{path.stem}"
+    else:
+        from ltdiff_core.dicomio.cases import load_case
+
+        case = load_case(path, source_kernel=source_kernel, target_kernel=target_kernel)
+        src, tgt, sp = case.source, case.target, tuple(float(s) for s in case.spacing)
+        name = f"{path.parent.name}/{case.name}"
+    if src.shape != tgt.shape:
+        raise ValueError(f"{path}: source {src.shape} and target {tgt.shape} differ")
+    return PairedVolume(name, hu_to_unit(src), hu_to_unit(tgt), sp)  # type: ignore[arg-type]
+
+
+def load_split(
+    roots: Sequence[str | Path], val_cases: int, source_kernel: str = "Br40", target_kernel: str = "Bl64"
+) -> tuple[list[PairedVolume], list[PairedVolume]]:
+    """Split by case (never by slice): the last ``val_cases`` cases in sorted order validate."""
+    paths = find_cases(roots)
+    if val_cases >= len(paths):
+        raise ValueError(f"{len(paths)} cases cannot leave {val_cases} for validation")
+    vols = [load_volume(p, source_kernel, target_kernel) for p in paths]
+    cut = len(vols) - val_cases
+    return vols[:cut], vols[cut:]
+
+
+def describe(vols: Sequence[PairedVolume]) -> dict:
+    """Short training-data description for checkpoint metadata."""
+    return {
+        "cases": [v.name for v in vols],
+        "slices": int(sum(v.source.shape[0] for v in vols)),
+        "matrix": sorted({tuple(v.source.shape[1:]) for v in vols}),
+        "spacing_mm": sorted({tuple(round(s, 3) for s in v.spacing) for v in vols}),
+    }
+
+
+class CropSampler:
+    """Random paired crops, biased towards the body (most of a CT slice is air).
+
+    Randomness comes from ``(seed, rank, step)``, so a resumed run and every DDP rank draw
+    reproducible, distinct crops without a shared sampler.
+    """
+
+    def __init__(self, vols: Sequence[PairedVolume], crop: int, batch: int, seed: int, rank: int = 0,
+                 body_fraction: float = 0.8) -> None:
+        self.vols = list(vols)
+        self.crop, self.batch, self.seed, self.rank = crop, batch, seed, rank
+        self.body_fraction = body_fraction
+        self.index = [(vi, z) for vi, v in enumerate(self.vols) for z in range(v.source.shape[0])]
+        for v in self.vols:
+            if min(v.source.shape[1:]) < crop:
+                raise ValueError(f"case {v.name} slices {v.source.shape[1:]} are smaller than crop {crop}")
+        self._body = {}
+
+    def _body_pixels(self, vi: int, z: int) -> np.ndarray:
+        key = (vi, z)
+        if key not in self._body:
+            m = self.vols[vi].source[z] > BODY_HU / 1000.0
+            self._body[key] = np.argwhere(m)[::7]
+        return self._body[key]
+
+    def _origin(self, rng: np.random.Generator, vi: int, z: int) -> tuple[int, int]:
+        h, w = self.vols[vi].source.shape[1:]
+        c = self.crop
+        pts = self._body_pixels(vi, z)
+        if len(pts) and rng.random() < self.body_fraction:
+            cy, cx = pts[rng.integers(len(pts))]
+            return int(np.clip(cy - c // 2, 0, h - c)), int(np.clip(cx - c // 2, 0, w - c))
+        return int(rng.integers(0, h - c + 1)), int(rng.integers(0, w - c + 1))
+
+    def paired(self, step: int) -> tuple[np.ndarray, np.ndarray]:
+        """``(A, B)`` crops, each (batch, 1, crop, crop) float32 in normalised space."""
+        rng = np.random.default_rng([self.seed, self.rank, step])
+        a = np.empty((self.batch, 1, self.crop, self.crop), np.float32)
+        b = np.empty_like(a)
+        for i in range(self.batch):
+            vi, z = self.index[rng.integers(len(self.index))]
+            y, x = self._origin(rng, vi, z)
+            v = self.vols[vi]
+            a[i, 0] = v.source[z, y:y + self.crop, x:x + self.crop]
+            b[i, 0] = v.target[z, y:y + self.crop, x:x + self.crop]
+        if rng.random() < 0.5:  # flips keep the isotropic noise statistics
+            a, b = a[..., ::-1].copy(), b[..., ::-1].copy()
+        return a, b
+
+    def mixed(self, step: int) -> np.ndarray:
+        """Crops of either kernel (autoencoder training): half source, half target."""
+        a, b = self.paired(step)
+        take_b = np.random.default_rng([self.seed, self.rank, step, 1]).random(self.batch) < 0.5
+        return np.where(take_b[:, None, None, None], b, a)
+
+
+def fixed_val_batches(vols: Sequence[PairedVolume], crop: int, batch: int, n: int, seed: int = 12345
+                      ) -> list[tuple[np.ndarray, np.ndarray]]:
+    """A fixed list of paired validation crops (same every evaluation)."""
+    s = CropSampler(vols, crop, batch, seed)
+    return [s.paired(i) for i in range(n)]

@@ -1,0 +1,156 @@
+"""Train the conditional latent denoiser p(Z_B | Z_A) on a frozen autoencoder.
+
+    python -m train.fit_diffusion --config conf/train-diffusion.toml [--autoencoder PATH] [--cases DIR] [--out PATH] [--resume]
+
+Writes the combined "ltdiff" checkpoint (autoencoder + denoiser + latent statistics +
+schedule + sampling defaults). Loss: v- (or epsilon-) prediction MSE plus reference terms on
+the denoised estimate, ``|Z0_hat - Z_B|^2`` and ``lambda |D(Z0_hat) - B|^2`` with the decoder
+frozen but differentiated through: the image term is what keeps outputs faithful.
+"""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from ltdiff_core.checkpoint import load_checkpoint, load_networks, save_checkpoint, state_dict_to_numpy
+from ltdiff_core.diffusion import ConditionalLatentInferer, LossWeights, ScheduleConfig
+from ltdiff_core.nets import ConditionalDenoiser, DenoiserConfig
+
+from . import common
+from .data import CropSampler, describe, fixed_val_batches, load_split
+
+DEFAULTS: dict[str, dict[str, Any]] = {
+    "data": {"cases": ["data/train"], "source_kernel": "Br40", "target_kernel": "Bl64", "val_cases": 1,
+             "crop": 96, "batch": 8, "stat_slices": 24},
+    "model": {"autoencoder": "runs/autoencoder.safetensors", "channels": [32, 64, 64],
+              "attention_levels": [False, False, False], "num_res_blocks": 1, "norm_num_groups": 16,
+              "num_head_channels": 16},
+    "schedule": {"num_train_timesteps": 1000, "schedule": "scaled_linear_beta", "beta_start": 0.00085,
+                 "beta_end": 0.012, "prediction_type": "v_prediction", "t_max_fraction": 1.0,
+                 "parameterization": "residual"},
+    "sampling": {"default_steps": 4, "strength": 0.5},
+    "loss": {"diffusion": 1.0, "latent": 0.1, "image": 20.0},
+    "train": {"steps": 1000, "lr": 1e-3, "warmup": 50, "seed": 0, "threads": 0, "log_every": 25,
+              "val_every": 200, "save_every": 200, "val_batches": 4},
+    "output": {"path": "runs/ltdiff.safetensors", "name": "ltdiff", "version": "0.1.0"},
+}
+
+
+@torch.no_grad()
+def latent_statistics(ae: torch.nn.Module, vols, n_slices: int, device: torch.device
+                      ) -> dict[str, torch.Tensor]:
+    """Per-channel statistics over whole paired slices.
+
+    ``shift``/``scale``: mean and std of raw latents of both kernels (-> unit variance).
+    ``residual_shift``/``residual_scale``: mean and std of the scaled difference Z_B - Z_A.
+    """
+    idx = [(v, z) for v in vols for z in range(v.source.shape[0])]
+    pick = np.linspace(0, len(idx) - 1, min(n_slices, len(idx))).astype(int)
+    pairs = []
+    for i in pick:
+        v, z = idx[i]
+        h, w = (s - s % ae.config.factor for s in v.source.shape[1:])
+        enc = lambda img: ae.encode(torch.from_numpy(np.ascontiguousarray(img[:h, :w]))[None, None].to(device)).double()  # noqa: E731
+        pairs.append((enc(v.source[z]), enc(v.target[z])))
+
+    def moments(ts: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        flat = torch.cat([t.permute(1, 0, 2, 3).reshape(t.shape[1], -1) for t in ts], dim=1)
+        return flat.mean(1), flat.std(1).clamp_min(1e-6)
+
+    mean, std = moments([z for p in pairs for z in p])
+    scaled = [((zb - za) / std.view(1, -1, 1, 1)) for za, zb in pairs]
+    r_mean, r_std = moments(scaled)
+    r_std = r_std.clamp_min(1e-2)  # channels where the kernels never differ: do not blow up
+    return {k: v.float().cpu() for k, v in
+            {"shift": mean, "scale": std, "residual_shift": r_mean, "residual_scale": r_std}.items()}
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = common.base_parser(__doc__.splitlines()[0], "conf/train-diffusion.toml")
+    p.add_argument("--autoencoder", default=None, help="autoencoder checkpoint; overrides model.autoencoder")
+    args = p.parse_args(argv)
+    cfg = common.load_config(args.config, DEFAULTS)
+    d, m, tr, out_cfg = cfg["data"], cfg["model"], cfg["train"], cfg["output"]
+    steps = args.steps or tr["steps"]
+    out = Path(args.out or out_cfg["path"])
+    out.parent.mkdir(parents=True, exist_ok=True)
+    ctx = common.DistContext.from_env()
+    common.set_threads(tr["threads"])
+    common.seed_everything(tr["seed"])
+    t_start = time.time()
+
+    ae_ckpt = load_checkpoint(args.autoencoder or m["autoencoder"])
+    ae = load_networks(ae_ckpt, str(ctx.device))["autoencoder"]
+    for prm in ae.parameters():
+        prm.requires_grad_(False)
+    train_vols, val_vols = load_split(args.cases or d["cases"], d["val_cases"], d["source_kernel"], d["target_kernel"])
+    stats = latent_statistics(ae, train_vols, d["stat_slices"], ctx.device)
+    den_cfg = DenoiserConfig(latent_dim=ae.config.latent_dim, channels=m["channels"],
+                             attention_levels=m["attention_levels"], num_res_blocks=m["num_res_blocks"],
+                             norm_num_groups=m["norm_num_groups"], num_head_channels=m["num_head_channels"])
+    den = ConditionalDenoiser(den_cfg).to(ctx.device)
+    model = ctx.wrap(den)
+    schedule = ScheduleConfig(**cfg["schedule"])
+    inferer = ConditionalLatentInferer(ae, model, schedule, stats["shift"], stats["scale"],
+                                       stats["residual_shift"], stats["residual_scale"]).to(ctx.device)
+    weights = LossWeights(**cfg["loss"])
+    sampler = CropSampler(train_vols, d["crop"], d["batch"], tr["seed"], ctx.rank)
+    val = fixed_val_batches(val_vols, d["crop"], d["batch"], tr["val_batches"])
+
+    def losses(a: np.ndarray, b: np.ndarray, gen: torch.Generator) -> dict[str, torch.Tensor]:
+        ta, tb = torch.from_numpy(a).to(ctx.device), torch.from_numpy(b).to(ctx.device)
+        with common.autocast(ctx.device):
+            return inferer.training_losses(ta, tb, weights, gen)
+
+    def loss_fn(step: int) -> dict[str, torch.Tensor]:
+        gen = torch.Generator().manual_seed(tr["seed"] * 1_000_003 + ctx.rank * 7919 + step)
+        return losses(*sampler.paired(step), gen)
+
+    def val_fn() -> dict[str, float]:
+        acc: dict[str, float] = {}
+        for i, (a, b) in enumerate(val):
+            for k, v in losses(a, b, torch.Generator().manual_seed(777 + i)).items():
+                acc[k] = acc.get(k, 0.0) + float(v) / len(val)
+        return acc
+
+    log = common.LossLog(out, ctx.is_main, args.resume)
+    spec = common.LoopSpec(model, list(den.parameters()), loss_fn, val_fn, steps, tr["lr"], tr["warmup"],
+                           tr["log_every"], tr["val_every"], tr["save_every"])
+    result = common.train_loop(ctx, spec, out, args.resume, log)
+    if ctx.is_main:
+        ae_meta = ae_ckpt.metadata
+        meta = {
+            "name": out_cfg["name"], "version": out_cfg["version"], "method": "latent_diffusion",
+            "networks": {"autoencoder": ae_meta["networks"]["autoencoder"],
+                         "denoiser": {"kind": "denoiser", "config": den_cfg.to_dict()}},
+            "normalization": ae_meta["normalization"],
+            "latent": {k: v.tolist() for k, v in stats.items()},
+            "scheduler": schedule.to_dict(),
+            "sampling": cfg["sampling"],
+            "training": {"data": {"train": describe(train_vols), "val": describe(val_vols)},
+                         "pixel_mm": ae_meta.get("training", {}).get("pixel_mm"),
+                         "command": common.command_line(), "config": cfg,
+                         "autoencoder": {"weights_sha256": ae_meta["weights_sha256"],
+                                         "training": {k: v for k, v in ae_meta.get("training", {}).items()
+                                                      if k in ("command", "train_seconds", "wall_seconds", "steps")}},
+                         **{k: v for k, v in result.items() if k != "final_val"},
+                         "wall_seconds": round(time.time() - t_start, 1)},
+            "metrics": {**ae_meta.get("metrics", {}), "diffusion": result["final_val"]},
+            "code_version": common.code_version(),
+        }
+        tensors = {**state_dict_to_numpy(ae.state_dict(), "autoencoder"),
+                   **state_dict_to_numpy(den.state_dict(), "denoiser"),
+                   **{f"latent.{k}": v.numpy() for k, v in stats.items()}}
+        save_checkpoint(out, tensors, meta)
+        log.summary = {"result": result}
+        log.flush()
+        print(f"saved {out}")
+    ctx.close()
+
+
+if __name__ == "__main__":
+    main()
