@@ -161,3 +161,14 @@ def test_autoencoder_only_checkpoint_runs_reconstruction(tmp_path):
     assert s.standardize(_volume((1, 30, 50)), (1, .7, .7)).shape == (1, 30, 50)
     with pytest.raises(ValueError, match="not available"):
         Standardizer.from_checkpoint(tmp_path / "ae.safetensors", device="cpu", variant="diffusion")
+
+
+@pytest.mark.parametrize("name", ["ltdiff", "linear", "direct"])
+def test_shipped_default_weights_load_and_run(name):
+    s = Standardizer.from_checkpoint(None if name == "ltdiff" else default_checkpoint(name), device="cpu")
+    info = s.info
+    assert info["method"] == {"ltdiff": "latent_diffusion", "linear": "linear", "direct": "direct"}[name]
+    assert s.ckpt.metadata["training"]["command"].startswith("python -m train.fit_")
+    vol = _volume((1, 40, 56))
+    out = s.standardize(vol, (1.5, 0.7, 0.7))
+    assert out.shape == vol.shape and np.isfinite(out).all() and np.abs(out - vol).max() > 0.1

@@ -267,8 +267,10 @@ def code_version() -> str:
 
 
 def command_line() -> str:
-    return " ".join([Path(sys.executable).name, "-m", Path(sys.argv[0]).stem if sys.argv[0].endswith(".py") else sys.argv[0]]
-                    + sys.argv[1:])
+    """The command as a user would type it (``python -m train.fit_x ...``)."""
+    argv0 = Path(sys.argv[0])
+    prog = f"-m {argv0.parent.name}.{argv0.stem}" if argv0.suffix == ".py" else str(argv0)
+    return " ".join(["python", prog] + sys.argv[1:])
 
 
 # --- the loop ---------------------------------------------------------------------------

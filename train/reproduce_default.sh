@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Rebuild the shipped default checkpoints (ltdiff, direct, linear) from phantom data.
-# Usage: train/reproduce_default.sh [PYTHON]   (run from the repository root)
+# Usage: [ABLATION=1] train/reproduce_default.sh [PYTHON]   (run from the repository root)
 # Held-out evaluation data uses seed 900 and 3 mm slices: never train on it.
 set -euo pipefail
 PY=${1:-.venv/bin/python}
@@ -16,7 +16,14 @@ $PY -m train.fit_autoencoder --config conf/train-autoencoder.toml ; stamp "autoe
 $PY -m train.fit_diffusion   --config conf/train-diffusion.toml   ; stamp "diffusion done"
 $PY -m train.fit_direct      --config conf/train-direct.toml      ; stamp "direct done"
 
-for name in ltdiff linear direct; do
+if [ "${ABLATION:-0}" = 1 ]; then  # "diffusion without the multiscale design" (not shipped by default)
+  $PY -m train.fit_autoencoder --config conf/train-autoencoder-bottleneck.toml
+  $PY -m train.fit_diffusion   --config conf/train-diffusion-bottleneck.toml ; stamp "ablation done"
+fi
+
+names="ltdiff linear direct"
+[ "${ABLATION:-0}" = 1 ] && names="$names ltdiff-bottleneck"
+for name in $names; do
   cp runs/$name.safetensors runs/$name.json ltdiff_core/weights/
 done
 stamp "copied checkpoints to ltdiff_core/weights/"
