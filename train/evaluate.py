@@ -1,7 +1,7 @@
 """Radiomic reproducibility evaluation of every method on paired cases, in one run.
 
     python -m train.evaluate --cases DIR --out DIR [--methods identity,histmatch,...]
-        [--model PATH] [--linear PATH] [--direct PATH] [--steps-list 2,8]
+        [--model PATH] [--linear PATH] [--direct PATH] [--ablation PATH] [--steps-list 2,8]
         [--source-kernel Br40 --target-kernel Bl64] [--max-rois-per-range N] [--seed S] [--jobs N]
 
 Writes report.json, report.md and PNG figures into --out (see docs/evaluation.md).
@@ -35,6 +35,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--model", type=Path, default=None, help="latent diffusion checkpoint (ours, autoencoder)")
     p.add_argument("--linear", type=Path, default=None, help="linear filter checkpoint (linear, linear+noise)")
     p.add_argument("--direct", type=Path, default=None, help="direct UNet++ checkpoint (unetpp)")
+    p.add_argument("--ablation", type=Path, default=None,
+                   help="bottleneck-only latent diffusion checkpoint (ours-bottleneck)")
     p.add_argument("--source-kernel", default="Br40")
     p.add_argument("--target-kernel", default="Bl64")
     p.add_argument("--max-rois-per-range", type=int, default=20)
@@ -50,7 +52,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     cfg = EvalConfig(cases=args.cases, out=args.out, methods=args.methods, steps_list=args.steps_list,
-                     model=args.model, linear=args.linear, direct=args.direct, source_kernel=args.source_kernel,
+                     model=args.model, linear=args.linear, direct=args.direct, ablation=args.ablation, source_kernel=args.source_kernel,
                      target_kernel=args.target_kernel, max_rois_per_range=args.max_rois_per_range,
                      roi_radius_mm=args.roi_radius_mm, seed=args.seed, jobs=max(1, args.jobs), params=args.params,
                      device=args.device, progress=not args.no_progress)

@@ -37,6 +37,7 @@ class EvalConfig:
     model: Path | None = None
     linear: Path | None = None
     direct: Path | None = None
+    ablation: Path | None = None
     source_kernel: str = "Br40"
     target_kernel: str = "Bl64"
     max_rois_per_range: int = 20
@@ -96,7 +97,7 @@ def run_evaluation(cfg: EvalConfig) -> dict[str, Any]:
     from ltdiff_core.dicomio.cases import list_cases
 
     names = method_names(cfg.methods, cfg.steps_list)
-    specs = resolve(names, model=cfg.model, linear=cfg.linear, direct=cfg.direct)
+    specs = resolve(names, model=cfg.model, linear=cfg.linear, direct=cfg.direct, ablation=cfg.ablation)
     case_dirs = list(list_cases(cfg.cases))
     if not case_dirs:
         raise EvaluationError(f"no cases found under {cfg.cases}")

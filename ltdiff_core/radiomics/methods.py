@@ -11,6 +11,8 @@ autoencoder        autoencoder reconstruction of the source (checkpoint ``ltdiff
 unetpp             UNet++ trained directly source -> standard (checkpoint ``direct``)
 ours               latent diffusion, default number of steps (checkpoint ``ltdiff``)
 ours@N             latent diffusion with N sampling steps
+ours-bottleneck    ablation: latent diffusion without the multiscale latent (bottleneck only,
+                   checkpoint ``ltdiff-bottleneck``), default steps
 =================  ==========================================================================
 
 A requested method whose checkpoint file does not exist is an error naming the file: a missing
@@ -27,7 +29,8 @@ import numpy as np
 
 from ltdiff_core.baselines.histmatch import HistogramMatcher
 
-BASE_METHODS = ("identity", "linear", "linear+noise", "histmatch", "autoencoder", "unetpp", "ours")
+BASE_METHODS = ("identity", "linear", "linear+noise", "histmatch", "autoencoder", "unetpp", "ours",
+                "ours-bottleneck")
 _STEPS = re.compile(r"^ours@(\d+)$")
 
 
@@ -78,7 +81,7 @@ def _checkpoint(given: str | Path | None, default_name: str, method: str) -> Pat
 
 
 def resolve(names: list[str], *, model: str | Path | None = None, linear: str | Path | None = None,
-            direct: str | Path | None = None) -> list[MethodSpec]:
+            direct: str | Path | None = None, ablation: str | Path | None = None) -> list[MethodSpec]:
     """Specs for the named methods, checking every needed checkpoint before any work starts."""
     specs = []
     for n in names:
@@ -88,6 +91,8 @@ def resolve(names: list[str], *, model: str | Path | None = None, linear: str | 
             specs.append(MethodSpec(n, "model", _checkpoint(linear, "linear", n), variant=n))
         elif n == "unetpp":
             specs.append(MethodSpec(n, "model", _checkpoint(direct, "direct", n)))
+        elif n == "ours-bottleneck":
+            specs.append(MethodSpec(n, "model", _checkpoint(ablation, "ltdiff-bottleneck", n), variant="diffusion"))
         elif n == "autoencoder":
             specs.append(MethodSpec(n, "model", _checkpoint(model, "ltdiff", n), variant="autoencoder"))
         else:
