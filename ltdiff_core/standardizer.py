@@ -45,6 +45,7 @@ class Standardizer:
         max_batch_pixels: int = 4 * 512 * 512,
         tile_size: int = 1024,
         tile_overlap: int = 64,
+        strength: float | None = None,
     ) -> None:
         meta = ckpt.metadata
         self.ckpt = ckpt
@@ -61,7 +62,10 @@ class Standardizer:
         except ValueError as exc:
             raise CheckpointError(f"{ckpt.path}: {exc}") from exc
         self.norm = meta["normalization"]
-        self.sampling = meta.get("sampling", {})
+        self.sampling = dict(meta.get("sampling", {}))
+        if strength is not None:  # override the checkpoint's SDEdit start (fidelity/texture trade-off)
+            self.sampling["strength"] = float(strength)
+        self.first_guess: LinearKernelFilter | None = None
         self.max_batch_pixels = int(max_batch_pixels)
         self.tile_size, self.tile_overlap = int(tile_size), int(tile_overlap)
         self.device = "cpu"
@@ -99,6 +103,13 @@ class Standardizer:
                     ).to(self.device)
                 except (TypeError, ValueError, KeyError) as exc:
                     raise CheckpointError(f"{ckpt.path}: bad diffusion settings: {exc}") from exc
+                if self.inferer.first_guess and self.variant == "diffusion":
+                    prefix = str(meta.get("first_guess", {}).get("prefix", "first_guess"))
+                    try:
+                        self.first_guess = LinearKernelFilter.from_tensors(ckpt.tensors, prefix)
+                    except KeyError as exc:
+                        raise CheckpointError(f"{ckpt.path}: first_guess parameterization but the embedded "
+                                              f"linear filter ({prefix}.*) is missing: {exc}") from exc
                 strength = float(self.sampling.get("strength", 0.5))
                 if strength > float(meta["scheduler"].get("t_max_fraction", 1.0)) + 1e-9:
                     log.warning("sampling strength %.2f exceeds the noise levels the denoiser was trained on "
@@ -192,6 +203,10 @@ class Standardizer:
             return np.stack([self.filter.apply(s, px, noise_seed=k if noisy else None)
                              for s, px, k in zip(hu, pixel, keys)])
         x = hu_to_unit(hu, self.norm)
+        if self.first_guess is not None:
+            # G(A) on whole slices in HU, as in training; carried along A as a second channel
+            g = np.stack([self.first_guess.apply(s, px) for s, px in zip(hu, pixel)])
+            x = np.stack([x, hu_to_unit(g, self.norm)], axis=1)
         extra = 8 if self.factor > 1 else 0
         xp, crop = pad_to_multiple(x, self.factor, extra)
 
@@ -200,11 +215,20 @@ class Standardizer:
             return self._run_net(tile, tkeys, steps)
 
         out = run_tiled(xp, fn, self.tile_size, self.tile_overlap)
+        if out.ndim == 4:
+            out = out[:, 0]
         return unit_to_hu(out[:, crop[0], crop[1]], self.norm)
 
     def _run_net(self, x: np.ndarray, keys: list[int], steps: int | None) -> np.ndarray:
         import torch
 
+        if x.ndim == 4:  # (N, [A, G(A)], H, W): first-guess diffusion; output repeated to keep the tile shape
+            t = torch.from_numpy(np.ascontiguousarray(x[:, :1])).to(self.device)
+            g = torch.from_numpy(np.ascontiguousarray(x[:, 1:])).to(self.device)
+            cuda = self.device.startswith("cuda")
+            with torch.inference_mode(), torch.autocast("cuda", dtype=torch.bfloat16, enabled=cuda):
+                y = self._diffuse(t, keys, steps, g).float()[:, 0].cpu().numpy()
+            return np.repeat(y[:, None], x.shape[1], axis=1)
         t = torch.from_numpy(np.ascontiguousarray(x))[:, None].to(self.device)
         cuda = self.device.startswith("cuda")
         with torch.inference_mode(), torch.autocast("cuda", dtype=torch.bfloat16, enabled=cuda):
@@ -217,14 +241,15 @@ class Standardizer:
                 y = self._diffuse(t, keys, steps)
         return y.float()[:, 0].cpu().numpy()
 
-    def _diffuse(self, t: Any, keys: list[int], steps: int | None) -> Any:
+    def _diffuse(self, t: Any, keys: list[int], steps: int | None, guide: Any = None) -> Any:
         import torch
 
         inf = self.inferer
         z_a = inf.encode(t).float()
+        z_g = inf.encode(guide).float() if guide is not None else None
         gens = [torch.Generator().manual_seed(k) for k in keys]
         noise = torch.stack([torch.randn(z_a.shape[1:], generator=g) for g in gens]).to(z_a.device)
         n_steps = int(steps or self.sampling.get("default_steps", 4))
         strength = float(self.sampling.get("strength", 0.5))
-        z_b = inf.sample(z_a, noise, n_steps, strength)
+        z_b = inf.sample(z_a, noise, n_steps, strength, z_g=z_g)
         return inf.decode(z_b)

@@ -58,37 +58,70 @@ def test_step_rejects_unknown_timestep():
 def _inferer(seed: int = 0, parameterization: str = "latent") -> ConditionalLatentInferer:
     torch.manual_seed(seed)
     ae = MultiscaleLatentAutoencoder({"features": [4, 8, 16], "latent_channels": [1, 2, 4]})
-    den = ConditionalDenoiser(DenoiserConfig(latent_dim=ae.config.latent_dim, channels=(8, 8, 8), norm_num_groups=4,
-                                             num_head_channels=4))
     c = ae.config.latent_dim
+    den = ConditionalDenoiser(DenoiserConfig(latent_dim=c, channels=(8, 8, 8), norm_num_groups=4, num_head_channels=4,
+                                             cond_dim=2 * c if parameterization == "first_guess" else 0))
     g = torch.Generator().manual_seed(seed)
     return ConditionalLatentInferer(ae, den, ScheduleConfig(parameterization=parameterization), torch.zeros(c),
                                     torch.ones(c), 0.1 * torch.randn(c, generator=g), 0.2 + torch.rand(c, generator=g))
 
 
-@pytest.mark.parametrize("parameterization", ["latent", "residual"])
+PARAMETERIZATIONS = ["latent", "residual", "first_guess"]
+
+
+@pytest.mark.parametrize("parameterization", PARAMETERIZATIONS)
 def test_sampling_deterministic_given_noise_and_sensitive_to_it(parameterization):
     inf = _inferer(parameterization=parameterization)
     z_a = torch.randn(2, inf.autoencoder.config.latent_dim, 8, 12)
+    z_g = z_a + 0.1 * torch.randn(z_a.shape, generator=torch.Generator().manual_seed(3))
     n1 = torch.randn(z_a.shape, generator=torch.Generator().manual_seed(1))
     n2 = torch.randn(z_a.shape, generator=torch.Generator().manual_seed(2))
-    a = inf.sample(z_a, n1, steps=3, strength=0.5)
-    b = inf.sample(z_a, n1.clone(), steps=3, strength=0.5)
-    c = inf.sample(z_a, n2, steps=3, strength=0.5)
+    a = inf.sample(z_a, n1, steps=3, strength=0.5, z_g=z_g)
+    b = inf.sample(z_a, n1.clone(), steps=3, strength=0.5, z_g=z_g.clone())
+    c = inf.sample(z_a, n2, steps=3, strength=0.5, z_g=z_g)
+    assert a.shape == z_a.shape
     assert torch.equal(a, b)
     assert (a - c).abs().max() > 1e-3
     calls = []
-    inf.sample(z_a, n1, steps=3, strength=0.5, on_step=lambda k, n: calls.append((k, n)))
+    inf.sample(z_a, n1, steps=3, strength=0.5, on_step=lambda k, n: calls.append((k, n)), z_g=z_g)
     assert calls == [(1, 3), (2, 3), (3, 3)]
 
 
-@pytest.mark.parametrize("parameterization", ["latent", "residual"])
+def test_first_guess_sample_follows_the_guess():
+    """The output is Z_G plus a residual: moving Z_G moves the result, and Z_G is required."""
+    inf = _inferer(parameterization="first_guess")
+    z_a = torch.randn(1, inf.autoencoder.config.latent_dim, 8, 8)
+    noise = torch.randn(z_a.shape, generator=torch.Generator().manual_seed(1))
+    base = inf.sample(z_a, noise, steps=2, strength=0.3, z_g=z_a)
+    moved = inf.sample(z_a, noise, steps=2, strength=0.3, z_g=z_a + 1.0)
+    assert (moved - base).mean() > 0.5  # the reference is added back, not just fed as a condition
+    with pytest.raises(ValueError, match="z_g"):
+        inf.sample(z_a, noise, steps=2, strength=0.3)
+    with pytest.raises(ValueError, match="z_g"):
+        inf.training_losses(torch.randn(1, 1, 16, 16), torch.randn(1, 1, 16, 16), LossWeights())
+
+
+def test_first_guess_target_round_trip_and_zero_start():
+    inf = _inferer(parameterization="first_guess")
+    c = inf.autoencoder.config.latent_dim
+    z_g, z_b = torch.randn(1, c, 4, 4), torch.randn(1, c, 4, 4)
+    assert torch.allclose(inf.from_target(inf.to_target(z_b, z_g), z_g), z_b, atol=1e-5)
+    assert torch.allclose(inf.to_target(z_g, z_g), (-inf.r_shift / inf.r_scale).expand_as(z_g))
+
+
+def test_unknown_parameterization_rejected():
+    with pytest.raises(ValueError, match="parameterization"):
+        ScheduleConfig(parameterization="guess")
+
+
+@pytest.mark.parametrize("parameterization", PARAMETERIZATIONS)
 def test_training_losses_train_denoiser_through_frozen_decoder(parameterization):
     inf = _inferer(parameterization=parameterization)
     for p in inf.autoencoder.parameters():
         p.requires_grad_(False)
     a, b = torch.randn(2, 1, 16, 16), torch.randn(2, 1, 16, 16)
-    losses = inf.training_losses(a, b, LossWeights(), torch.Generator().manual_seed(0))
+    guide = 0.5 * (a + b) if parameterization == "first_guess" else None
+    losses = inf.training_losses(a, b, LossWeights(), torch.Generator().manual_seed(0), guide=guide)
     assert set(losses) == {"diffusion", "latent", "image", "total"}
     assert all(torch.isfinite(v) for v in losses.values())
     losses["image"].backward()

@@ -10,9 +10,10 @@ import pytest
 import torch
 
 from ltdiff_core import Standardizer
-from ltdiff_core.checkpoint import save_checkpoint, state_dict_to_numpy
+from ltdiff_core.checkpoint import CheckpointError, load_checkpoint, save_checkpoint, state_dict_to_numpy
+from ltdiff_core.diffusion import ScheduleConfig
 from ltdiff_core.linear_filter import LinearKernelFilter
-from ltdiff_core.nets import DirectUNetPlusPlus
+from ltdiff_core.nets import ConditionalDenoiser, DenoiserConfig, DirectUNetPlusPlus
 from ltdiff_core.normalize import NORMALIZATION
 from ltdiff_core.tiling import pad_to_multiple, run_tiled
 from ltdiff_core.weights import default_checkpoint
@@ -172,3 +173,79 @@ def test_shipped_default_weights_load_and_run(name):
     vol = _volume((1, 40, 56))
     out = s.standardize(vol, (1.5, 0.7, 0.7))
     assert out.shape == vol.shape and np.isfinite(out).all() and np.abs(out - vol).max() > 0.1
+
+
+def _test_filter(gain: float = 0.1) -> LinearKernelFilter:
+    f = np.linspace(0, 10, 101)
+    return LinearKernelFilter(f, 1 + gain * f, np.zeros_like(f), np.zeros_like(f))
+
+
+def _first_guess_ckpt(path: Path, gain: float = 0.1, embed: bool = True) -> Path:
+    """Tiny first_guess checkpoint: denoiser conditioned on [Z_A, Z_G], linear filter embedded."""
+    base = load_checkpoint(tiny_latent_checkpoint(path.with_name(path.stem + "-base.safetensors")))
+    torch.manual_seed(1)
+    ae_meta = base.metadata["networks"]["autoencoder"]
+    latent_dim = int(np.asarray(base.tensors["latent.shift"]).shape[0])
+    den_cfg = DenoiserConfig(latent_dim=latent_dim, channels=(8, 8, 8), norm_num_groups=4, num_head_channels=4,
+                             cond_dim=2 * latent_dim)
+    den = ConditionalDenoiser(den_cfg)
+    tensors = {k: v for k, v in base.tensors.items() if not k.startswith("denoiser.")}
+    tensors.update(state_dict_to_numpy(den.state_dict(), "denoiser"))
+    if embed:
+        tensors.update(_test_filter(gain).to_tensors("first_guess"))
+    meta = {k: v for k, v in base.metadata.items() if k not in ("weights_sha256", "format", "format_version")}
+    meta["networks"] = {"autoencoder": ae_meta, "denoiser": {"kind": "denoiser", "config": den_cfg.to_dict()}}
+    meta["scheduler"] = ScheduleConfig(parameterization="first_guess").to_dict()
+    meta["first_guess"] = {"method": "linear", "prefix": "first_guess"}
+    save_checkpoint(path, tensors, meta)
+    return path
+
+
+@pytest.fixture(scope="module")
+def fg_ckpt(tmp_path_factory) -> Path:
+    return _first_guess_ckpt(tmp_path_factory.mktemp("fg") / "fg.safetensors")
+
+
+@pytest.mark.parametrize("shape", [(2, 70, 90), (33, 17)])
+def test_first_guess_shapes_and_determinism(fg_ckpt, shape):
+    s = Standardizer.from_checkpoint(fg_ckpt, device="cpu")
+    assert s.first_guess is not None
+    spacing = (0.7, 0.7) if len(shape) == 2 else (1.5, 0.7, 0.7)
+    vol = _volume(shape)
+    a = s.standardize(vol, spacing, seed=3)
+    assert a.shape == shape and a.dtype == np.float32 and np.isfinite(a).all()
+    np.testing.assert_array_equal(a, s.standardize(vol, spacing, seed=3))
+    assert np.abs(a - s.standardize(vol, spacing, seed=4)).max() > 1e-3
+
+
+def test_first_guess_filter_round_trip_and_use(fg_ckpt, tmp_path):
+    s = Standardizer.from_checkpoint(fg_ckpt, device="cpu")
+    ref = _test_filter()
+    np.testing.assert_allclose(s.first_guess.h_real, ref.h_real, rtol=1e-6)
+    np.testing.assert_allclose(s.first_guess.freq_lpcm, ref.freq_lpcm, rtol=1e-6)
+    vol = _volume((1, 40, 48))
+    other = Standardizer.from_checkpoint(_first_guess_ckpt(tmp_path / "fg2.safetensors", gain=0.5), device="cpu")
+    # same networks, different embedded filter -> different output: the first guess is used
+    assert np.abs(s.standardize(vol, (1, .7, .7)) - other.standardize(vol, (1, .7, .7))).max() > 1e-3
+
+
+def test_first_guess_tiled_matches_shape(fg_ckpt):
+    s = Standardizer.from_checkpoint(fg_ckpt, device="cpu", tile_size=48, tile_overlap=16)
+    out = s.standardize(_volume((1, 100, 70)), (1, .7, .7))
+    assert out.shape == (1, 100, 70) and np.isfinite(out).all()
+
+
+def test_first_guess_without_embedded_filter_is_refused(tmp_path):
+    p = _first_guess_ckpt(tmp_path / "nofilter.safetensors", embed=False)
+    with pytest.raises(CheckpointError, match="embedded linear filter"):
+        Standardizer.from_checkpoint(p, device="cpu")
+    # the autoencoder variant does not need the filter
+    assert Standardizer.from_checkpoint(p, device="cpu", variant="autoencoder").variant == "autoencoder"
+
+
+def test_strength_override_changes_output(latent_ckpt):
+    vol = _volume((1, 32, 32))
+    a = Standardizer.from_checkpoint(latent_ckpt, device="cpu").standardize(vol, (1, .7, .7))
+    s = Standardizer.from_checkpoint(latent_ckpt, device="cpu", strength=0.2)
+    assert s.info["strength"] == 0.2
+    assert np.abs(a - s.standardize(vol, (1, .7, .7))).max() > 1e-4

@@ -173,3 +173,48 @@ def test_ddp_two_processes_end_with_identical_weights(tmp_path, cases):
     single.mkdir()
     fit_autoencoder.main(["--config", str(_ae_config(single, cases, steps=1))])
     assert json.loads((single / "ae.json").read_text())["training"]["rank_weight_digests"][0] != digests[0]
+
+
+def test_first_guess_diffusion_embeds_the_linear_filter(tmp_path, cases):
+    fit_autoencoder.main(["--config", str(_ae_config(tmp_path, cases, steps=1))])
+    lin_path = tmp_path / "linear.safetensors"
+    fit_linear.main(["--config", str(ROOT / "conf/train-linear.toml"), "--cases", str(cases), "--out", str(lin_path)])
+    cfg = tmp_path / "diff-fg.toml"
+    cfg.write_text(f"""
+[data]
+cases = ["{cases.as_posix()}"]
+crop = 32
+batch = 2
+stat_slices = 2
+[model]
+autoencoder = "does-not-exist.safetensors"
+linear = "does-not-exist.safetensors"
+channels = [8, 8, 8]
+norm_num_groups = 4
+num_head_channels = 4
+[schedule]
+parameterization = "first_guess"
+[sampling]
+default_steps = 2
+strength = 0.5
+[train]
+steps = 1
+threads = 1
+log_every = 1
+val_every = 1
+val_batches = 1
+[output]
+path = "{(tmp_path / 'ltdiff-fg.safetensors').as_posix()}"
+""")
+    # the command-line paths override the config's
+    fit_diffusion.main(["--config", str(cfg), "--autoencoder", str(tmp_path / "ae.safetensors"),
+                        "--linear", str(lin_path)])
+    lin_path.unlink()  # the ltdiff checkpoint must be self-contained
+    s = Standardizer.from_checkpoint(tmp_path / "ltdiff-fg.safetensors", device="cpu")
+    meta = s.ckpt.metadata
+    assert meta["scheduler"]["parameterization"] == "first_guess"
+    assert meta["networks"]["denoiser"]["config"]["cond_dim"] == 2 * s.inferer.scale.numel()
+    assert meta["first_guess"]["weights_sha256"] == json.loads(lin_path.with_suffix(".json").read_text())["weights_sha256"]
+    assert s.first_guess is not None and s.first_guess.h_real.size > 10
+    out = s.standardize(np.zeros((1, 50, 40), np.float32) - 500, (1.5, 0.7, 0.7))
+    assert out.shape == (1, 50, 40) and np.isfinite(out).all()

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 
@@ -23,6 +23,7 @@ class PairedVolume:
     source: np.ndarray   # (Z, Y, X) normalised
     target: np.ndarray
     spacing: tuple[float, float, float]
+    guide: np.ndarray | None = None  # first guess G(source), normalised (first_guess diffusion)
 
     @property
     def pixel_mm(self) -> tuple[float, float]:
@@ -125,18 +126,29 @@ class CropSampler:
 
     def paired(self, step: int) -> tuple[np.ndarray, np.ndarray]:
         """``(A, B)`` crops, each (batch, 1, crop, crop) float32 in normalised space."""
+        a, _, b = self.triplet(step, with_guide=False)
+        return a, b
+
+    def triplet(self, step: int, with_guide: bool = True) -> tuple[np.ndarray, np.ndarray | None, np.ndarray]:
+        """``(A, G, B)`` crops at the same places as :meth:`paired`; G from ``PairedVolume.guide``."""
         rng = np.random.default_rng([self.seed, self.rank, step])
         a = np.empty((self.batch, 1, self.crop, self.crop), np.float32)
         b = np.empty_like(a)
+        g = np.empty_like(a) if with_guide else None
         for i in range(self.batch):
             vi, z = self.index[rng.integers(len(self.index))]
             y, x = self._origin(rng, vi, z)
             v = self.vols[vi]
             a[i, 0] = v.source[z, y:y + self.crop, x:x + self.crop]
             b[i, 0] = v.target[z, y:y + self.crop, x:x + self.crop]
+            if g is not None:
+                if v.guide is None:
+                    raise ValueError(f"case {v.name} has no first-guess volume")
+                g[i, 0] = v.guide[z, y:y + self.crop, x:x + self.crop]
         if rng.random() < 0.5:  # flips keep the isotropic noise statistics
             a, b = a[..., ::-1].copy(), b[..., ::-1].copy()
-        return a, b
+            g = g[..., ::-1].copy() if g is not None else None
+        return a, g, b
 
     def mixed(self, step: int) -> np.ndarray:
         """Crops of either kernel (autoencoder training): half source, half target."""
@@ -150,3 +162,21 @@ def fixed_val_batches(vols: Sequence[PairedVolume], crop: int, batch: int, n: in
     """A fixed list of paired validation crops (same every evaluation)."""
     s = CropSampler(vols, crop, batch, seed)
     return [s.paired(i) for i in range(n)]
+
+
+def fixed_val_triplets(vols: Sequence[PairedVolume], crop: int, batch: int, n: int, seed: int = 12345
+                       ) -> list[tuple[np.ndarray, np.ndarray | None, np.ndarray]]:
+    """Like :func:`fixed_val_batches` with the first guess: same crops, plus G(A)."""
+    s = CropSampler(vols, crop, batch, seed)
+    return [s.triplet(i) for i in range(n)]
+
+
+def attach_first_guess(
+    vols: Sequence[PairedVolume], apply_hu: Callable[[np.ndarray, tuple[float, float]], np.ndarray]
+) -> None:
+    """Set ``guide`` = G(source) per volume; ``apply_hu(hu_slices, pixel_mm)`` works in HU on whole
+    slices, exactly as at inference, so crops see no filter edge effects."""
+    from ltdiff_core.normalize import unit_to_hu
+
+    for v in vols:
+        v.guide = hu_to_unit(apply_hu(unit_to_hu(v.source), v.pixel_mm)).astype(np.float32)

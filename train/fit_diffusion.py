@@ -1,11 +1,16 @@
 """Train the conditional latent denoiser p(Z_B | Z_A) on a frozen autoencoder.
 
-    python -m train.fit_diffusion --config conf/train-diffusion.toml [--autoencoder PATH] [--cases DIR] [--out PATH] [--resume]
+    python -m train.fit_diffusion --config conf/train-diffusion.toml [--autoencoder PATH] [--linear PATH]
+        [--cases DIR] [--out PATH] [--resume]
 
 Writes the combined "ltdiff" checkpoint (autoencoder + denoiser + latent statistics +
 schedule + sampling defaults). Loss: v- (or epsilon-) prediction MSE plus reference terms on
 the denoised estimate, ``|Z0_hat - Z_B|^2`` and ``lambda |D(Z0_hat) - B|^2`` with the decoder
 frozen but differentiated through: the image term is what keeps outputs faithful.
+
+With ``parameterization = "first_guess"`` the fitted linear kernel filter (``model.linear``)
+gives the first guess G(A); its tables are embedded in the output checkpoint
+(``first_guess.*``), so inference needs no second file.
 """
 from __future__ import annotations
 
@@ -18,15 +23,16 @@ import torch
 
 from ltdiff_core.checkpoint import load_checkpoint, load_networks, save_checkpoint, state_dict_to_numpy
 from ltdiff_core.diffusion import ConditionalLatentInferer, LossWeights, ScheduleConfig
+from ltdiff_core.linear_filter import LinearKernelFilter
 from ltdiff_core.nets import ConditionalDenoiser, DenoiserConfig
 
 from . import common
-from .data import CropSampler, describe, fixed_val_batches, load_split
+from .data import CropSampler, attach_first_guess, describe, fixed_val_batches, fixed_val_triplets, load_split
 
 DEFAULTS: dict[str, dict[str, Any]] = {
     "data": {"cases": ["data/train"], "source_kernel": "Br40", "target_kernel": "Bl64", "val_cases": 1,
              "crop": 96, "batch": 8, "stat_slices": 24},
-    "model": {"autoencoder": "runs/autoencoder.safetensors", "channels": [32, 64, 64],
+    "model": {"autoencoder": "runs/autoencoder.safetensors", "linear": "runs/linear.safetensors", "channels": [32, 64, 64],
               "attention_levels": [False, False, False], "num_res_blocks": 1, "norm_num_groups": 16,
               "num_head_channels": 16},
     "schedule": {"num_train_timesteps": 1000, "schedule": "scaled_linear_beta", "beta_start": 0.00085,
@@ -40,13 +46,17 @@ DEFAULTS: dict[str, dict[str, Any]] = {
 }
 
 
+FIRST_GUESS_PREFIX = "first_guess"
+
+
 @torch.no_grad()
-def latent_statistics(ae: torch.nn.Module, vols, n_slices: int, device: torch.device
-                      ) -> dict[str, torch.Tensor]:
+def latent_statistics(ae: torch.nn.Module, vols, n_slices: int, device: torch.device,
+                      first_guess: bool = False) -> dict[str, torch.Tensor]:
     """Per-channel statistics over whole paired slices.
 
     ``shift``/``scale``: mean and std of raw latents of both kernels (-> unit variance).
-    ``residual_shift``/``residual_scale``: mean and std of the scaled difference Z_B - Z_A.
+    ``residual_shift``/``residual_scale``: mean and std of the scaled difference Z_B - Z_ref,
+    with Z_ref = Z_A, or Z_G = E(G(A)) when ``first_guess`` (``vols`` then carry ``guide``).
     """
     idx = [(v, z) for v in vols for z in range(v.source.shape[0])]
     pick = np.linspace(0, len(idx) - 1, min(n_slices, len(idx))).astype(int)
@@ -55,14 +65,15 @@ def latent_statistics(ae: torch.nn.Module, vols, n_slices: int, device: torch.de
         v, z = idx[i]
         h, w = (s - s % ae.config.factor for s in v.source.shape[1:])
         enc = lambda img: ae.encode(torch.from_numpy(np.ascontiguousarray(img[:h, :w]))[None, None].to(device)).double()  # noqa: E731
-        pairs.append((enc(v.source[z]), enc(v.target[z])))
+        ref = enc(v.guide[z]) if first_guess else None
+        pairs.append((enc(v.source[z]), enc(v.target[z]), ref))
 
     def moments(ts: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         flat = torch.cat([t.permute(1, 0, 2, 3).reshape(t.shape[1], -1) for t in ts], dim=1)
         return flat.mean(1), flat.std(1).clamp_min(1e-6)
 
-    mean, std = moments([z for p in pairs for z in p])
-    scaled = [((zb - za) / std.view(1, -1, 1, 1)) for za, zb in pairs]
+    mean, std = moments([z for za, zb, _ in pairs for z in (za, zb)])
+    scaled = [((zb - (zg if zg is not None else za)) / std.view(1, -1, 1, 1)) for za, zb, zg in pairs]
     r_mean, r_std = moments(scaled)
     r_std = r_std.clamp_min(1e-2)  # channels where the kernels never differ: do not blow up
     return {k: v.float().cpu() for k, v in
@@ -72,6 +83,7 @@ def latent_statistics(ae: torch.nn.Module, vols, n_slices: int, device: torch.de
 def main(argv: list[str] | None = None) -> None:
     p = common.base_parser(__doc__.splitlines()[0], "conf/train-diffusion.toml")
     p.add_argument("--autoencoder", default=None, help="autoencoder checkpoint; overrides model.autoencoder")
+    p.add_argument("--linear", default=None, help="linear-filter checkpoint (first guess); overrides model.linear")
     args = p.parse_args(argv)
     cfg = common.load_config(args.config, DEFAULTS)
     d, m, tr, out_cfg = cfg["data"], cfg["model"], cfg["train"], cfg["output"]
@@ -88,32 +100,44 @@ def main(argv: list[str] | None = None) -> None:
     for prm in ae.parameters():
         prm.requires_grad_(False)
     train_vols, val_vols = load_split(args.cases or d["cases"], d["val_cases"], d["source_kernel"], d["target_kernel"])
-    stats = latent_statistics(ae, train_vols, d["stat_slices"], ctx.device)
-    den_cfg = DenoiserConfig(latent_dim=ae.config.latent_dim, channels=m["channels"],
+    schedule = ScheduleConfig(**cfg["schedule"])
+    first_guess = schedule.parameterization == "first_guess"
+    lin_ckpt, filt = None, None
+    if first_guess:
+        lin_ckpt = load_checkpoint(args.linear or m["linear"])
+        if lin_ckpt.metadata["method"] != "linear":
+            raise SystemExit(f"{lin_ckpt.path}: method {lin_ckpt.metadata['method']!r} is not a linear filter")
+        filt = LinearKernelFilter.from_tensors(lin_ckpt.tensors, "linear")
+        attach_first_guess(train_vols + val_vols, filt.apply)
+    stats = latent_statistics(ae, train_vols, d["stat_slices"], ctx.device, first_guess)
+    latent_dim = ae.config.latent_dim
+    den_cfg = DenoiserConfig(latent_dim=latent_dim, cond_dim=2 * latent_dim if first_guess else 0,
+                             channels=m["channels"],
                              attention_levels=m["attention_levels"], num_res_blocks=m["num_res_blocks"],
                              norm_num_groups=m["norm_num_groups"], num_head_channels=m["num_head_channels"])
     den = ConditionalDenoiser(den_cfg).to(ctx.device)
     model = ctx.wrap(den)
-    schedule = ScheduleConfig(**cfg["schedule"])
     inferer = ConditionalLatentInferer(ae, model, schedule, stats["shift"], stats["scale"],
                                        stats["residual_shift"], stats["residual_scale"]).to(ctx.device)
     weights = LossWeights(**cfg["loss"])
     sampler = CropSampler(train_vols, d["crop"], d["batch"], tr["seed"], ctx.rank)
-    val = fixed_val_batches(val_vols, d["crop"], d["batch"], tr["val_batches"])
+    val = fixed_val_triplets(val_vols, d["crop"], d["batch"], tr["val_batches"]) if first_guess else [
+        (a, None, b) for a, b in fixed_val_batches(val_vols, d["crop"], d["batch"], tr["val_batches"])]
 
-    def losses(a: np.ndarray, b: np.ndarray, gen: torch.Generator) -> dict[str, torch.Tensor]:
+    def losses(a: np.ndarray, g: np.ndarray | None, b: np.ndarray, gen: torch.Generator) -> dict[str, torch.Tensor]:
         ta, tb = torch.from_numpy(a).to(ctx.device), torch.from_numpy(b).to(ctx.device)
+        tg = torch.from_numpy(g).to(ctx.device) if g is not None else None
         with common.autocast(ctx.device):
-            return inferer.training_losses(ta, tb, weights, gen)
+            return inferer.training_losses(ta, tb, weights, gen, guide=tg)
 
     def loss_fn(step: int) -> dict[str, torch.Tensor]:
         gen = torch.Generator().manual_seed(tr["seed"] * 1_000_003 + ctx.rank * 7919 + step)
-        return losses(*sampler.paired(step), gen)
+        return losses(*sampler.triplet(step, with_guide=first_guess), gen)
 
     def val_fn() -> dict[str, float]:
         acc: dict[str, float] = {}
-        for i, (a, b) in enumerate(val):
-            for k, v in losses(a, b, torch.Generator().manual_seed(777 + i)).items():
+        for i, (a, g, b) in enumerate(val):
+            for k, v in losses(a, g, b, torch.Generator().manual_seed(777 + i)).items():
                 acc[k] = acc.get(k, 0.0) + float(v) / len(val)
         return acc
 
@@ -145,6 +169,12 @@ def main(argv: list[str] | None = None) -> None:
         tensors = {**state_dict_to_numpy(ae.state_dict(), "autoencoder"),
                    **state_dict_to_numpy(den.state_dict(), "denoiser"),
                    **{f"latent.{k}": v.numpy() for k, v in stats.items()}}
+        if filt is not None and lin_ckpt is not None:
+            tensors.update(filt.to_tensors(FIRST_GUESS_PREFIX))
+            meta["first_guess"] = {"method": "linear", "prefix": FIRST_GUESS_PREFIX, "name": lin_ckpt.metadata["name"],
+                                   "weights_sha256": lin_ckpt.metadata["weights_sha256"],
+                                   "training": {k: v for k, v in lin_ckpt.metadata.get("training", {}).items()
+                                                if k in ("command", "data")}}
         save_checkpoint(out, tensors, meta)
         log.summary = {"result": result}
         log.flush()

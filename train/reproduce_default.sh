@@ -13,12 +13,12 @@ stamp() { echo "[$(( $(date +%s) - t0 )) s] $*"; }
 stamp "data ready"
 $PY -m train.fit_linear      --config conf/train-linear.toml      ; stamp "linear done"
 $PY -m train.fit_autoencoder --config conf/train-autoencoder.toml ; stamp "autoencoder done"
-$PY -m train.fit_diffusion   --config conf/train-diffusion.toml   ; stamp "diffusion done"
 $PY -m train.fit_direct      --config conf/train-direct.toml      ; stamp "direct done"
+$PY -m train.fit_diffusion   --config conf/train-diffusion.toml   ; stamp "diffusion done"
 
-if [ "${ABLATION:-0}" = 1 ]; then  # "diffusion without the multiscale design" (not shipped by default)
-  $PY -m train.fit_autoencoder --config conf/train-autoencoder-bottleneck.toml
-  $PY -m train.fit_diffusion   --config conf/train-diffusion-bottleneck.toml ; stamp "ablation done"
+if [ "${ABLATION:-0}" = 1 ]; then  # "diffusion without the multiscale design"
+  $PY -m train.fit_autoencoder --config conf/train-autoencoder-bottleneck.toml ; stamp "ablation autoencoder done"
+  $PY -m train.fit_diffusion   --config conf/train-diffusion-bottleneck.toml   ; stamp "ablation diffusion done"
 fi
 
 names="ltdiff linear direct"

@@ -1,4 +1,4 @@
-"""Conditional latent diffusion p(Z_B | Z_A): training losses and few-step sampling.
+"""Conditional latent diffusion p(Z_B | Z_A [, Z_G]): training losses and few-step sampling.
 
 Kept apart from the networks (MONAI-style inferer): it owns the latent scaling, the noise
 schedule and how the denoiser output is turned into a loss or a sample.
@@ -28,10 +28,15 @@ class ConditionalLatentInferer:
     """Wraps a frozen autoencoder, a denoiser and the schedule.
 
     ``latent_shift``/``latent_scale`` (per channel) map raw latents to unit variance, so the
-    noise schedule sees the scale it was designed for. With ``parameterization="residual"``
-    the diffused variable is ``(Z_B - Z_A - residual_shift) / residual_scale``: Z_A and Z_B
-    are close, so the denoiser need not learn to copy the condition and its whole capacity
-    (and the unit-variance schedule) goes to the kernel difference.
+    noise schedule sees the scale it was designed for. Parameterizations:
+
+    * ``"latent"``: diffuse Z_B, condition Z_A.
+    * ``"residual"``: diffuse ``(Z_B - Z_A - r_shift) / r_scale``, condition Z_A. Z_A and Z_B
+      are close, so the denoiser need not learn to copy the condition.
+    * ``"first_guess"``: diffuse ``(Z_B - Z_G - r_shift) / r_scale`` with ``Z_G = E(G(A))``,
+      G the fitted linear kernel filter; condition ``[Z_A, Z_G]``. G already predicts the part
+      of Bl64 that Br40 determines linearly, so the diffusion only models what G misses and a
+      zero residual decodes to a faithful image instead of to Br40.
     """
 
     def __init__(
@@ -51,9 +56,11 @@ class ConditionalLatentInferer:
         self.sampler = DDIMSampler(schedule)
         self.shift = latent_shift.reshape(1, -1, 1, 1)
         self.scale = latent_scale.reshape(1, -1, 1, 1)
-        self.residual = schedule.parameterization == "residual"
+        self.parameterization = schedule.parameterization
+        self.first_guess = self.parameterization == "first_guess"
+        self.residual = self.parameterization in ("residual", "first_guess")
         if self.residual and (residual_shift is None or residual_scale is None):
-            raise ValueError("residual parameterization needs residual_shift and residual_scale")
+            raise ValueError(f"{self.parameterization} parameterization needs residual_shift and residual_scale")
         self.r_shift = (residual_shift if residual_shift is not None else torch.zeros_like(latent_scale)).reshape(1, -1, 1, 1)
         self.r_scale = (residual_scale if residual_scale is not None else torch.ones_like(latent_scale)).reshape(1, -1, 1, 1)
 
@@ -62,13 +69,23 @@ class ConditionalLatentInferer:
         self.r_shift, self.r_scale = self.r_shift.to(device), self.r_scale.to(device)
         return self
 
-    def to_target(self, z_b: torch.Tensor, z_a: torch.Tensor) -> torch.Tensor:
-        """Scaled latent of B -> the variable the diffusion runs on."""
-        return (z_b - z_a - self.r_shift) / self.r_scale if self.residual else z_b
+    def to_target(self, z_b: torch.Tensor, z_ref: torch.Tensor) -> torch.Tensor:
+        """Scaled latent of B -> the variable the diffusion runs on (``z_ref``: Z_A, or Z_G for first_guess)."""
+        return (z_b - z_ref - self.r_shift) / self.r_scale if self.residual else z_b
 
-    def from_target(self, x: torch.Tensor, z_a: torch.Tensor) -> torch.Tensor:
+    def from_target(self, x: torch.Tensor, z_ref: torch.Tensor) -> torch.Tensor:
         """Inverse of :meth:`to_target`."""
-        return z_a + x * self.r_scale + self.r_shift if self.residual else x
+        return z_ref + x * self.r_scale + self.r_shift if self.residual else x
+
+    def _reference_and_condition(
+        self, z_a: torch.Tensor, z_g: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The latent the residual is taken from, and the denoiser's condition."""
+        if not self.first_guess:
+            return z_a, z_a
+        if z_g is None:
+            raise ValueError("first_guess parameterization needs the encoded first guess z_g")
+        return z_g, torch.cat([z_a, z_g], dim=1)
 
     # --- latent space --------------------------------------------------------------------
     def encode(self, x: torch.Tensor) -> torch.Tensor:
@@ -79,25 +96,35 @@ class ConditionalLatentInferer:
 
     # --- training ------------------------------------------------------------------------
     def training_losses(
-        self, a: torch.Tensor, b: torch.Tensor, weights: LossWeights, generator: torch.Generator | None = None
+        self,
+        a: torch.Tensor,
+        b: torch.Tensor,
+        weights: LossWeights,
+        generator: torch.Generator | None = None,
+        guide: torch.Tensor | None = None,
     ) -> dict[str, torch.Tensor]:
-        """Losses for one paired batch (images in normalised space, shape (B,1,H,W))."""
+        """Losses for one paired batch (images in normalised space, shape (B,1,H,W)).
+
+        ``guide`` is the first guess G(A) (same space and shape), needed for ``first_guess``.
+        """
         with torch.no_grad():
             z_a, z_b = self.encode(a), self.encode(b)
+            z_g = self.encode(guide) if (self.first_guess and guide is not None) else None
+        z_ref, cond = self._reference_and_condition(z_a, z_g)
         n, T = z_b.shape[0], self.schedule.num_train_timesteps
         t_max = max(1, int(self.schedule.t_max_fraction * T))
         t = torch.randint(0, t_max, (n,), generator=generator).to(z_b.device)
         noise = torch.randn(z_b.shape, generator=generator).to(z_b.device)
-        x0 = self.to_target(z_b, z_a)
+        x0 = self.to_target(z_b, z_ref)
         z_t = self.train_scheduler.add_noise(x0, noise, t)
-        out = self.denoiser(z_t, t, z_a)
+        out = self.denoiser(z_t, t, cond)
         if self.schedule.prediction_type == "v_prediction":
             target = self.train_scheduler.get_velocity(x0, noise, t)
         else:
             target = noise
         ac = self.train_scheduler.alphas_cumprod.to(z_b.device)[t].reshape(-1, 1, 1, 1)
         x0_hat, _ = predicted_x0_eps(self.schedule.prediction_type, out.float(), z_t, ac)
-        z0_hat = self.from_target(x0_hat, z_a)
+        z0_hat = self.from_target(x0_hat, z_ref)
         losses = {
             "diffusion": F.mse_loss(out.float(), target),
             "latent": F.mse_loss(z0_hat, z_b),
@@ -117,19 +144,21 @@ class ConditionalLatentInferer:
         steps: int,
         strength: float,
         on_step: Callable[[int, int], None] | None = None,
+        z_g: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Z_B estimate from Z_A: start from Z_A noised to ``strength`` (SDEdit) and run DDIM."""
+        """Z_B estimate: start from the reference (Z_A, or Z_G) noised to ``strength`` (SDEdit), run DDIM."""
+        z_ref, cond = self._reference_and_condition(z_a, z_g)
         self.sampler.set_timesteps(steps, strength)
         ts = self.sampler.timesteps
         if strength >= 1.0:
             z = noise
         else:
-            start = self.to_target(z_a, z_a)
+            start = self.to_target(z_ref, z_ref)
             z = self.train_scheduler.add_noise(start, noise, ts[:1].repeat(z_a.shape[0]).to(z_a.device))
         for k, t in enumerate(ts.tolist()):
             tt = torch.full((z.shape[0],), t, device=z.device, dtype=torch.long)
-            out = self.denoiser(z, tt, z_a).to(z.dtype)
+            out = self.denoiser(z, tt, cond).to(z.dtype)
             z = self.sampler.step(out, t, z).prev_sample
             if on_step is not None:
                 on_step(k + 1, len(ts))
-        return self.from_target(z, z_a)
+        return self.from_target(z, z_ref)

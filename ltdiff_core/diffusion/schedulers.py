@@ -15,6 +15,7 @@ import torch
 from monai.networks.schedulers import DDPMScheduler, Scheduler
 
 PREDICTION_TYPES = ("epsilon", "v_prediction")
+PARAMETERIZATIONS = ("latent", "residual", "first_guess")
 
 
 @dataclass
@@ -27,11 +28,12 @@ class ScheduleConfig:
     beta_end: float = 0.012
     prediction_type: str = "v_prediction"
     t_max_fraction: float = 1.0  # training samples t in [0, fraction * T)
-    parameterization: str = "latent"  # diffuse Z_B itself, or "residual": Z_B - Z_A
+    # "latent": diffuse Z_B; "residual": Z_B - Z_A; "first_guess": Z_B - E(G(A)) with G the linear filter
+    parameterization: str = "latent"
 
     def __post_init__(self) -> None:
-        if self.parameterization not in ("latent", "residual"):
-            raise ValueError("parameterization must be 'latent' or 'residual'")
+        if self.parameterization not in PARAMETERIZATIONS:
+            raise ValueError(f"parameterization must be one of {PARAMETERIZATIONS}")
         if self.prediction_type not in PREDICTION_TYPES:
             raise ValueError(f"prediction_type must be one of {PREDICTION_TYPES}")
         if not 0.0 < self.t_max_fraction <= 1.0:

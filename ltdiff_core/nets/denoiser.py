@@ -23,6 +23,7 @@ class DenoiserConfig:
     num_res_blocks: int = 1
     norm_num_groups: int = 16
     num_head_channels: int = 16
+    cond_dim: int = 0  # condition channels; 0 = latent_dim (Z_A only), 2 * latent_dim for [Z_A, Z_G]
 
     def __post_init__(self) -> None:
         self.channels = tuple(int(c) for c in self.channels)
@@ -46,7 +47,7 @@ class ConditionalDenoiser(nn.Module):
         self.config = cfg
         self.unet = DiffusionModelUNet(
             spatial_dims=2,
-            in_channels=2 * cfg.latent_dim,
+            in_channels=cfg.latent_dim + (cfg.cond_dim or cfg.latent_dim),
             out_channels=cfg.latent_dim,
             num_res_blocks=cfg.num_res_blocks,
             channels=cfg.channels,
