@@ -4,7 +4,7 @@ Four idempotent steps, each run periodically by :mod:`dicom_node.scheduler` and 
 every state change before acting on it, so a crash at any point leaves a state a restart can
 resume from (:meth:`Worker.recover`):
 
-* :meth:`Worker.scan` — completeness + routing: ``received -> queued | ignored | unrouted``
+* :meth:`Worker.scan` — completeness, then routing: ``received -> complete -> queued | ignored | unrouted``
 * :meth:`Worker.process` — model + derive: ``queued -> processing -> sending``; several queued
   series that use the same model are processed in one batch (up to ``max_batch_slices``)
 * :meth:`Worker.send` — C-STORE with retry/backoff: ``sending -> done | failed(reason)``
@@ -110,19 +110,30 @@ class Worker:
 
     # ------------------------------------------------------------------ decide
     def scan(self) -> int:
-        """Mark stable series complete and route them; returns how many were decided."""
+        """Mark stable series ``complete``, then route complete series; returns how many were routed.
+
+        Two commits, so ``complete`` is a persisted state: a series completed just before a crash
+        is routed by the next scan after the restart.
+        """
         now = db.utcnow()
         cfg = self.config.completeness
-        decided = 0
         with self.db.session() as s:
             for series in s.scalars(select(db.Series).where(db.Series.state == db.RECEIVED)):
                 reason = completeness_reason(
                     SeriesProgress(series.instance_count, series.expected_count, series.last_received_at), cfg, now
                 )
-                if reason is None:
-                    continue
-                series.completed_at = now
-                series.complete_reason = reason
+                if reason is not None:
+                    series.completed_at = now
+                    series.complete_reason = reason
+                    series.set_state(db.COMPLETE)
+        return self._route()
+
+    def _route(self) -> int:
+        """Apply the first matching rule to every ``complete`` series (queue a job, ignore, unrouted)."""
+        now = db.utcnow()
+        decided = 0
+        with self.db.session() as s:
+            for series in s.scalars(select(db.Series).where(db.Series.state == db.COMPLETE)):
                 rule = match_rule(self.config.rules, series_attributes(series))
                 decided += 1
                 if rule is None:
@@ -141,7 +152,7 @@ class Worker:
                         created_at=now,
                     ))
                 log_event(log, "series_complete", series_uid=series.series_uid, instances=series.instance_count,
-                          reason=reason, rule=series.rule_name, state=series.state,
+                          reason=series.complete_reason, rule=series.rule_name, state=series.state,
                           grown_after_processing=series.grown_after_processing)
         return decided
 

@@ -109,3 +109,27 @@ def test_stable_age_expected_count_and_routing(tmp_path: Path) -> None:
     finally:
         node.scp.stop(5)
         node.db.dispose()
+
+
+def test_complete_is_a_persisted_state_that_the_next_scan_routes(tmp_path: Path) -> None:
+    """A series marked complete just before a crash (routing not yet done) is routed after restart."""
+    node = Node(tmp_path, {"completeness": {"stable_age_s": 0},
+                           "rules": [{"name": "br40", "match": {"ConvolutionKernel": "Br40*"}}]})
+    try:
+        files = make_ct_series(tmp_path / "s", n=2, size=32, kernel="Br40", description="s")
+        assert storescu(files, node.port, "LTDIFF").returncode == 0
+        # The first commit of a scan alone: completeness recorded, routing not reached.
+        with node.db.session() as s:
+            series = s.scalars(select(db.Series)).one()
+            series.completed_at = db.utcnow()
+            series.complete_reason = "stable_age"
+            series.set_state(db.COMPLETE)
+        assert node.states()["s"] == ("complete", None)
+        restarted = Worker(node.config, node.db)
+        assert restarted.scan() == 1
+        assert node.states()["s"] == ("queued", "br40")
+        with node.db.session() as s:
+            assert len(s.scalars(select(db.Job)).all()) == 1
+    finally:
+        node.scp.stop()
+        node.db.dispose()
