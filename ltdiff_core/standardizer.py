@@ -8,7 +8,6 @@ command and the evaluation treat models interchangeably. Randomness is drawn per
 from __future__ import annotations
 
 import logging
-import time
 from pathlib import Path
 from typing import Any, Callable, Sequence
 

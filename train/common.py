@@ -20,7 +20,7 @@ import tomllib
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterable
 
 import numpy as np
 import torch
@@ -333,3 +333,37 @@ def train_loop(ctx: DistContext, spec: LoopSpec, out: Path, resume: bool, log: L
     digests = ctx.gather_strings(weights_digest(spec.model))
     return {"steps": spec.steps, "train_seconds": round(elapsed0 + time.time() - t0, 1),
             "world_size": ctx.world_size, "rank_weight_digests": digests, "final_val": last_val}
+
+
+@dataclass
+class Run:
+    """What every training script sets up before its model: config, step count, output, ranks."""
+
+    cfg: dict[str, Any]
+    steps: int
+    out: Path
+    ctx: "DistContext"
+    t_start: float
+
+
+def start_run(args: argparse.Namespace, defaults: dict[str, Any]) -> Run:
+    """Validated config, output folder, distributed context, threads and seeds, in that order."""
+    cfg = load_config(args.config, defaults)
+    tr = cfg["train"]
+    out = Path(args.out or cfg["output"]["path"])
+    out.parent.mkdir(parents=True, exist_ok=True)
+    ctx = DistContext.from_env()
+    set_threads(tr["threads"])
+    seed_everything(tr["seed"])
+    return Run(cfg, args.steps or tr["steps"], out, ctx, time.time())
+
+
+def mean_losses(batches: Iterable[dict[str, Any]]) -> dict[str, float]:
+    """Per-key mean of the loss dicts of several validation batches."""
+    acc: dict[str, float] = {}
+    n = 0
+    for res in batches:
+        n += 1
+        for k, v in res.items():
+            acc[k] = acc.get(k, 0.0) + float(v)
+    return {k: v / max(n, 1) for k, v in acc.items()}

@@ -10,7 +10,6 @@ sharp kernel's noise texture or no latent method can produce it.
 from __future__ import annotations
 
 import time
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -89,15 +88,9 @@ def ae_metrics(ae: MultiscaleLatentAutoencoder, vols, device: torch.device, max_
 
 def main(argv: list[str] | None = None) -> None:
     args = common.base_parser(__doc__.splitlines()[0], "conf/train-autoencoder.toml").parse_args(argv)
-    cfg = common.load_config(args.config, DEFAULTS)
+    run = common.start_run(args, DEFAULTS)
+    cfg, steps, out, ctx, t_start = run.cfg, run.steps, run.out, run.ctx, run.t_start
     d, tr, out_cfg = cfg["data"], cfg["train"], cfg["output"]
-    steps = args.steps or tr["steps"]
-    out = Path(args.out or out_cfg["path"])
-    out.parent.mkdir(parents=True, exist_ok=True)
-    ctx = common.DistContext.from_env()
-    common.set_threads(tr["threads"])
-    common.seed_everything(tr["seed"])
-    t_start = time.time()
     train_vols, val_vols = load_split(args.cases or d["cases"], d["val_cases"], d["source_kernel"], d["target_kernel"])
     model_cfg = AutoencoderConfig(**cfg["model"])
     ae = MultiscaleLatentAutoencoder(model_cfg).to(ctx.device)
@@ -113,13 +106,10 @@ def main(argv: list[str] | None = None) -> None:
         return deep_supervised([o.float() for o in outs], x, ae.head_weights(), w)
 
     def val_fn() -> dict[str, float]:
-        acc: dict[str, float] = {}
-        for a, b in val:
+        def batch(a: np.ndarray, b: np.ndarray) -> dict[str, torch.Tensor]:
             x = torch.from_numpy(np.concatenate([a, b])).to(ctx.device)
-            res = deep_supervised([o.float() for o in ae(x)], x, ae.head_weights(), w)
-            for k, v in res.items():
-                acc[k] = acc.get(k, 0.0) + float(v) / len(val)
-        return acc
+            return deep_supervised([o.float() for o in ae(x)], x, ae.head_weights(), w)
+        return common.mean_losses(batch(a, b) for a, b in val)
 
     log = common.LossLog(out, ctx.is_main, args.resume)
     spec = common.LoopSpec(model, list(ae.parameters()), loss_fn, val_fn, steps, tr["lr"], tr["warmup"],

@@ -15,7 +15,6 @@ gives the first guess G(A); its tables are embedded in the output checkpoint
 from __future__ import annotations
 
 import time
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -85,15 +84,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--autoencoder", default=None, help="autoencoder checkpoint; overrides model.autoencoder")
     p.add_argument("--linear", default=None, help="linear-filter checkpoint (first guess); overrides model.linear")
     args = p.parse_args(argv)
-    cfg = common.load_config(args.config, DEFAULTS)
+    run = common.start_run(args, DEFAULTS)
+    cfg, steps, out, ctx, t_start = run.cfg, run.steps, run.out, run.ctx, run.t_start
     d, m, tr, out_cfg = cfg["data"], cfg["model"], cfg["train"], cfg["output"]
-    steps = args.steps or tr["steps"]
-    out = Path(args.out or out_cfg["path"])
-    out.parent.mkdir(parents=True, exist_ok=True)
-    ctx = common.DistContext.from_env()
-    common.set_threads(tr["threads"])
-    common.seed_everything(tr["seed"])
-    t_start = time.time()
 
     ae_ckpt = load_checkpoint(args.autoencoder or m["autoencoder"])
     ae = load_networks(ae_ckpt, str(ctx.device))["autoencoder"]
@@ -135,11 +128,8 @@ def main(argv: list[str] | None = None) -> None:
         return losses(*sampler.triplet(step, with_guide=first_guess), gen)
 
     def val_fn() -> dict[str, float]:
-        acc: dict[str, float] = {}
-        for i, (a, g, b) in enumerate(val):
-            for k, v in losses(a, g, b, torch.Generator().manual_seed(777 + i)).items():
-                acc[k] = acc.get(k, 0.0) + float(v) / len(val)
-        return acc
+        return common.mean_losses(losses(a, g, b, torch.Generator().manual_seed(777 + i))
+                                  for i, (a, g, b) in enumerate(val))
 
     log = common.LossLog(out, ctx.is_main, args.resume)
     spec = common.LoopSpec(model, list(den.parameters()), loss_fn, val_fn, steps, tr["lr"], tr["warmup"],

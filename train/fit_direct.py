@@ -8,7 +8,6 @@ deterministic regression, so it shows what the latent diffusion adds.
 from __future__ import annotations
 
 import time
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -35,15 +34,9 @@ DEFAULTS: dict[str, dict[str, Any]] = {
 
 def main(argv: list[str] | None = None) -> None:
     args = common.base_parser(__doc__.splitlines()[0], "conf/train-direct.toml").parse_args(argv)
-    cfg = common.load_config(args.config, DEFAULTS)
+    run = common.start_run(args, DEFAULTS)
+    cfg, steps, out, ctx, t_start = run.cfg, run.steps, run.out, run.ctx, run.t_start
     d, tr, out_cfg = cfg["data"], cfg["train"], cfg["output"]
-    steps = args.steps or tr["steps"]
-    out = Path(args.out or out_cfg["path"])
-    out.parent.mkdir(parents=True, exist_ok=True)
-    ctx = common.DistContext.from_env()
-    common.set_threads(tr["threads"])
-    common.seed_everything(tr["seed"])
-    t_start = time.time()
     train_vols, val_vols = load_split(args.cases or d["cases"], d["val_cases"], d["source_kernel"], d["target_kernel"])
     model_cfg = DirectConfig(**cfg["model"])
     net = DirectUNetPlusPlus(model_cfg).to(ctx.device)
@@ -65,11 +58,7 @@ def main(argv: list[str] | None = None) -> None:
         return step_losses(*sampler.paired(step), lambda x: model(x, all_heads=True))
 
     def val_fn() -> dict[str, float]:
-        acc: dict[str, float] = {}
-        for a, b in val:
-            for k, v in step_losses(a, b, net.forward_all).items():
-                acc[k] = acc.get(k, 0.0) + float(v) / len(val)
-        return acc
+        return common.mean_losses(step_losses(a, b, net.forward_all) for a, b in val)
 
     log = common.LossLog(out, ctx.is_main, args.resume)
     spec = common.LoopSpec(model, list(net.parameters()), loss_fn, val_fn, steps, tr["lr"], tr["warmup"],

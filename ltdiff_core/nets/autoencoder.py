@@ -12,7 +12,7 @@ unpacked latent only. Diffusing the packed latent therefore changes every scale.
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import Any, Sequence
 
 import torch
