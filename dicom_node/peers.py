@@ -28,6 +28,22 @@ LOOPBACK = "127.0.0.1"
 ORTHANC = shutil.which("Orthanc") or ("/usr/sbin/Orthanc" if Path("/usr/sbin/Orthanc").exists() else None)
 
 
+def dcmtk(tool: str) -> str:
+    """Path of a DCMTK command line tool, skipping the Python environment's own ``bin``.
+
+    pynetdicom installs console scripts with the same names (``storescp``, ``storescu``,
+    ``echoscu``) but other options; an activated virtual environment would otherwise shadow DCMTK.
+    """
+    env_bin = Path(sys.prefix, "bin").resolve()
+    for entry in os.environ.get("PATH", "").split(os.pathsep) + ["/usr/bin", "/usr/local/bin"]:
+        if not entry or Path(entry).resolve() == env_bin:
+            continue
+        found = shutil.which(tool, path=entry)
+        if found:
+            return found
+    raise FileNotFoundError(f"DCMTK's {tool} not found on PATH outside {env_bin}; install the Debian package dcmtk")
+
+
 def peer_env() -> dict[str, str]:
     """Environment for DCMTK/Orthanc: TCP_NODELAY=1 (Debian builds stall ~45 ms per image without)."""
     env = dict(os.environ)
@@ -105,7 +121,7 @@ def start_storescp(out_dir: Path, ae_title: str = "PACS", port: int | None = Non
     """DCMTK storescp writing received files to ``out_dir`` (``.dcm`` extension)."""
     port = port or free_port()
     out_dir.mkdir(parents=True, exist_ok=True)
-    cmd = ["storescp", "--aetitle", ae_title, "-od", str(out_dir), "-fe", ".dcm",
+    cmd = [dcmtk("storescp"), "--aetitle", ae_title, "-od", str(out_dir), "-fe", ".dcm",
            "--max-pdu", "131072", *extra, str(port)]
     proc = _spawn(cmd, out_dir.parent / f"storescp-{port}.log")
     peer = Peer(proc, port, out_dir.parent / f"storescp-{port}.log")
@@ -121,12 +137,12 @@ def storescu(files: Sequence[Path] | Path, port: int, called: str, calling: str 
              extra: Sequence[str] = (), timeout: float = 300) -> subprocess.CompletedProcess:
     """Send files (or a directory, recursively) with DCMTK storescu; returns the completed process."""
     args = ["+sd", "+r", str(files)] if isinstance(files, Path) else [str(f) for f in files]
-    cmd = ["storescu", "-aet", calling, "-aec", called, "--max-pdu", "131072", *extra, LOOPBACK, str(port), *args]
+    cmd = [dcmtk("storescu"), "-aet", calling, "-aec", called, "--max-pdu", "131072", *extra, LOOPBACK, str(port), *args]
     return subprocess.run(cmd, env=peer_env(), capture_output=True, text=True, timeout=timeout)
 
 
 def echoscu(port: int, called: str, calling: str = "ECHOSCU") -> subprocess.CompletedProcess:
-    return subprocess.run(["echoscu", "-aet", calling, "-aec", called, LOOPBACK, str(port)], env=peer_env(),
+    return subprocess.run([dcmtk("echoscu"), "-aet", calling, "-aec", called, LOOPBACK, str(port)], env=peer_env(),
                           capture_output=True, text=True, timeout=60)
 
 

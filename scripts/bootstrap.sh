@@ -32,7 +32,9 @@ if [ ! -f "$stamp" ]; then
   rm -f "$VENV"/.installed-*
   touch "$stamp"
 fi
-export PATH="$VENV/bin:$PATH"
+# Appended, not prepended: pynetdicom installs storescp/storescu/echoscu scripts into .venv/bin
+# that must not shadow DCMTK's tools of the same names.
+export PATH="$PATH:$VENV/bin"
 # DCMTK and Orthanc from Debian stall ~45 ms per image without it.
 export TCP_NODELAY=1
 export MPLBACKEND=Agg

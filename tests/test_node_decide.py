@@ -77,10 +77,12 @@ def test_stable_age_expected_count_and_routing(tmp_path: Path) -> None:
             files = make_ct_series(tmp_path / name, n=3, size=32, kernel=kernel, study_uid=study,
                                    description=name, expected_count=expected)
             assert storescu(files, node.port, "LTDIFF").returncode == 0
-        t_sent = time.monotonic()
+            if name == "br":
+                t_first = time.monotonic()  # the earliest series; it turns stable first
+        quiet_for = time.monotonic() - t_first
         node.worker.scan()
         st = node.states()
-        if time.monotonic() - t_sent < 1.4:  # nothing stable yet, only the counted series is complete
+        if quiet_for < 1.4:  # nothing stable yet, only the counted series is complete
             assert st["br"] == ("received", None) and st["bl"] == ("received", None)
         assert st["counted"] == ("queued", "br40")
         time.sleep(1.6)
