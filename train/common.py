@@ -151,7 +151,15 @@ class DistContext:
             dist.barrier()
 
     def close(self) -> None:
+        """Tear the process group down on every rank together.
+
+        Rank 0 still evaluates and saves after training while the other ranks are done; a rank that
+        destroyed its gloo group and exited while a peer was still connected aborted at exit
+        ("terminate called without an active exception"). The barrier makes every rank wait for rank 0,
+        so the groups are destroyed together and no collective is in flight.
+        """
         if self.distributed and dist.is_initialized():
+            dist.barrier()
             dist.destroy_process_group()
 
 
