@@ -251,4 +251,4 @@ class Standardizer:
         n_steps = int(steps or self.sampling.get("default_steps", 4))
         strength = float(self.sampling.get("strength", 0.5))
         z_b = inf.sample(z_a, noise, n_steps, strength, z_g=z_g)
-        return inf.decode(z_b)
+        return inf.to_image(z_b, z_g, guide)

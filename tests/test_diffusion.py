@@ -55,14 +55,15 @@ def test_step_rejects_unknown_timestep():
         s.step(torch.zeros(1), 998, torch.zeros(1))
 
 
-def _inferer(seed: int = 0, parameterization: str = "latent") -> ConditionalLatentInferer:
+def _inferer(seed: int = 0, parameterization: str = "latent", decoding: str = "full") -> ConditionalLatentInferer:
     torch.manual_seed(seed)
     ae = MultiscaleLatentAutoencoder({"features": [4, 8, 16], "latent_channels": [1, 2, 4]})
     c = ae.config.latent_dim
     den = ConditionalDenoiser(DenoiserConfig(latent_dim=c, channels=(8, 8, 8), norm_num_groups=4, num_head_channels=4,
                                              cond_dim=2 * c if parameterization == "first_guess" else 0))
     g = torch.Generator().manual_seed(seed)
-    return ConditionalLatentInferer(ae, den, ScheduleConfig(parameterization=parameterization), torch.zeros(c),
+    return ConditionalLatentInferer(ae, den, ScheduleConfig(parameterization=parameterization, decoding=decoding),
+                                    torch.zeros(c),
                                     torch.ones(c), 0.1 * torch.randn(c, generator=g), 0.2 + torch.rand(c, generator=g))
 
 
@@ -109,14 +110,38 @@ def test_first_guess_target_round_trip_and_zero_start():
     assert torch.allclose(inf.to_target(z_g, z_g), (-inf.r_shift / inf.r_scale).expand_as(z_g))
 
 
+def test_delta_decoding_adds_only_the_decoded_correction():
+    """G + D(Z) - D(Z_G): the zero residual returns G(A) exactly (no autoencoder round-trip error)."""
+    inf = _inferer(parameterization="first_guess", decoding="delta")
+    guide = torch.randn(1, 1, 16, 16, generator=torch.Generator().manual_seed(5))
+    z_g = inf.encode(guide)
+    with torch.no_grad():
+        assert (inf.decode(z_g) - guide).abs().max() > 1e-2  # an untrained round trip is far off...
+        torch.testing.assert_close(inf.to_image(z_g, z_g, guide), guide)  # ...and cancels here
+        z_b = z_g + 0.3 * torch.randn(z_g.shape, generator=torch.Generator().manual_seed(6))
+        torch.testing.assert_close(inf.to_image(z_b, z_g, guide), guide + inf.decode(z_b) - inf.decode(z_g))
+        with pytest.raises(ValueError, match="first guess"):
+            inf.to_image(z_b)
+    full = _inferer(parameterization="first_guess")
+    torch.testing.assert_close(full.to_image(z_g, z_g, guide), full.decode(z_g))
+
+
+def test_delta_decoding_needs_first_guess():
+    with pytest.raises(ValueError, match="decoding 'delta' needs"):
+        ScheduleConfig(parameterization="residual", decoding="delta")
+    with pytest.raises(ValueError, match="decoding must be"):
+        ScheduleConfig(parameterization="first_guess", decoding="partial")
+
+
 def test_unknown_parameterization_rejected():
     with pytest.raises(ValueError, match="parameterization"):
         ScheduleConfig(parameterization="guess")
 
 
-@pytest.mark.parametrize("parameterization", PARAMETERIZATIONS)
-def test_training_losses_train_denoiser_through_frozen_decoder(parameterization):
-    inf = _inferer(parameterization=parameterization)
+@pytest.mark.parametrize("parameterization,decoding", [(p, "full") for p in PARAMETERIZATIONS]
+                         + [("first_guess", "delta")])
+def test_training_losses_train_denoiser_through_frozen_decoder(parameterization, decoding):
+    inf = _inferer(parameterization=parameterization, decoding=decoding)
     for p in inf.autoencoder.parameters():
         p.requires_grad_(False)
     a, b = torch.randn(2, 1, 16, 16), torch.randn(2, 1, 16, 16)

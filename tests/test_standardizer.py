@@ -180,7 +180,7 @@ def _test_filter(gain: float = 0.1) -> LinearKernelFilter:
     return LinearKernelFilter(f, 1 + gain * f, np.zeros_like(f), np.zeros_like(f))
 
 
-def _first_guess_ckpt(path: Path, gain: float = 0.1, embed: bool = True) -> Path:
+def _first_guess_ckpt(path: Path, gain: float = 0.1, embed: bool = True, decoding: str = "full") -> Path:
     """Tiny first_guess checkpoint: denoiser conditioned on [Z_A, Z_G], linear filter embedded."""
     base = load_checkpoint(tiny_latent_checkpoint(path.with_name(path.stem + "-base.safetensors")))
     torch.manual_seed(1)
@@ -195,7 +195,7 @@ def _first_guess_ckpt(path: Path, gain: float = 0.1, embed: bool = True) -> Path
         tensors.update(_test_filter(gain).to_tensors("first_guess"))
     meta = {k: v for k, v in base.metadata.items() if k not in ("weights_sha256", "format", "format_version")}
     meta["networks"] = {"autoencoder": ae_meta, "denoiser": {"kind": "denoiser", "config": den_cfg.to_dict()}}
-    meta["scheduler"] = ScheduleConfig(parameterization="first_guess").to_dict()
+    meta["scheduler"] = ScheduleConfig(parameterization="first_guess", decoding=decoding).to_dict()
     meta["first_guess"] = {"method": "linear", "prefix": "first_guess"}
     save_checkpoint(path, tensors, meta)
     return path
@@ -227,6 +227,19 @@ def test_first_guess_filter_round_trip_and_use(fg_ckpt, tmp_path):
     other = Standardizer.from_checkpoint(_first_guess_ckpt(tmp_path / "fg2.safetensors", gain=0.5), device="cpu")
     # same networks, different embedded filter -> different output: the first guess is used
     assert np.abs(s.standardize(vol, (1, .7, .7)) - other.standardize(vol, (1, .7, .7))).max() > 1e-3
+
+
+def test_delta_decoding_keeps_the_first_guess_when_the_residual_is_small(tmp_path):
+    """Near-zero residual: "delta" returns about G(A); "full" returns D(E(G(A))), far off when untrained."""
+    vol = _volume((1, 40, 48))
+    g = _test_filter().apply(vol[0], (0.7, 0.7))
+    out = {}
+    for decoding in ("full", "delta"):
+        ckpt = _first_guess_ckpt(tmp_path / f"{decoding}.safetensors", decoding=decoding)
+        s = Standardizer.from_checkpoint(ckpt, device="cpu", strength=0.005)
+        out[decoding] = s.standardize(vol, (1, .7, .7), steps=1)[0]
+    err = {k: float(np.abs(v - g).mean()) for k, v in out.items()}
+    assert err["delta"] < 0.2 * err["full"], err
 
 
 def test_first_guess_tiled_matches_shape(fg_ckpt):

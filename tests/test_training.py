@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -194,6 +195,7 @@ norm_num_groups = 4
 num_head_channels = 4
 [schedule]
 parameterization = "first_guess"
+decoding = "delta"
 [sampling]
 default_steps = 2
 strength = 0.5
@@ -212,7 +214,9 @@ path = "{(tmp_path / 'ltdiff-fg.safetensors').as_posix()}"
     lin_path.unlink()  # the ltdiff checkpoint must be self-contained
     s = Standardizer.from_checkpoint(tmp_path / "ltdiff-fg.safetensors", device="cpu")
     meta = s.ckpt.metadata
-    assert meta["scheduler"]["parameterization"] == "first_guess"
+    assert meta["scheduler"]["parameterization"] == "first_guess" and meta["scheduler"]["decoding"] == "delta"
+    # validation samples like inference does, besides the teacher-forced losses
+    assert math.isfinite(meta["metrics"]["diffusion"]["val_sampled_image"]) and meta["metrics"]["diffusion"]["val_sampled_image"] > 0
     assert meta["networks"]["denoiser"]["config"]["cond_dim"] == 2 * s.inferer.scale.numel()
     assert meta["first_guess"]["weights_sha256"] == json.loads(lin_path.with_suffix(".json").read_text())["weights_sha256"]
     assert s.first_guess is not None and s.first_guess.h_real.size > 10

@@ -37,6 +37,10 @@ class ConditionalLatentInferer:
       G the fitted linear kernel filter; condition ``[Z_A, Z_G]``. G already predicts the part
       of Bl64 that Br40 determines linearly, so the diffusion only models what G misses and a
       zero residual decodes to a faithful image instead of to Br40.
+
+    Decodings (``schedule.decoding``): ``"full"`` decodes the sampled latent, ``D(Z_B_hat)``;
+    ``"delta"`` returns ``G(A) + D(Z_B_hat) - D(Z_G)``, so a zero residual gives G(A) exactly
+    and the autoencoder's round-trip error only touches the correction (see :meth:`to_image`).
     """
 
     def __init__(
@@ -94,6 +98,24 @@ class ConditionalLatentInferer:
     def decode(self, z: torch.Tensor) -> torch.Tensor:
         return self.autoencoder.decode(z * self.scale + self.shift)
 
+    @property
+    def delta_decoding(self) -> bool:
+        return self.schedule.decoding == "delta"
+
+    def to_image(self, z_b: torch.Tensor, z_g: torch.Tensor | None = None,
+                 guide: torch.Tensor | None = None, d_g: torch.Tensor | None = None) -> torch.Tensor:
+        """Image of a (scaled) Z_B estimate; ``"delta"`` needs ``z_g`` and ``guide`` = G(A).
+
+        ``d_g`` = D(Z_G) may be passed when already computed (training decodes it once, without grad).
+        """
+        if not self.delta_decoding:
+            return self.decode(z_b)
+        if z_g is None or guide is None:
+            raise ValueError("delta decoding needs the encoded first guess z_g and the first guess image")
+        if d_g is None:
+            d_g = self.decode(z_g)
+        return guide + self.decode(z_b) - d_g
+
     # --- training ------------------------------------------------------------------------
     def training_losses(
         self,
@@ -110,6 +132,7 @@ class ConditionalLatentInferer:
         with torch.no_grad():
             z_a, z_b = self.encode(a), self.encode(b)
             z_g = self.encode(guide) if (self.first_guess and guide is not None) else None
+            d_g = self.decode(z_g) if (self.delta_decoding and z_g is not None) else None
         z_ref, cond = self._reference_and_condition(z_a, z_g)
         n, T = z_b.shape[0], self.schedule.num_train_timesteps
         t_max = max(1, int(self.schedule.t_max_fraction * T))
@@ -128,12 +151,33 @@ class ConditionalLatentInferer:
         losses = {
             "diffusion": F.mse_loss(out.float(), target),
             "latent": F.mse_loss(z0_hat, z_b),
-            "image": F.mse_loss(self.decode(z0_hat).float(), b),
+            "image": F.mse_loss(self.to_image(z0_hat, z_g, guide, d_g).float(), b),
         }
         losses["total"] = (
             weights.diffusion * losses["diffusion"] + weights.latent * losses["latent"] + weights.image * losses["image"]
         )
         return losses
+
+    @torch.no_grad()
+    def sampled_image_mse(
+        self,
+        a: torch.Tensor,
+        b: torch.Tensor,
+        steps: int,
+        strength: float,
+        generator: torch.Generator | None = None,
+        guide: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Image MSE of what inference returns (sampled from the start it uses, not teacher-forced).
+
+        The training loss sees ``z_t`` built from the true Z_B, which at low noise leaks the
+        answer; this number is the one that tracks the output's fidelity.
+        """
+        z_a = self.encode(a)
+        z_g = self.encode(guide) if (self.first_guess and guide is not None) else None
+        noise = torch.randn(z_a.shape, generator=generator).to(z_a.device)
+        z_b = self.sample(z_a, noise, steps, strength, z_g=z_g)
+        return F.mse_loss(self.to_image(z_b, z_g, guide).float(), b)
 
     # --- sampling ------------------------------------------------------------------------
     @torch.no_grad()

@@ -16,6 +16,7 @@ from monai.networks.schedulers import DDPMScheduler, Scheduler
 
 PREDICTION_TYPES = ("epsilon", "v_prediction")
 PARAMETERIZATIONS = ("latent", "residual", "first_guess")
+DECODINGS = ("full", "delta")
 
 
 @dataclass
@@ -30,10 +31,18 @@ class ScheduleConfig:
     t_max_fraction: float = 1.0  # training samples t in [0, fraction * T)
     # "latent": diffuse Z_B; "residual": Z_B - Z_A; "first_guess": Z_B - E(G(A)) with G the linear filter
     parameterization: str = "latent"
+    # How the sampled latent becomes the image. "full": D(Z_B_hat). "delta" (first_guess only):
+    # G(A) + D(Z_B_hat) - D(Z_G); the autoencoder's round-trip error on G(A) cancels, so only the
+    # correction the diffusion makes passes through the decoder.
+    decoding: str = "full"
 
     def __post_init__(self) -> None:
         if self.parameterization not in PARAMETERIZATIONS:
             raise ValueError(f"parameterization must be one of {PARAMETERIZATIONS}")
+        if self.decoding not in DECODINGS:
+            raise ValueError(f"decoding must be one of {DECODINGS}")
+        if self.decoding == "delta" and self.parameterization != "first_guess":
+            raise ValueError("decoding 'delta' needs parameterization 'first_guess' (it adds to G(A))")
         if self.prediction_type not in PREDICTION_TYPES:
             raise ValueError(f"prediction_type must be one of {PREDICTION_TYPES}")
         if not 0.0 < self.t_max_fraction <= 1.0:
