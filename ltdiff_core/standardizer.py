@@ -244,11 +244,8 @@ class Standardizer:
         import torch
 
         inf = self.inferer
-        z_a = inf.encode(t).float()
-        z_g = inf.encode(guide).float() if guide is not None else None
-        gens = [torch.Generator().manual_seed(k) for k in keys]
-        noise = torch.stack([torch.randn(z_a.shape[1:], generator=g) for g in gens]).to(z_a.device)
+        shape = (inf.shift.shape[1], *inf.latent_hw(t))
+        noise = torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(k)) for k in keys])
         n_steps = int(steps or self.sampling.get("default_steps", 4))
         strength = float(self.sampling.get("strength", 0.5))
-        z_b = inf.sample(z_a, noise, n_steps, strength, z_g=z_g)
-        return inf.to_image(z_b, z_g, guide)
+        return inf.standardize(t, noise.to(t.device), n_steps, strength, guide)

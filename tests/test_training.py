@@ -67,6 +67,36 @@ def _ae_config(tmp: Path, cases: Path, steps: int = 3) -> Path:
     return p
 
 
+def _diffusion_config(path: Path, cases: Path, autoencoder: Path, out: Path, steps: int,
+                      extra: str = "", schedule: str = "") -> Path:
+    """Tiny fit_diffusion config; ``extra`` adds [model] lines, ``schedule`` the [schedule] section."""
+    path.write_text(f"""
+[data]
+cases = ["{cases.as_posix()}"]
+crop = 32
+batch = 2
+stat_slices = 2
+[model]
+autoencoder = "{autoencoder.as_posix()}"
+{extra}channels = [8, 8, 8]
+norm_num_groups = 4
+num_head_channels = 4
+[schedule]
+{schedule}[sampling]
+default_steps = 2
+strength = 0.5
+[train]
+steps = {steps}
+threads = 1
+log_every = 1
+val_every = 1
+val_batches = 1
+[output]
+path = "{out.as_posix()}"
+""")
+    return path
+
+
 def test_config_errors_name_the_key(tmp_path):
     p = tmp_path / "c.toml"
     p.write_text("[train]\nstep = 3\n")
@@ -100,30 +130,7 @@ def test_autoencoder_diffusion_pipeline_and_resume(tmp_path, cases):
     assert [r["step"] for r in log["rows"]] == [1, 2, 3, 4]
     assert "step,lr" in ae_path.with_suffix(".log.csv").read_text().splitlines()[0]
 
-    diff_cfg = tmp_path / "diff.toml"
-    diff_cfg.write_text(f"""
-[data]
-cases = ["{cases.as_posix()}"]
-crop = 32
-batch = 2
-stat_slices = 2
-[model]
-autoencoder = "{ae_path.as_posix()}"
-channels = [8, 8, 8]
-norm_num_groups = 4
-num_head_channels = 4
-[sampling]
-default_steps = 2
-strength = 0.5
-[train]
-steps = 2
-threads = 1
-log_every = 1
-val_every = 1
-val_batches = 1
-[output]
-path = "{(tmp_path / 'ltdiff.safetensors').as_posix()}"
-""")
+    diff_cfg = _diffusion_config(tmp_path / "diff.toml", cases, ae_path, tmp_path / "ltdiff.safetensors", steps=2)
     fit_diffusion.main(["--config", str(diff_cfg)])
     s = Standardizer.from_checkpoint(tmp_path / "ltdiff.safetensors", device="cpu")
     meta = s.ckpt.metadata
@@ -180,34 +187,10 @@ def test_first_guess_diffusion_embeds_the_linear_filter(tmp_path, cases):
     fit_autoencoder.main(["--config", str(_ae_config(tmp_path, cases, steps=1))])
     lin_path = tmp_path / "linear.safetensors"
     fit_linear.main(["--config", str(ROOT / "conf/train-linear.toml"), "--cases", str(cases), "--out", str(lin_path)])
-    cfg = tmp_path / "diff-fg.toml"
-    cfg.write_text(f"""
-[data]
-cases = ["{cases.as_posix()}"]
-crop = 32
-batch = 2
-stat_slices = 2
-[model]
-autoencoder = "does-not-exist.safetensors"
-linear = "does-not-exist.safetensors"
-channels = [8, 8, 8]
-norm_num_groups = 4
-num_head_channels = 4
-[schedule]
-parameterization = "first_guess"
-decoding = "delta"
-[sampling]
-default_steps = 2
-strength = 0.5
-[train]
-steps = 1
-threads = 1
-log_every = 1
-val_every = 1
-val_batches = 1
-[output]
-path = "{(tmp_path / 'ltdiff-fg.safetensors').as_posix()}"
-""")
+    cfg = _diffusion_config(tmp_path / "diff-fg.toml", cases, Path("does-not-exist.safetensors"),
+                            tmp_path / "ltdiff-fg.safetensors", steps=1,
+                            extra='linear = "does-not-exist.safetensors"\n',
+                            schedule='parameterization = "first_guess"\ndecoding = "delta"\n')
     # the command-line paths override the config's
     fit_diffusion.main(["--config", str(cfg), "--autoencoder", str(tmp_path / "ae.safetensors"),
                         "--linear", str(lin_path)])

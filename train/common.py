@@ -20,7 +20,7 @@ import tomllib
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Sequence
 
 import numpy as np
 import torch
@@ -375,3 +375,21 @@ def mean_losses(batches: Iterable[dict[str, Any]]) -> dict[str, float]:
         for k, v in res.items():
             acc[k] = acc.get(k, 0.0) + float(v)
     return {k: v / max(n, 1) for k, v in acc.items()}
+
+
+def training_record(cfg: dict[str, Any], t_start: float, train_vols: Sequence[Any], val_vols: Sequence[Any],
+                    result: dict[str, Any] | None = None, pixel_mm: float | None = None, **extra: Any) -> dict[str, Any]:
+    """The ``training`` block every checkpoint carries: data, spacing, command, config, loop result.
+
+    ``pixel_mm`` defaults to the median in-plane spacing of the training volumes; ``extra``
+    entries (e.g. the autoencoder a denoiser was trained on) come before the loop result
+    (``train_loop``'s, without ``final_val``, which goes to the metrics).
+    """
+    from .data import describe
+
+    if pixel_mm is None:
+        pixel_mm = float(np.median([v.spacing[2] for v in train_vols]))
+    return {"data": {"train": describe(train_vols), "val": describe(val_vols)}, "pixel_mm": pixel_mm,
+            "command": command_line(), "config": cfg, **extra,
+            **{k: v for k, v in (result or {}).items() if k != "final_val"},
+            "wall_seconds": round(time.time() - t_start, 1)}

@@ -9,7 +9,6 @@ sharp kernel's noise texture or no latent method can produce it.
 """
 from __future__ import annotations
 
-import time
 from typing import Any
 
 import numpy as np
@@ -21,7 +20,7 @@ from ltdiff_core.nets import AutoencoderConfig, MultiscaleLatentAutoencoder
 from ltdiff_core.normalize import NORMALIZATION, unit_to_hu
 
 from . import common
-from .data import CropSampler, describe, fixed_val_batches, load_split
+from .data import CropSampler, fixed_val_batches, load_split
 
 DEFAULTS: dict[str, dict[str, Any]] = {
     "data": {"cases": ["data/train"], "source_kernel": "Br40", "target_kernel": "Bl64", "val_cases": 1,
@@ -89,7 +88,7 @@ def ae_metrics(ae: MultiscaleLatentAutoencoder, vols, device: torch.device, max_
 def main(argv: list[str] | None = None) -> None:
     args = common.base_parser(__doc__.splitlines()[0], "conf/train-autoencoder.toml").parse_args(argv)
     run = common.start_run(args, DEFAULTS)
-    cfg, steps, out, ctx, t_start = run.cfg, run.steps, run.out, run.ctx, run.t_start
+    cfg, steps, out, ctx = run.cfg, run.steps, run.out, run.ctx
     d, tr, out_cfg = cfg["data"], cfg["train"], cfg["output"]
     train_vols, val_vols = load_split(args.cases or d["cases"], d["val_cases"], d["source_kernel"], d["target_kernel"])
     model_cfg = AutoencoderConfig(**cfg["model"])
@@ -123,11 +122,7 @@ def main(argv: list[str] | None = None) -> None:
             "stage": "autoencoder",
             "networks": {"autoencoder": {"kind": "autoencoder", "config": model_cfg.to_dict()}},
             "normalization": NORMALIZATION,
-            "training": {"data": {"train": describe(train_vols), "val": describe(val_vols)},
-                         "pixel_mm": float(np.median([v.spacing[2] for v in train_vols])),
-                         "command": common.command_line(), "config": cfg, **{k: v for k, v in result.items()
-                                                                              if k != "final_val"},
-                         "wall_seconds": round(time.time() - t_start, 1)},
+            "training": common.training_record(cfg, run.t_start, train_vols, val_vols, result),
             "metrics": {"autoencoder": {**result["final_val"], **metrics}},
             "code_version": common.code_version(),
         }

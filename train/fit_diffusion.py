@@ -18,7 +18,6 @@ inference does (default steps and strength), which is the number that tracks out
 """
 from __future__ import annotations
 
-import time
 from typing import Any
 
 import numpy as np
@@ -30,7 +29,7 @@ from ltdiff_core.linear_filter import LinearKernelFilter
 from ltdiff_core.nets import ConditionalDenoiser, DenoiserConfig
 
 from . import common
-from .data import CropSampler, attach_first_guess, describe, fixed_val_batches, fixed_val_triplets, load_split
+from .data import CropSampler, attach_first_guess, fixed_val_batches, fixed_val_triplets, load_split
 
 DEFAULTS: dict[str, dict[str, Any]] = {
     "data": {"cases": ["data/train"], "source_kernel": "Br40", "target_kernel": "Bl64", "val_cases": 1,
@@ -89,7 +88,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--linear", default=None, help="linear-filter checkpoint (first guess); overrides model.linear")
     args = p.parse_args(argv)
     run = common.start_run(args, DEFAULTS)
-    cfg, steps, out, ctx, t_start = run.cfg, run.steps, run.out, run.ctx, run.t_start
+    cfg, steps, out, ctx = run.cfg, run.steps, run.out, run.ctx
     d, m, tr, out_cfg = cfg["data"], cfg["model"], cfg["train"], cfg["output"]
 
     ae_ckpt = load_checkpoint(args.autoencoder or m["autoencoder"])
@@ -161,14 +160,11 @@ def main(argv: list[str] | None = None) -> None:
             "latent": {k: v.tolist() for k, v in stats.items()},
             "scheduler": schedule.to_dict(),
             "sampling": cfg["sampling"],
-            "training": {"data": {"train": describe(train_vols), "val": describe(val_vols)},
-                         "pixel_mm": ae_meta.get("training", {}).get("pixel_mm"),
-                         "command": common.command_line(), "config": cfg,
-                         "autoencoder": {"weights_sha256": ae_meta["weights_sha256"],
-                                         "training": {k: v for k, v in ae_meta.get("training", {}).items()
-                                                      if k in ("command", "train_seconds", "wall_seconds", "steps")}},
-                         **{k: v for k, v in result.items() if k != "final_val"},
-                         "wall_seconds": round(time.time() - t_start, 1)},
+            "training": common.training_record(
+                cfg, run.t_start, train_vols, val_vols, result, pixel_mm=ae_meta.get("training", {}).get("pixel_mm"),
+                autoencoder={"weights_sha256": ae_meta["weights_sha256"],
+                             "training": {k: v for k, v in ae_meta.get("training", {}).items()
+                                          if k in ("command", "train_seconds", "wall_seconds", "steps")}}),
             "metrics": {**ae_meta.get("metrics", {}), "diffusion": result["final_val"]},
             "code_version": common.code_version(),
         }

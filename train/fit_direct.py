@@ -7,7 +7,6 @@ deterministic regression, so it shows what the latent diffusion adds.
 """
 from __future__ import annotations
 
-import time
 from typing import Any
 
 import numpy as np
@@ -18,7 +17,7 @@ from ltdiff_core.nets import DirectConfig, DirectUNetPlusPlus
 from ltdiff_core.normalize import NORMALIZATION
 
 from . import common
-from .data import CropSampler, describe, fixed_val_batches, load_split
+from .data import CropSampler, fixed_val_batches, load_split
 from .fit_autoencoder import deep_supervised
 
 DEFAULTS: dict[str, dict[str, Any]] = {
@@ -35,7 +34,7 @@ DEFAULTS: dict[str, dict[str, Any]] = {
 def main(argv: list[str] | None = None) -> None:
     args = common.base_parser(__doc__.splitlines()[0], "conf/train-direct.toml").parse_args(argv)
     run = common.start_run(args, DEFAULTS)
-    cfg, steps, out, ctx, t_start = run.cfg, run.steps, run.out, run.ctx, run.t_start
+    cfg, steps, out, ctx = run.cfg, run.steps, run.out, run.ctx
     d, tr, out_cfg = cfg["data"], cfg["train"], cfg["output"]
     train_vols, val_vols = load_split(args.cases or d["cases"], d["val_cases"], d["source_kernel"], d["target_kernel"])
     model_cfg = DirectConfig(**cfg["model"])
@@ -69,11 +68,7 @@ def main(argv: list[str] | None = None) -> None:
             "name": out_cfg["name"], "version": out_cfg["version"], "method": "direct",
             "networks": {"direct": {"kind": "direct", "config": model_cfg.to_dict()}},
             "normalization": NORMALIZATION,
-            "training": {"data": {"train": describe(train_vols), "val": describe(val_vols)},
-                         "pixel_mm": float(np.median([v.spacing[2] for v in train_vols])),
-                         "command": common.command_line(), "config": cfg,
-                         **{k: v for k, v in result.items() if k != "final_val"},
-                         "wall_seconds": round(time.time() - t_start, 1)},
+            "training": common.training_record(cfg, run.t_start, train_vols, val_vols, result),
             "metrics": {"direct": result["final_val"]},
             "code_version": common.code_version(),
         }

@@ -18,7 +18,7 @@ from ltdiff_core.linear_filter import LinearFilterFitter
 from ltdiff_core.normalize import NORMALIZATION, unit_to_hu
 
 from . import common
-from .data import describe, load_split
+from .data import load_split
 
 DEFAULTS: dict[str, dict[str, Any]] = {
     "data": {"cases": ["data/train"], "source_kernel": "Br40", "target_kernel": "Bl64", "val_cases": 1},
@@ -48,9 +48,7 @@ def main(argv: list[str] | None = None) -> None:
     meta = {
         "name": out_cfg["name"], "version": out_cfg["version"], "method": "linear", "networks": {},
         "normalization": NORMALIZATION, "filter": {"pad": fc["pad"], "bin_lpcm": fc["bin_lpcm"]},
-        "training": {"data": {"train": describe(train_vols), "val": describe(val_vols)},
-                     "pixel_mm": float(np.median([v.spacing[2] for v in train_vols])),
-                     "command": common.command_line(), "config": cfg, "wall_seconds": round(time.time() - t0, 1)},
+        "training": common.training_record(cfg, t0, train_vols, val_vols),
         "metrics": {"linear": metrics},
         "code_version": common.code_version(),
     }

@@ -173,11 +173,8 @@ class ConditionalLatentInferer:
         The training loss sees ``z_t`` built from the true Z_B, which at low noise leaks the
         answer; this number is the one that tracks the output's fidelity.
         """
-        z_a = self.encode(a)
-        z_g = self.encode(guide) if (self.first_guess and guide is not None) else None
-        noise = torch.randn(z_a.shape, generator=generator).to(z_a.device)
-        z_b = self.sample(z_a, noise, steps, strength, z_g=z_g)
-        return F.mse_loss(self.to_image(z_b, z_g, guide).float(), b)
+        noise = torch.randn((a.shape[0], self.shift.shape[1], *self.latent_hw(a)), generator=generator)
+        return F.mse_loss(self.standardize(a, noise.to(a.device), steps, strength, guide).float(), b)
 
     # --- sampling ------------------------------------------------------------------------
     @torch.no_grad()
@@ -206,3 +203,22 @@ class ConditionalLatentInferer:
             if on_step is not None:
                 on_step(k + 1, len(ts))
         return self.from_target(z, z_ref)
+
+    def latent_hw(self, x: torch.Tensor) -> tuple[int, int]:
+        """Latent grid of an image batch (the autoencoder downsamples by ``config.factor``)."""
+        f = self.autoencoder.config.factor
+        return x.shape[-2] // f, x.shape[-1] // f
+
+    @torch.no_grad()
+    def standardize(
+        self,
+        a: torch.Tensor,
+        noise: torch.Tensor,
+        steps: int,
+        strength: float,
+        guide: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Image in, image out: encode A (and G(A)), sample Z_B from ``noise``, return the image."""
+        z_a = self.encode(a).float()
+        z_g = self.encode(guide).float() if (self.first_guess and guide is not None) else None
+        return self.to_image(self.sample(z_a, noise, steps, strength, z_g=z_g), z_g, guide)
