@@ -205,3 +205,30 @@ def test_first_guess_diffusion_embeds_the_linear_filter(tmp_path, cases):
     assert s.first_guess is not None and s.first_guess.h_real.size > 10
     out = s.standardize(np.zeros((1, 50, 40), np.float32) - 500, (1.5, 0.7, 0.7))
     assert out.shape == (1, 50, 40) and np.isfinite(out).all()
+
+
+def test_latent_cache_crops_whole_slice_latents_reproducibly():
+    """The cache encodes each slice once and crops latents at body-biased places from (seed, step)."""
+    import torch
+
+    from train.data import LatentCache, PairedVolume
+
+    rng = np.random.default_rng(0)
+    src = rng.normal(0, 0.05, (2, 64, 64)).astype(np.float32) - 1.0
+    src[:, 16:48, 16:48] += 1.0  # "body"
+    vol = PairedVolume("v", src, src + 0.01, (1.0, 0.7, 0.7), guide=src * 0.5)
+    calls = []
+
+    def encode(x: torch.Tensor) -> torch.Tensor:
+        calls.append(tuple(x.shape))
+        return torch.nn.functional.avg_pool2d(x, 4).repeat(1, 3, 1, 1)
+
+    cache = LatentCache([vol], encode, factor=4, crop=32, batch=5, seed=1, first_guess=True)
+    assert len(cache) == 2 and len(calls) == 6  # A, G, B of each slice, once
+    za, zg, zb = cache.batch_at(3)
+    assert za.shape == zg.shape == zb.shape == (5, 3, 8, 8)
+    assert torch.allclose(zb - za, torch.full_like(za, 0.01), atol=1e-5)  # same place in A and B
+    again = cache.batch_at(3)
+    assert torch.equal(again[0], za) and not torch.equal(cache.batch_at(4)[0], za)
+    with pytest.raises(ValueError, match="multiple"):
+        LatentCache([vol], encode, factor=4, crop=30, batch=1, seed=0)
