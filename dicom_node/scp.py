@@ -27,7 +27,7 @@ from .conformance import (
 from .logs import log_event
 from .spool import safe_name, write_atomic
 from .tls import server_context
-from .transport import ConnectionGate, Limits, reject_reason, start_server
+from .transport import ConnectionGate, Limits, reject_reason, start_server, tls_peer
 
 log = logging.getLogger("dicom_node.scp")
 
@@ -194,7 +194,7 @@ class StorageSCP:
         rq = event.assoc.requestor
         self._stats[id(event.assoc)] = _AssocStats(calling_ae=str(rq.ae_title).strip(), address=rq.address)
         log_event(log, "association_accepted", calling_ae=str(rq.ae_title).strip(), peer=rq.address,
-                  port=rq.port, max_pdu=rq.maximum_length)
+                  port=rq.port, max_pdu=rq.maximum_length, **tls_peer(event.assoc))
 
     def _on_closed(self, event: evt.Event) -> None:
         st = self._stats.pop(id(event.assoc), None)

@@ -350,6 +350,18 @@ class GuardedAssociationServer(ThreadedAssociationServer):
         log.exception("unexpected error on a connection from %s", client_address[0])
 
 
+def tls_peer(assoc: Association) -> dict[str, Any]:
+    """Protocol, cipher suite and peer certificate subject of a TLS association ({} for plain TCP)."""
+    sock = getattr(assoc.dul.socket, "socket", None)
+    if not isinstance(sock, ssl.SSLSocket):
+        return {}
+    cert = sock.getpeercert() or {}
+    subject = dict(item[0] for item in cert.get("subject", ()))
+    cipher = sock.cipher()
+    return {"tls": sock.version(), "cipher": cipher[0] if cipher else None,
+            "peer_certificate": subject.get("commonName")}
+
+
 def start_server(ae: AE, address: tuple[str, int], handlers: list[Any], gate: ConnectionGate,
                  ssl_context: ssl.SSLContext | None = None, listener: str = "dicom") -> GuardedAssociationServer:
     """Start a guarded listener in a daemon thread (what ``AE.start_server(block=False)`` does)."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import shutil
 import socket
+import ssl
 import subprocess
 import time
 from collections.abc import Iterator
@@ -12,6 +13,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from pynetdicom import AE
+from pynetdicom.sop_class import Verification
 
 from dicom_node import db
 from dicom_node.config import ConfigError, parse_config
@@ -21,6 +24,7 @@ from dicom_node.peers import (
 )
 from dicom_node.scp import StorageSCP
 from dicom_node.scu import send_files
+from dicom_node.tls import BCP195_CIPHERS
 
 
 def _openssl(*args: str, cwd: Path) -> None:
@@ -92,11 +96,18 @@ def dcmtk_tls(tool: str, port: int, pki: Path, cert: str = "peer", ca: str = "ca
 
 
 # ------------------------------------------------------------------------------ the node's SCP
-def test_dcmtk_echo_and_store_over_tls_and_plain_tcp_stays(tls_node: Any, pki: Path, tmp_path: Path) -> None:
+def test_dcmtk_echo_and_store_over_tls_and_plain_tcp_stays(tls_node: Any, pki: Path, tmp_path: Path,
+                                                           caplog: pytest.LogCaptureFixture) -> None:
     scp = tls_node()
+    caplog.set_level("INFO")
     tls_port, plain_port = scp.ports["dicom-tls"], scp.ports["dicom"]
     r = dcmtk_tls("echoscu", tls_port, pki)
     assert r.returncode == 0, r.stderr
+    accepted = next(x for x in caplog.records if x.getMessage() == "association_accepted")
+    assert accepted.fields["tls"] in ("TLSv1.2", "TLSv1.3") and accepted.fields["peer_certificate"] == "localhost"
+    if accepted.fields["tls"] == "TLSv1.2":
+        assert accepted.fields["cipher"] in BCP195_CIPHERS.split(":")
+    print("negotiated with DCMTK:", accepted.fields["tls"], accepted.fields["cipher"])
     files = make_ct_series(tmp_path / "in", n=3, size=32)
     r = dcmtk_tls("storescu", tls_port, pki, files=tuple(files))
     assert r.returncode == 0, r.stderr
@@ -116,6 +127,33 @@ def test_client_without_a_trusted_certificate_is_refused(tls_node: Any, pki: Pat
     assert r.returncode != 0
     refused = [x for x in caplog.records if x.getMessage() == "connection_refused"]
     assert refused and "TLS handshake failed" in refused[0].fields["reason"]
+
+
+def _tls12_client(pki: Path, ciphers: str) -> ssl.SSLContext:
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.maximum_version = ssl.TLSVersion.TLSv1_2
+    ctx.set_ciphers(ciphers)
+    ctx.load_verify_locations(str(pki / "ca.crt"))
+    ctx.load_cert_chain(str(pki / "peer.crt"), str(pki / "peer.key"))
+    return ctx
+
+
+def test_tls12_uses_a_bcp195_suite_and_other_suites_are_refused(tls_node: Any, pki: Path,
+                                                               caplog: pytest.LogCaptureFixture) -> None:
+    scp = tls_node()
+    caplog.set_level("INFO")
+    ae = AE("TLS12")
+    ae.add_requested_context(Verification)
+    assoc = ae.associate(LOOPBACK, scp.ports["dicom-tls"], ae_title="LTDIFF",
+                         tls_args=(_tls12_client(pki, "ALL:@SECLEVEL=0"), "localhost"))
+    assert assoc.is_established
+    assoc.release()
+    accepted = next(x for x in caplog.records if x.getMessage() == "association_accepted")
+    assert accepted.fields["tls"] == "TLSv1.2" and accepted.fields["cipher"] in BCP195_CIPHERS.split(":")
+    # A TLS 1.2 client offering only CBC suites with RSA key exchange (not BCP 195) gets no session.
+    weak = ae.associate(LOOPBACK, scp.ports["dicom-tls"], ae_title="LTDIFF",
+                        tls_args=(_tls12_client(pki, "AES128-SHA:AES256-SHA:@SECLEVEL=0"), "localhost"))
+    assert not weak.is_established
 
 
 def test_verification_off_accepts_a_client_without_certificate(tls_node: Any, pki: Path) -> None:
@@ -214,3 +252,17 @@ def test_tls_configuration_errors_name_the_key(tmp_path: Path, pki: Path) -> Non
     with pytest.raises(ConfigError, match=r"destinations\[0\]\.tls_server_name: only meaningful with tls = true"):
         parse_config({"destinations": [{"name": "P", "ae_title": "P", "host": "h", "port": 1,
                                         "tls_server_name": "pacs"}]}, tmp_path)
+
+
+def test_conformance_statement_describes_the_tls_profile(tmp_path: Path, pki: Path) -> None:
+    from dicom_node.conformance import conformance_statement
+
+    raw = {"node": {"port": 11112}, "tls": tls_section(pki, enabled=True, port=2762),
+           "destinations": [{"name": "PACS", "ae_title": "P", "host": LOOPBACK, "port": 104, "tls": True}]}
+    text = conformance_statement(parse_config(raw, tmp_path))
+    for expected in ("DICOM TLS on 0.0.0.0:2762 and plain TCP on 0.0.0.0:11112", "BCP 195 TLS Profile",
+                     "ECDHE-RSA-AES128-GCM-SHA256", "client certificate required", "TLS to PACS",
+                     "A-ABORT", "4 TCP connections per peer address"):
+        assert expected in text, expected
+    plain = conformance_statement(parse_config({}, tmp_path))
+    assert "No TLS is configured" in plain and "no TLS)" in plain
