@@ -266,3 +266,28 @@ def test_conformance_statement_describes_the_tls_profile(tmp_path: Path, pki: Pa
         assert expected in text, expected
     plain = conformance_statement(parse_config({}, tmp_path))
     assert "No TLS is configured" in plain and "no TLS)" in plain
+
+
+@pytest.mark.skipif(ORTHANC is None, reason="Orthanc is not installed")
+def test_orthanc_sends_to_the_node_tls_listener(tls_node: Any, pki: Path, tmp_path: Path) -> None:
+    import json
+    import urllib.request
+
+    scp = tls_node()
+    (f,) = make_ct_series(tmp_path / "in", n=1, size=32)
+    tls = {"DicomTlsEnabled": True, "DicomTlsCertificate": str(pki / "peer.crt"),
+           "DicomTlsPrivateKey": str(pki / "peer.key"), "DicomTlsTrustedCertificates": str(pki / "ca.crt"),
+           "DicomModalities": {"NODE": {"AET": "LTDIFF", "Host": LOOPBACK, "Port": scp.ports["dicom-tls"],
+                                        "UseDicomTls": True}}}
+    with started(start_orthanc(tmp_path / "orthanc", extra_config=tls)) as orth:
+        base = f"http://{LOOPBACK}:{orth.extra['http_port']}"
+
+        def post(path: str, body: bytes) -> Any:
+            with urllib.request.urlopen(urllib.request.Request(base + path, data=body, method="POST"),
+                                        timeout=60) as r:  # noqa: S310 - loopback test server
+                return json.loads(r.read())
+
+        instance = post("/instances", f.read_bytes())["ID"]
+        post("/modalities/NODE/store", json.dumps({"Resources": [instance], "Synchronous": True}).encode())
+    with scp.db.session() as s:
+        assert s.query(db.Instance).count() == 1
