@@ -111,6 +111,22 @@ class GuardedDUL(DULServiceProvider):
         self._limits = limits
         self._request_deadline = request_deadline  # monotonic time the A-ASSOCIATE-RQ must be in by
         self._awaiting_request = True  # until a complete A-ASSOCIATE-RQ was read (the FSM may still be in Sta1)
+        self._closed_before_request = threading.Event()
+
+    def receive_pdu(self, wait: bool = False, timeout: float | None = None) -> Any:
+        """As pynetdicom's, but the acceptor's wait for the A-ASSOCIATE-RQ ends as soon as the
+        connection is gone: a port probe would otherwise hold its thread (and its per-address
+        connection count) for the whole ACSE timeout."""
+        if not (wait and self._awaiting_request):
+            return super().receive_pdu(wait, timeout)
+        end = None if timeout is None else time.monotonic() + timeout
+        while True:
+            step = 0.05 if end is None else max(0.0, min(0.05, end - time.monotonic()))
+            item = super().receive_pdu(wait=True, timeout=step)
+            if item is not None or self._closed_before_request.is_set():
+                return item
+            if end is not None and time.monotonic() >= end:
+                return None
 
     # -------------------------------------------------------------- reading
     def _read_exact(self, n: int, deadline: float) -> bytearray:
@@ -161,6 +177,8 @@ class GuardedDUL(DULServiceProvider):
                        awaiting_request=awaiting_request)
             return
         except (OSError, ConnectionError):
+            if awaiting_request:
+                self._closed_before_request.set()
             self.event_queue.put("Evt17")  # transport closed by the peer
             return
         try:
@@ -195,6 +213,8 @@ class GuardedDUL(DULServiceProvider):
                 sock.socket.sendall(pdu.encode())
             except OSError:
                 pass
+        if awaiting_request:
+            self._closed_before_request.set()
         sock.close()  # puts Evt17: Sta2 -> Sta1 (AA-5), established -> A-P-ABORT indication (AA-4)
 
 

@@ -297,3 +297,16 @@ def test_limit_keys_are_validated(tmp_path: Path) -> None:
             parse_config({"node": {key: 0}}, tmp_path)
     c = parse_config({}, tmp_path)
     assert c.acse_timeout_s == 5.0 and c.max_connections_per_address == 4 and c.max_pending_connections == 32
+
+
+def test_a_port_probe_frees_its_connection_at_once(scp_factory: Any) -> None:
+    """connect + close (a monitor's port check) must not count against its address for seconds."""
+    node = scp_factory(max_connections_per_address=1, acse_timeout_s=30.0)
+    socket.create_connection((LOOPBACK, node.port)).close()
+    time.sleep(0.5)
+    r = echoscu(node.port, "LTDIFF")
+    assert r.returncode == 0, r.stderr
+    deadline = time.monotonic() + 3
+    while node.scp.gate.connections() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert node.scp.gate.connections() == {}
