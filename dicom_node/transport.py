@@ -337,6 +337,9 @@ class GuardedAssociationServer(ThreadedAssociationServer):
 
     daemon_threads = True
     block_on_close = False  # connection threads live as long as their association
+    # socketserver's listen backlog is 5: a burst of connections (an attack, or a router opening
+    # several associations) overflows it and the kernel drops SYNs, delaying legitimate peers by 1-3 s.
+    request_queue_size = 128
 
     def __init__(self, ae: AE, address: tuple[str, int], ae_title: str, contexts: list[Any],
                  ssl_context: ssl.SSLContext | None = None, evt_handlers: list[Any] | None = None, *,

@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import socket
 import struct
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -201,28 +202,60 @@ def test_half_open_and_idle_connections_do_not_lock_out_legitimate_peers(scp_fac
             s.close()
 
 
+def _is_closed(s: socket.socket) -> bool:
+    try:
+        return s.recv(1, socket.MSG_DONTWAIT | socket.MSG_PEEK) == b""
+    except BlockingIOError:
+        return False
+    except OSError:
+        return True
+
+
 def test_storescu_succeeds_while_attack_connections_stay_open(scp_factory: Any, tmp_path: Path) -> None:
-    """The attacker reconnects as soon as the node closes a connection; sending still works."""
+    """The attacker keeps 24 connections (half of them with half an A-ASSOCIATE-RQ) open from 6
+    addresses, reconnecting whenever the node closes one; a DCMTK storescu still gets through."""
     from dicom_node.peers import make_ct_series, storescu
 
     node = scp_factory(acse_timeout_s=2.0)
     rq = associate_rq()
     files = make_ct_series(tmp_path / "in", n=2, size=32)
-    attack: list[socket.socket] = []
+    stop = threading.Event()
+    reconnects = [0]
+
+    def attacker() -> None:
+        socks: dict[int, socket.socket] = {}
+        while not stop.is_set():
+            for i in range(24):
+                s = socks.get(i)
+                if s is not None and not _is_closed(s):
+                    continue
+                if s is not None:
+                    s.close()
+                    reconnects[0] += 1
+                try:
+                    s = connect_from(f"127.0.0.{2 + i % 6}", node.port)
+                    if i % 2 == 0:
+                        s.sendall(rq[: len(rq) // 2])
+                    socks[i] = s
+                except OSError:
+                    socks.pop(i, None)
+            time.sleep(0.05)
+        for s in socks.values():
+            s.close()
+
+    thread = threading.Thread(target=attacker, daemon=True)
+    thread.start()
     try:
-        for i in range(24):
-            s = connect_from(f"127.0.0.{2 + i % 6}", node.port)
-            if i % 2 == 0:
-                s.sendall(rq[: len(rq) // 2])
-            attack.append(s)
+        time.sleep(2.5)  # at least one round of closes and reconnects
         t0 = time.monotonic()
         r = storescu(files, node.port, "LTDIFF", timeout=30)
         seconds = time.monotonic() - t0
         assert r.returncode == 0, r.stderr
         assert seconds < 5, seconds
+        assert reconnects[0] >= 12  # the node did close the attack connections
     finally:
-        for s in attack:
-            s.close()
+        stop.set()
+        thread.join(10)
 
 
 def test_max_associations_is_honoured_exactly_even_after_a_port_probe(scp_factory: Any,
