@@ -289,7 +289,10 @@ def test_every_rejection_log_line_gives_a_reason(scp_factory: Any, caplog: pytes
     caplog.set_level(logging.INFO)
     assert echoscu(node.port, "LTDIFF", "INTRUDER").returncode != 0
     assert echoscu(node.port, "NOTUS", "ECHOSCU").returncode != 0
-    rejected = [r for r in caplog.records if r.getMessage() == "association_rejected"]
+    deadline = time.monotonic() + 5  # logged by the node's thread, possibly after the peer exited
+    while len(rejected := [r for r in caplog.records if r.getMessage() == "association_rejected"]) < 2 \
+            and time.monotonic() < deadline:
+        time.sleep(0.05)
     assert len(rejected) == 2
     reasons = {r.fields.get("reason") for r in rejected}
     assert reasons == {"calling AE title not recognised", "called AE title not recognised"}
