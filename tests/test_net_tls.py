@@ -19,8 +19,8 @@ from pynetdicom.sop_class import Verification
 from dicom_node import db
 from dicom_node.config import ConfigError, parse_config
 from dicom_node.peers import (
-    LOOPBACK, ORTHANC, dcmtk, echoscu, free_port, make_ct_series, orthanc_get, peer_env, start_orthanc,
-    start_storescp, started, storescu,
+    LOOPBACK, dcmtk, echoscu, free_port, make_ct_series, orthanc_get, peer_env, start_orthanc,
+    start_storescp, started,
 )
 from dicom_node.scp import StorageSCP
 from dicom_node.scu import send_files
@@ -223,7 +223,6 @@ def test_scu_sends_to_dcmtk_storescp_over_tls(pki: Path, tmp_path: Path) -> None
         assert out.sent == 0 and out.failure is not None
 
 
-@pytest.mark.skipif(ORTHANC is None, reason="Orthanc is not installed")
 def test_scu_sends_to_orthanc_with_dicom_tls(pki: Path, tmp_path: Path) -> None:
     files = make_ct_series(tmp_path / "in", n=2, size=32)
     tls = {"DicomTlsEnabled": True, "DicomTlsCertificate": str(pki / "peer.crt"),
@@ -271,7 +270,6 @@ def test_conformance_statement_describes_the_tls_profile(tmp_path: Path, pki: Pa
     assert "No TLS is configured" in plain and "no TLS)" in plain
 
 
-@pytest.mark.skipif(ORTHANC is None, reason="Orthanc is not installed")
 def test_orthanc_sends_to_the_node_tls_listener(tls_node: Any, pki: Path, tmp_path: Path) -> None:
     import json
     import urllib.request
