@@ -51,6 +51,7 @@ PDU_HEADER_LENGTH = 6
 ASSOCIATE_RQ_MAX_LENGTH = 65536  # an A-ASSOCIATE-RQ with 128 presentation contexts is ~13 KB
 UNLIMITED_PDU_CAP = 2**26  # max_pdu = 0 ("unlimited") still has a ceiling: the largest configurable value
 _PDU_TYPES = range(0x01, 0x08)
+REFUSAL_LOG_INTERVAL_S = 10.0
 _ABORT_SOURCE_PROVIDER = 0x02
 _ABORT_UNRECOGNIZED_PDU = 0x01
 _ABORT_INVALID_PARAMETER = 0x06
@@ -226,6 +227,23 @@ class ConnectionGate:
         self._lock = threading.Lock()
         self._connections: Counter[str] = Counter()
         self._admitted: set[Association] = set()
+        self._refusals: dict[tuple[str, str], tuple[float, int]] = {}  # (peer, limit) -> (last logged, suppressed)
+
+    def log_refusal(self, host: str, reason: str, **fields: Any) -> None:
+        """One ``connection_refused`` line per peer address and limit every REFUSAL_LOG_INTERVAL_S,
+        with the number suppressed since: a connection flood must not become a log flood."""
+        key = (host, reason.split(" (")[0])
+        now = time.monotonic()
+        with self._lock:
+            last, suppressed = self._refusals.get(key, (-REFUSAL_LOG_INTERVAL_S, 0))
+            if now - last < REFUSAL_LOG_INTERVAL_S:
+                self._refusals[key] = (last, suppressed + 1)
+                return
+            if len(self._refusals) > 4096:
+                self._refusals.clear()
+            self._refusals[key] = (now, 0)
+        log_event(log, "connection_refused", level=logging.WARNING, peer=host, reason=reason,
+                  suppressed=suppressed or None, **fields)
 
     # -------------------------------------------------------------- TCP connections
     def open_connection(self, host: str) -> str | None:
@@ -303,8 +321,7 @@ class GuardedRequestHandler(RequestHandler):
                 except (OSError, ValueError) as exc:  # ssl.SSLError, timeout and resets are OSErrors
                     why = "no TLS handshake within acse_timeout_s" if isinstance(exc, TimeoutError) else \
                         f"TLS handshake failed: {getattr(exc, 'reason', None) or exc}"
-                    log_event(log, "connection_refused", level=logging.WARNING, peer=host,
-                              listener=self.server.listener, reason=why)
+                    gate.log_refusal(host, why, listener=self.server.listener)
                     return
             sock.settimeout(gate.limits.network_timeout_s)
             assoc = self._create_association_guarded(deadline)
@@ -364,8 +381,7 @@ class GuardedAssociationServer(ThreadedAssociationServer):
         host = str(client_address[0])
         reason = self.gate.open_connection(host)
         if reason is not None:
-            log_event(log, "connection_refused", level=logging.WARNING, peer=host, listener=self.listener,
-                      reason=reason)
+            self.gate.log_refusal(host, reason, listener=self.listener)
             return False
         return True
 
