@@ -242,8 +242,9 @@ class ConnectionGate:
             if len(self._refusals) > 4096:
                 self._refusals.clear()
             self._refusals[key] = (now, 0)
-        log_event(log, "connection_refused", level=logging.WARNING, peer=host, reason=reason,
-                  suppressed=suppressed or None, **fields)
+        if suppressed:
+            fields["suppressed"] = suppressed
+        log_event(log, "connection_refused", level=logging.WARNING, peer=host, reason=reason, **fields)
 
     # -------------------------------------------------------------- TCP connections
     def open_connection(self, host: str) -> str | None:
