@@ -347,3 +347,24 @@ def test_a_port_probe_frees_its_connection_at_once(scp_factory: Any) -> None:
     while node.scp.gate.connections() and time.monotonic() < deadline:
         time.sleep(0.05)
     assert node.scp.gate.connections() == {}
+
+
+def test_refusal_lines_carry_the_suppressed_count(scp_factory: Any, caplog: pytest.LogCaptureFixture,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    from dicom_node import transport
+
+    monkeypatch.setattr(transport, "REFUSAL_LOG_INTERVAL_S", 1.0)
+    node = scp_factory(max_connections_per_address=1)
+    caplog.set_level(logging.INFO)
+    held = connect_from("127.0.0.5", node.port)
+    try:
+        for _ in range(5):
+            with connect_from("127.0.0.5", node.port) as s:
+                assert closed_by_peer(s, 1.0)
+        time.sleep(1.1)
+        with connect_from("127.0.0.5", node.port) as s:
+            assert closed_by_peer(s, 1.0)
+        lines = [r.fields for r in caplog.records if r.getMessage() == "connection_refused"]
+        assert len(lines) == 2 and "suppressed" not in lines[0] and lines[1]["suppressed"] == 4
+    finally:
+        held.close()
