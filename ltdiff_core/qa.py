@@ -17,7 +17,9 @@ Input measures (:func:`measure_series`), from at most ``MAX_SLICES`` evenly spac
   smaller than a chest or abdomen); not measured when the body is cut by the field of view;
   ``body_fraction`` (share of the image inside the body) is recorded, never checked, because a
   crop of the same scan changes it;
-* ``noise_hu``: plane-detrended HU standard deviation in homogeneous soft-tissue patches;
+* ``noise_hu``: plane-detrended HU standard deviation in homogeneous soft-tissue patches (when
+  fewer than ``MIN_PATCHES`` exist, e.g. a small field of view inside the chest, homogeneous
+  lung-parenchyma patches are added and ``noise_region`` says so);
 * ``nps_peak_lpcm``, ``nps_mean_lpcm``: peak and power-weighted mean frequency of the radial
   noise power spectrum of the same patches;
 * ``sharpness``: ratio of noise power above ``SHARPNESS_SPLIT_LPCM`` to the power below it; a
@@ -58,6 +60,8 @@ PATCH_MM = 22.4                  # 32 px at 0.7 mm
 MAX_PATCHES_PER_SLICE = 12
 SOFT_TISSUE_HU = (-200.0, 300.0)  # patches for noise (fat to enhanced organ)
 WATER_LIKE_HU = (-50.0, 150.0)    # patches whose mean counts as soft tissue for the HU check
+LUNG_HU = (-950.0, -500.0)        # fallback region for noise when soft tissue is scarce
+MIN_PATCHES = 4
 STRUCTURE_SIGMA_MM = 2.0
 STRUCTURE_MAX_HU = 10.0
 BODY_HU = -500.0
@@ -118,6 +122,7 @@ class Measures:
     why_not: dict[str, str] = field(default_factory=dict)
     patches: Patches | None = None
     slices: list[int] = field(default_factory=list)
+    region: str = "soft tissue"  # where the noise patches lie (soft tissue, or lung as fallback)
 
     def to_json(self) -> dict[str, Any]:
         out: dict[str, Any] = {k: (None if v is None else round(float(v), 4)) for k, v in self.values.items()}
@@ -125,6 +130,7 @@ class Measures:
             out["not_measured"] = dict(self.why_not)
         out["slices_measured"] = len(self.slices)
         out["patches"] = len(self.patches.corners) if self.patches else 0
+        out["noise_region"] = self.region
         return out
 
 
@@ -149,10 +155,14 @@ def _detrended_std(blocks: np.ndarray, q: np.ndarray) -> np.ndarray:
     return np.sqrt((res * res).sum(axis=1) / max(blocks.shape[1] - 3, 1))
 
 
-def _blocks(img: np.ndarray, p: int) -> tuple[np.ndarray, int, int]:
-    ny, nx = img.shape[0] // p, img.shape[1] // p
-    b = img[: ny * p, : nx * p].reshape(ny, p, nx, p).transpose(0, 2, 1, 3).reshape(ny * nx, p * p)
-    return b, ny, nx
+def _blocks(img: np.ndarray, p: int, step: int | None = None) -> tuple[np.ndarray, int, int]:
+    """Square ``p`` x ``p`` blocks every ``step`` pixels (default ``p``: tiling) as rows (N, p*p)."""
+    step = step or p
+    if img.shape[0] < p or img.shape[1] < p:
+        return np.zeros((0, p * p), img.dtype), 0, 0
+    win = np.lib.stride_tricks.sliding_window_view(img, (p, p))[::step, ::step]
+    ny, nx = win.shape[:2]
+    return win.reshape(ny * nx, p * p), ny, nx
 
 
 def _bin2(img: np.ndarray) -> np.ndarray:
@@ -181,25 +191,34 @@ def _body(img: np.ndarray) -> np.ndarray:
 
 
 def _slice_patches(img: np.ndarray, binned: np.ndarray, pixel_mm: float, p: int,
-                   q: np.ndarray) -> list[tuple[int, int, float]]:
+                   hu_range: tuple[float, float] = SOFT_TISSUE_HU) -> list[tuple[int, int, float]]:
     """(y, x, score) of this slice's homogeneous soft-tissue blocks, least structured first.
 
-    The structure score is computed on the 2x2-binned slice (the 2 mm Gaussian is wider than a bin).
+    Candidates overlap by half a patch (a small field of view still offers enough of them); the
+    structure score is computed on the 2x2-binned slice (the 2 mm Gaussian is wider than a bin).
     """
-    blocks, ny, nx = _blocks(img, p)
+    h = p // 2
+    blocks, ny, nx = _blocks(img, p, h)
     if blocks.size == 0:
         return []
     means = blocks.mean(axis=1)
-    cand = np.nonzero((means >= SOFT_TISSUE_HU[0]) & (means <= SOFT_TISSUE_HU[1]))[0]
+    cand = np.nonzero((means >= hu_range[0]) & (means <= hu_range[1]))[0]
     if len(cand) == 0:
         return []
-    h = p // 2
-    smooth = ndimage.gaussian_filter(binned[: ny * h, : nx * h], STRUCTURE_SIGMA_MM / (2 * pixel_mm))
-    sblocks, _, _ = _blocks(smooth, h)
-    scores = _detrended_std(sblocks[cand], _plane_basis(h))
+    ys, xs = (cand // nx) * h, (cand % nx) * h
+    smooth = ndimage.gaussian_filter(binned, STRUCTURE_SIGMA_MM / (2 * pixel_mm))
+    swin = np.lib.stride_tricks.sliding_window_view(smooth, (h, h))
+    scores = _detrended_std(swin[ys // 2, xs // 2].reshape(len(cand), h * h), _plane_basis(h))
     keep = [(int(c), float(s)) for c, s in zip(cand, scores) if s <= STRUCTURE_MAX_HU]
     keep.sort(key=lambda t: t[1])
-    return [((c // nx) * p, (c % nx) * p, s) for c, s in keep[:MAX_PATCHES_PER_SLICE]]
+    chosen: list[tuple[int, int, float]] = []
+    for c, s in keep:  # least structured first, no two patches overlapping
+        y, x = (c // nx) * h, (c % nx) * h
+        if all(abs(y - cy) >= p or abs(x - cx) >= p for cy, cx, _ in chosen):
+            chosen.append((y, x, s))
+        if len(chosen) >= MAX_PATCHES_PER_SLICE:
+            break
+    return chosen
 
 
 def noise_measures(volume: np.ndarray, patches: Patches, pixel_mm: float) -> dict[str, float | None]:
@@ -228,14 +247,14 @@ def measure_series(hu: np.ndarray, spacing: Sequence[float], slice_thickness_mm:
     dz, dy, dx = (float(s) for s in spacing)
     pixel_mm = math.sqrt(dy * dx)
     thickness = float(slice_thickness_mm) if slice_thickness_mm else dz
-    p = 2 * int(np.clip(round(PATCH_MM / pixel_mm / 2), 4, 48))  # even: binned 2x2 for the structure score
-    q = _plane_basis(p)
+    p = 4 * int(np.clip(round(PATCH_MM / pixel_mm / 4), 2, 24))  # multiple of 4: half-patch steps, 2x2 bins
     idx = sample_slices(vol.shape[0], max_slices)
     patches = Patches(p)
     air: list[np.ndarray] = []
     diam: list[float] = []
     frac: list[float] = []
     truncated = 0
+    binned_by_z: dict[int, np.ndarray] = {}
     for z in idx:
         img = vol[z].astype(np.float32)
         binned = _bin2(img)
@@ -250,7 +269,17 @@ def measure_series(hu: np.ndarray, spacing: Sequence[float], slice_thickness_mm:
             air.append(outside[(outside >= PADDING_BELOW_HU) & (outside < BODY_HU)])
             if n_body:
                 diam.append(2.0 * math.sqrt(n_body * 4 * dy * dx / math.pi))
-        patches.corners += [(z, y, x) for y, x, _ in _slice_patches(img, binned, pixel_mm, p, q)]
+        patches.corners += [(z, y, x) for y, x, _ in _slice_patches(img, binned, pixel_mm, p)]
+        binned_by_z[z] = binned
+    region = "soft tissue"
+    if len(patches.corners) < MIN_PATCHES:
+        # a small field of view inside the chest may hold no flat soft tissue: homogeneous lung
+        # parenchyma carries the same reconstruction noise texture
+        lung = [(z, y, x) for z in idx
+                for y, x, _ in _slice_patches(vol[z].astype(np.float32), binned_by_z[z], pixel_mm, p, LUNG_HU)]
+        if lung:
+            patches.corners += lung
+            region = "soft tissue + lung" if patches.corners != lung else "lung"
     why: dict[str, str] = {}
     air_all = np.concatenate(air) if air else np.zeros(0)
     hu_air = float(np.median(air_all[:: max(1, air_all.size // 20000)])) if air_all.size >= MIN_AIR_PIXELS else None
@@ -273,7 +302,7 @@ def measure_series(hu: np.ndarray, spacing: Sequence[float], slice_thickness_mm:
     if not patches.corners:
         for k in ("hu_soft_tissue", "noise_hu", "nps_peak_lpcm", "nps_mean_lpcm", "sharpness"):
             why[k] = "no homogeneous soft-tissue patch found"
-    return Measures(values, why, patches, idx)
+    return Measures(values, why, patches, idx, region)
 
 
 def measure_output(hu_out: np.ndarray, spacing: Sequence[float], inputs: Measures) -> Measures:
@@ -287,7 +316,7 @@ def measure_output(hu_out: np.ndarray, spacing: Sequence[float], inputs: Measure
     n_in, n_out = inputs.values.get("noise_hu"), values.get("noise_hu")
     values["noise_ratio"] = n_out / n_in if n_in and n_out is not None else None
     why = {k: "no homogeneous soft-tissue patch found in the input" for k, v in values.items() if v is None}
-    return Measures(values, why, patches, inputs.slices)
+    return Measures(values, why, patches, inputs.slices, inputs.region)
 
 
 def series_thickness(datasets: Iterable[Any]) -> float | None:
