@@ -277,7 +277,9 @@ class Worker:
             return None
         from .qa_gate import check_output
 
+        t0 = time.monotonic()
         check_output(res, out_hu, spacing)
+        res.extra["output_seconds"] = round(time.monotonic() - t0, 3)
         self._store_qa(job_id, res)
         if res.verdict is not None and res.verdict.output_findings:
             log_event(log, "qa_output_warning", level=logging.WARNING, job=job_id,

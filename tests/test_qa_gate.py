@@ -176,6 +176,33 @@ def test_rule_qa_key_is_validated() -> None:
         parse_config({"rules": [{"name": "r", "qa": True}]})
 
 
+def test_older_database_gets_the_new_columns(tmp_path: Path) -> None:
+    """A database written before the QA columns existed is upgraded at start-up (create_all)."""
+    import sqlite3
+
+    from dicom_node import db
+
+    url = f"sqlite:///{tmp_path / 'old.sqlite'}"
+    d = db.Database(url)
+    d.create_all()
+    d.dispose()
+    con = sqlite3.connect(tmp_path / "old.sqlite")
+    con.execute("ALTER TABLE jobs DROP COLUMN qa")
+    con.execute("ALTER TABLE jobs DROP COLUMN qa_mode")
+    con.execute("ALTER TABLE series DROP COLUMN qa_force")
+    con.commit()
+    con.close()
+    d = db.Database(url)
+    d.create_all()
+    with d.session() as s:
+        s.add(db.Series(series_uid="1.2.3", state=db.FAILED, qa_force=True))
+    with d.session() as s:
+        assert s.scalars(db.select(db.Series)).one().qa_force is True
+    d.dispose()
+    cols = {r[1] for r in sqlite3.connect(tmp_path / "old.sqlite").execute("PRAGMA table_info(jobs)")}
+    assert {"qa", "qa_mode"} <= cols
+
+
 # ------------------------------------------------------------------ the node
 def test_node_refuses_flags_and_force_retries(phantom: Path, sharp_as_br40: Path, tmp_path: Path) -> None:
     """A running node: Br40 passes and is sent; the lying tag is refused (failed, nothing sent);
