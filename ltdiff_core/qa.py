@@ -44,6 +44,7 @@ any kernel.
 """
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -141,6 +142,7 @@ def sample_slices(n: int, max_slices: int = MAX_SLICES) -> list[int]:
     return sorted({int(round(i)) for i in np.linspace(0, n - 1, max_slices + 2)[1:-1]})
 
 
+@functools.lru_cache(maxsize=16)
 def _plane_basis(p: int) -> np.ndarray:
     """Orthonormal basis (p*p, 3) of constant + x + y: projecting it out detrends a patch."""
     y, x = np.mgrid[0:p, 0:p]
@@ -153,16 +155,6 @@ def _detrended_std(blocks: np.ndarray, q: np.ndarray) -> np.ndarray:
     """Plane-detrended std of each block of ``blocks`` (N, p*p)."""
     res = blocks - (blocks @ q) @ q.T
     return np.sqrt((res * res).sum(axis=1) / max(blocks.shape[1] - 3, 1))
-
-
-def _blocks(img: np.ndarray, p: int, step: int | None = None) -> tuple[np.ndarray, int, int]:
-    """Square ``p`` x ``p`` blocks every ``step`` pixels (default ``p``: tiling) as rows (N, p*p)."""
-    step = step or p
-    if img.shape[0] < p or img.shape[1] < p:
-        return np.zeros((0, p * p), img.dtype), 0, 0
-    win = np.lib.stride_tricks.sliding_window_view(img, (p, p))[::step, ::step]
-    ny, nx = win.shape[:2]
-    return win.reshape(ny * nx, p * p), ny, nx
 
 
 def _bin2(img: np.ndarray) -> np.ndarray:
@@ -198,15 +190,18 @@ def _slice_patches(img: np.ndarray, binned: np.ndarray, pixel_mm: float, p: int,
     structure score is computed on the 2x2-binned slice (the 2 mm Gaussian is wider than a bin).
     """
     h = p // 2
-    blocks, ny, nx = _blocks(img, p, h)
-    if blocks.size == 0:
+    ty, tx = img.shape[0] // h, img.shape[1] // h
+    if ty < 2 or tx < 2:
         return []
-    means = blocks.mean(axis=1)
+    tiles = img[: ty * h, : tx * h].reshape(ty, h, tx, h).sum(axis=(1, 3), dtype=np.float64)
+    sums = tiles[:-1, :-1] + tiles[1:, :-1] + tiles[:-1, 1:] + tiles[1:, 1:]  # p-blocks every h pixels
+    ny, nx = sums.shape
+    means = (sums / (p * p)).ravel()
     cand = np.nonzero((means >= hu_range[0]) & (means <= hu_range[1]))[0]
     if len(cand) == 0:
         return []
     ys, xs = (cand // nx) * h, (cand % nx) * h
-    smooth = ndimage.gaussian_filter(binned, STRUCTURE_SIGMA_MM / (2 * pixel_mm))
+    smooth = ndimage.gaussian_filter(binned, STRUCTURE_SIGMA_MM / (2 * pixel_mm), truncate=3.0)
     swin = np.lib.stride_tricks.sliding_window_view(smooth, (h, h))
     scores = _detrended_std(swin[ys // 2, xs // 2].reshape(len(cand), h * h), _plane_basis(h))
     keep = [(int(c), float(s)) for c, s in zip(cand, scores) if s <= STRUCTURE_MAX_HU]
@@ -226,9 +221,12 @@ def noise_measures(volume: np.ndarray, patches: Patches, pixel_mm: float) -> dic
     if not patches.corners:
         return {"noise_hu": None, "nps_peak_lpcm": None, "nps_mean_lpcm": None, "sharpness": None}
     stack = patches.cut(volume)
-    q = _plane_basis(patches.size)
-    noise = float(np.mean(_detrended_std(stack.reshape(len(stack), -1), q)))
-    f, nps = measure.nps_radial(stack, pixel_mm)
+    n, p = len(stack), patches.size
+    q = _plane_basis(p)
+    flat = stack.reshape(n, -1)
+    resid = flat - (flat @ q) @ q.T  # plane-detrended, all patches at once
+    noise = float(np.mean(np.sqrt((resid * resid).sum(axis=1) / max(p * p - 3, 1))))
+    f, nps = measure.nps_radial(resid.reshape(n, p, p), pixel_mm, detrend=0)
     power = nps * f  # radial NPS times annulus circumference: power per frequency bin
     total = float(power.sum())
     mean_f = float((f * power).sum() / total) if total > 0 else None
