@@ -18,8 +18,10 @@ Input measures (:func:`measure_series`), from at most ``MAX_SLICES`` evenly spac
   ``body_fraction`` (share of the image inside the body) is recorded, never checked, because a
   crop of the same scan changes it;
 * ``noise_hu``: plane-detrended HU standard deviation in homogeneous soft-tissue patches (when
-  fewer than ``MIN_PATCHES`` exist, e.g. a small field of view inside the chest, homogeneous
-  lung-parenchyma patches are added and ``noise_region`` says so);
+  the sampled slices hold fewer than ``MIN_PATCHES``, every slice is searched; when still too few,
+  e.g. a small field of view inside the chest, homogeneous lung-parenchyma patches are added and
+  ``noise_region`` says so). A series without any homogeneous patch (a short upper-chest series
+  of thin muscle and fat bands, a 9 cm crop of lung) cannot have its kernel verified;
 * ``nps_peak_lpcm``, ``nps_mean_lpcm``: peak and power-weighted mean frequency of the radial
   noise power spectrum of the same patches;
 * ``sharpness``: ratio of noise power above ``SHARPNESS_SPLIT_LPCM`` to the power below it; a
@@ -273,14 +275,20 @@ def measure_series(hu: np.ndarray, spacing: Sequence[float], slice_thickness_mm:
         patches.corners += [(z, y, x) for y, x, _ in _slice_patches(img, binned, pixel_mm, p)]
         binned_by_z[z] = binned
     region = "soft tissue"
+    if len(patches.corners) < MIN_PATCHES and len(idx) < vol.shape[0]:
+        # the sampled slices hold too little flat soft tissue (e.g. upper chest): search them all
+        for z in sorted(set(range(vol.shape[0])) - set(idx)):
+            img = vol[z].astype(np.float32)
+            binned_by_z[z] = _bin2(img)
+            patches.corners += [(z, y, x) for y, x, _ in _slice_patches(img, binned_by_z[z], pixel_mm, p)]
     if len(patches.corners) < MIN_PATCHES:
         # a small field of view inside the chest may hold no flat soft tissue: homogeneous lung
         # parenchyma carries the same reconstruction noise texture
-        lung = [(z, y, x) for z in idx
+        lung = [(z, y, x) for z in sorted(binned_by_z)
                 for y, x, _ in _slice_patches(vol[z].astype(np.float32), binned_by_z[z], pixel_mm, p, LUNG_HU)]
         if lung:
+            region = "soft tissue + lung" if patches.corners else "lung"
             patches.corners += lung
-            region = "soft tissue + lung" if patches.corners != lung else "lung"
     why: dict[str, str] = {}
     air_all = np.concatenate(air) if air else np.zeros(0)
     hu_air = float(np.median(air_all[:: max(1, air_all.size // 20000)])) if air_all.size >= MIN_AIR_PIXELS else None
