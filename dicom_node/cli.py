@@ -51,6 +51,8 @@ def cmd_jobs(args: argparse.Namespace) -> int:
         q = select(db.Job).order_by(db.Job.id.desc()).limit(args.last)
         if args.state:
             q = q.where(db.Job.state == args.state)
+        if getattr(args, "series_uid", None):
+            q = q.join(db.Series).where(db.Series.series_uid == args.series_uid)
         jobs = [(j.series.series_uid, job_dict(j)) for j in s.scalars(q)]
     database.dispose()
     if args.json:
@@ -63,6 +65,13 @@ def cmd_jobs(args: argparse.Namespace) -> int:
         tail = j["error"] or j["output_series_uid"] or ""
         print(f"{j['job']:>5} {j['version']:>2} {j['state']:<11}{str(j['output_count'] or '-'):>7} {name:<18}"
               f"{(f'{ms:.1f}' if ms is not None else '-'):>8}  {uid} -> {tail}")
+        if getattr(args, "series_uid", None):
+            from .qa_gate import measures_lines
+
+            print("\n".join(measures_lines(j.get("qa"))))
+    if getattr(args, "series_uid", None) and not jobs:
+        print(f"no jobs for series {args.series_uid}")
+        return 1
     return 0
 
 
@@ -73,9 +82,10 @@ def cmd_retry(args: argparse.Namespace) -> int:
     cfg = _config(args)
     database = db.Database(cfg.db_url)
     database.create_all()
-    n = Worker(cfg, database).retry(series_uid=args.series_uid, failed=args.failed)
+    n = Worker(cfg, database).retry(series_uid=args.series_uid, failed=args.failed, force=args.force)
     database.dispose()
-    print(f"{n} series queued for reprocessing" + ("" if n else " (not found, or still in progress)"))
+    print(f"{n} series queued for reprocessing" + (" (QA gate: flag, forced)" if n and args.force else "")
+          + ("" if n else " (not found, or still in progress)"))
     return 0 if n or args.failed else 1
 
 
@@ -148,7 +158,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--check", action="store_true", help="exit status 3 when the node is down")
     sp.set_defaults(func=cmd_status)
 
-    sp = sub.add_parser("jobs", parents=[common], help="list processing jobs")
+    sp = sub.add_parser("jobs", parents=[common], help="list processing jobs (with SERIES_UID: its jobs and QA measures)")
+    sp.add_argument("series_uid", nargs="?", metavar="SERIES_UID", help="only this series, with its QA measures")
     sp.add_argument("--state", help="only jobs in this state (queued, processing, sending, done, failed)")
     sp.add_argument("--last", type=int, default=20, metavar="N")
     sp.add_argument("--json", action="store_true")
@@ -158,6 +169,8 @@ def build_parser() -> argparse.ArgumentParser:
     g = sp.add_mutually_exclusive_group(required=True)
     g.add_argument("series_uid", nargs="?", metavar="SERIES_UID")
     g.add_argument("--failed", action="store_true", help="every failed series")
+    sp.add_argument("--force", action="store_true",
+                    help="standardize even if the QA gate refuses (the warning is recorded and written to the output)")
     sp.set_defaults(func=cmd_retry)
 
     sp = sub.add_parser("purge", parents=[common], help="delete finished series (files and records)")

@@ -34,6 +34,7 @@ MATCH_KEYS = (
 _AE_RE = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}$")  # DICOM AE: 16 chars, no backslash/control
 _UID_ROOT_RE = re.compile(r"^[0-9]+(\.[0-9]+)*\.?$")
 _NAME_RE = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
+QA_MODES = ("refuse", "flag", "off")
 
 
 class ConfigError(ValueError):
@@ -80,6 +81,7 @@ class Rule:
     destinations: tuple[str, ...] = ()
     steps: int | None = None
     seed: int = 0
+    qa: str = "refuse"  # physics QA gate: "refuse" | "flag" | "off" (see dicom_node.qa_gate)
 
 
 @dataclass(frozen=True)
@@ -459,7 +461,7 @@ def _rules(raw: dict[str, Any], destinations: tuple[Destination, ...], base: Pat
         p = f"rules[{i}]."
         if not isinstance(t, dict):
             raise _fail(f"rules[{i}]", t, "must be a table")
-        _reject_unknown(t, {"name", "match", "action", "model", "destinations", "steps", "seed"}, p)
+        _reject_unknown(t, {"name", "match", "action", "model", "destinations", "steps", "seed", "qa"}, p)
         name = _get(t, "name", p, str, f"rule-{i}")
         match_raw = _get(t, "match", p, dict, {})
         match: dict[str, tuple[str, ...]] = {}
@@ -488,6 +490,9 @@ def _rules(raw: dict[str, Any], destinations: tuple[Destination, ...], base: Pat
             if not resolved.is_file():
                 raise _fail(p + "model", model, f"checkpoint not found at {resolved}")
             model = str(resolved)
+        qa = _get(t, "qa", p, str, "refuse")
+        if qa not in QA_MODES:
+            raise _fail(p + "qa", qa, "must be 'refuse', 'flag' or 'off'")
         dests = _get(t, "destinations", p, list, [])
         for j, d in enumerate(dests):
             if d not in names:
@@ -495,7 +500,7 @@ def _rules(raw: dict[str, Any], destinations: tuple[Destination, ...], base: Pat
         out.append(
             Rule(
                 name=name, match=match, action=action, model=model, destinations=tuple(dests),
-                steps=_steps(t, p), seed=_get(t, "seed", p, int, 0),
+                steps=_steps(t, p), seed=_get(t, "seed", p, int, 0), qa=qa,
             )
         )
     return tuple(out)

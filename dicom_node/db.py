@@ -82,6 +82,7 @@ class Series(Base):
     error: Mapped[str | None] = mapped_column(Text)
     grown_after_processing: Mapped[bool] = mapped_column(Boolean, default=False)
     late_instances: Mapped[int] = mapped_column(Integer, default=0)
+    qa_force: Mapped[bool | None] = mapped_column(Boolean, default=False)  # `retry --force`: next job flags
 
     instances: Mapped[list[Instance]] = relationship(back_populates="series", cascade="all, delete-orphan")
     jobs: Mapped[list[Job]] = relationship(back_populates="series", cascade="all, delete-orphan", order_by="Job.id")
@@ -143,6 +144,8 @@ class Job(Base):
     finished_at: Mapped[datetime | None] = mapped_column(DateTime)
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     error: Mapped[str | None] = mapped_column(Text)
+    qa_mode: Mapped[str | None] = mapped_column(String(8))      # refuse | flag | off (the rule's), forced (`retry --force`)
+    qa: Mapped[dict[str, Any] | None] = mapped_column(JSON)     # QA gate record (dicom_node.qa_gate)
 
     series: Mapped[Series] = relationship(back_populates="jobs")
     deliveries: Mapped[list[Delivery]] = relationship(back_populates="job", cascade="all, delete-orphan")
@@ -230,6 +233,7 @@ class Database:
 
     def create_all(self) -> None:
         Base.metadata.create_all(self.engine)
+        add_missing_columns(self.engine)
 
     @contextlib.contextmanager
     def session(self) -> Iterator[Session]:
@@ -246,6 +250,29 @@ class Database:
 
     def dispose(self) -> None:
         self.engine.dispose()
+
+
+def add_missing_columns(engine: Engine) -> list[str]:
+    """Add nullable columns that a newer version defines to tables of an older database.
+
+    ``create_all`` creates missing tables only; without this an upgraded node would fail on its
+    first query of an existing database. Only additions are made (never drops or type changes).
+    """
+    from sqlalchemy import inspect
+
+    added = []
+    insp = inspect(engine)
+    with engine.begin() as conn:
+        for table in Base.metadata.sorted_tables:
+            if not insp.has_table(table.name):
+                continue
+            have = {c["name"] for c in insp.get_columns(table.name)}
+            for col in table.columns:
+                if col.name not in have and col.nullable:
+                    ddl = col.type.compile(dialect=engine.dialect)
+                    conn.exec_driver_sql(f'ALTER TABLE {table.name} ADD COLUMN "{col.name}" {ddl}')
+                    added.append(f"{table.name}.{col.name}")
+    return added
 
 
 def series_by_uid(s: Session, uid: str) -> Series | None:

@@ -164,6 +164,12 @@ path = "{(tmp_path / 'direct.safetensors').as_posix()}"
     lin = Standardizer.from_checkpoint(tmp_path / "linear.safetensors")
     m = lin.ckpt.metadata["metrics"]["linear"]
     assert m["val_rmse_hu_filter"] < m["val_rmse_hu_identity"]
+    # the QA envelope of the training data (train + validation cases) is written with the checkpoint
+    from ltdiff_core import qa
+
+    env = qa.envelope_of(lin.ckpt.metadata)
+    assert env is not None and env["series"] == 3 and env["source"]["kernel"] == "Br40"
+    assert env["source"]["measures"]["pixel_spacing_mm"]["n"] == 3
 
 
 def test_ddp_two_processes_end_with_identical_weights(tmp_path, cases):
