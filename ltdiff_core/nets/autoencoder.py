@@ -125,7 +125,7 @@ class MultiscaleLatentAutoencoder(nn.Module):
         if x.shape[-1] % fct or x.shape[-2] % fct:
             raise ValueError(f"input size {tuple(x.shape[-2:])} is not a multiple of {fct}")
         feats = []
-        h = x
+        h = _like_weights(x, self.enc[0].conv_1.conv.weight)
         for block in self.enc:
             h = block(h)
             feats.append(h)
@@ -150,8 +150,25 @@ class MultiscaleLatentAutoencoder(nn.Module):
         return [head(grid[(0, j + 1)]) for j, head in enumerate(self.heads)]
 
     def decode(self, z: torch.Tensor) -> torch.Tensor:
-        """Packed latent -> image (the last deep-supervision head)."""
-        return self.decode_all(z)[-1]
+        """Packed latent -> image (the last deep-supervision head), inference path.
+
+        Same values as ``decode_all(z)[-1]`` but without the unused shallow heads, and with the
+        UpCat blocks run without their no-op border pad (inputs are multiples of ``factor``).
+        """
+        L = self.config.depth
+        z = _like_weights(z, self.enc[0].conv_1.conv.weight)
+        zs = self.unpack(z)
+        if not self.multiscale:
+            h = self.lift[str(L)](zs[0])
+            for i in range(L - 1, -1, -1):
+                h = _upcat(self.up[str(i)], h, None)
+            return self.heads[0](h)
+        grid: dict[tuple[int, int], torch.Tensor] = {(i, 0): self.lift[str(i)](zi) for i, zi in enumerate(zs)}
+        for j in range(1, L + 1):
+            for i in range(0, L - j + 1):
+                skips = torch.cat([grid[(i, k)] for k in range(j)], dim=1)
+                grid[(i, j)] = _upcat(self.up[f"{i}_{j}"], grid[(i + 1, j - 1)], skips)
+        return self.heads[-1](grid[(0, L)])
 
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
         return self.decode_all(self.encode(x))
@@ -159,3 +176,20 @@ class MultiscaleLatentAutoencoder(nn.Module):
     def head_weights(self) -> tuple[float, ...]:
         """Loss weights of the deep-supervision heads, aligned with :meth:`decode_all`."""
         return tuple(self.config.ds_weights) if self.multiscale else (1.0,)
+
+
+def _like_weights(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """Give the input the memory layout of the network's weights (see ``ltdiff_core.runtime``)."""
+    if weight.is_contiguous(memory_format=torch.channels_last) and not weight.is_contiguous():
+        return x.contiguous(memory_format=torch.channels_last)
+    return x
+
+
+def _upcat(block: UpCat, x: torch.Tensor, x_e: torch.Tensor | None) -> torch.Tensor:
+    """``UpCat.forward`` without the replicate pad when the upsampled size already matches."""
+    x_0 = block.upsample(x)
+    if x_e is None:
+        return block.convs(x_0)
+    if x_e.shape[-2:] != x_0.shape[-2:]:
+        return block(x, x_e)
+    return block.convs(torch.cat([x_e, x_0], dim=1))

@@ -4,8 +4,12 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Any, Sequence
 
+import weakref
+
 import torch
+import torch.nn.functional as F
 from monai.networks.nets import DiffusionModelUNet
+from monai.networks.nets.diffusion_model_unet import get_timestep_embedding
 from torch import nn
 
 
@@ -56,5 +60,47 @@ class ConditionalDenoiser(nn.Module):
             num_head_channels=cfg.num_head_channels,
         )
 
+        self._cond_cache: tuple[weakref.ref, torch.Tensor] | None = None
+
     def forward(self, z_t: torch.Tensor, t: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
-        return self.unet(torch.cat([z_t, cond], dim=1), timesteps=t)
+        if self.training or torch.is_grad_enabled():
+            return self.unet(torch.cat([z_t, cond], dim=1), timesteps=t)
+        return self._forward_split(z_t, t, cond)
+
+    def condition_features(self, cond: torch.Tensor) -> torch.Tensor:
+        """The condition's share of the first convolution (bias included).
+
+        The first convolution is linear in its input channels, so ``conv([z, c]) = conv_z(z) +
+        conv_c(c)``. The condition is fixed during sampling: its part is computed once per
+        condition tensor (cached while that tensor object is alive) instead of once per step.
+        """
+        cached = self._cond_cache
+        if cached is not None and cached[0]() is cond:
+            return cached[1]
+        conv = self.unet.conv_in.conv
+        n = self.config.latent_dim
+        feats = F.conv2d(cond, conv.weight[:, n:].contiguous(), conv.bias, padding=conv.padding)
+        self._cond_cache = (weakref.ref(cond), feats)
+        return feats
+
+    def _forward_split(self, z_t: torch.Tensor, t: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+        """``unet(cat([z_t, cond]))`` with the condition's first-layer share reused across steps.
+
+        Follows ``DiffusionModelUNet.forward`` (no context, no class labels, no ControlNet
+        residuals: none are configured here).
+        """
+        unet = self.unet
+        conv = unet.conv_in.conv
+        h = F.conv2d(z_t, conv.weight[:, :self.config.latent_dim].contiguous(), None, padding=conv.padding)
+        h = h + self.condition_features(cond)
+        emb = unet.time_embed(get_timestep_embedding(t, unet.block_out_channels[0]).to(dtype=h.dtype))
+        res: list[torch.Tensor] = [h]
+        for block in unet.down_blocks:
+            h, res_samples = block(hidden_states=h, temb=emb, context=None)
+            res.extend(res_samples)
+        h = unet.middle_block(hidden_states=h, temb=emb, context=None)
+        for block in unet.up_blocks:
+            idx = -len(block.resnets)
+            h = block(hidden_states=h, res_hidden_states_list=res[idx:], temb=emb, context=None)
+            res = res[:idx]
+        return unet.out(h)

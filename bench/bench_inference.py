@@ -1,0 +1,205 @@
+"""CPU inference of the default model: time per stage, then each optimisation against the previous.
+
+    python bench/bench_inference.py [--model PATH] [--new-default PATH|derive] [--threads 2]
+                                    [--repeats 5] [--size 512] [--skip-profile]
+
+Part 1 times every stage of one 512^2 slice (first guess G, padding, encoder A, encoder G, each
+denoiser step, each decoder pass, rest = tiling and pre/post) by wrapping the calls.
+Part 2 builds one ``Standardizer`` per rung of the optimisation ladder (each rung adds one
+change to the one before; rung 0 is the previous code path) and times them *interleaved*
+(rung 0, 1, 2, ... then again), because the machine is shared: read the medians' ratios.
+Each rung's output is compared with rung 0's (HU RMS and max, same seed).
+
+``--new-default derive`` writes a copy of the current checkpoint whose metadata is the new
+default's sampling (delta decoding, strength 1, eta 1, 10 steps): same networks, so the same
+cost as the trained model.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.bench_standardize import synthetic_volume  # noqa: E402
+
+SPACING = (1.5, 0.7, 0.7)
+
+
+def derive_new_default(src: str | None, out_dir: Path) -> Path:
+    """Current checkpoint with the new default's sampling metadata (delta decoding, eta 1, 10 steps)."""
+    from ltdiff_core.checkpoint import load_checkpoint, save_checkpoint
+    from ltdiff_core.weights import default_checkpoint
+
+    ck = load_checkpoint(src or default_checkpoint("ltdiff"))
+    meta = json.loads(json.dumps(ck.metadata))
+    meta["scheduler"]["decoding"] = "delta"
+    meta["scheduler"]["t_max_fraction"] = 1.0
+    meta["sampling"] = {"default_steps": 10, "strength": 1.0, "eta": 1.0}
+    meta["name"] = meta["name"] + "-delta-eta1"
+    path = out_dir / "new-default.safetensors"
+    save_checkpoint(path, ck.tensors, meta)
+    return path
+
+
+# --- part 1: stages -------------------------------------------------------------------------
+def profile_stages(model: str | None, size: int) -> list[tuple[str, float]]:
+    """Seconds per stage of one slice (second call; the first warms allocations up)."""
+    import ltdiff_core.standardizer as stdz
+    from ltdiff_core import Standardizer
+
+    s = Standardizer.from_checkpoint(model, device="cpu")
+    inf = s.inferer
+    rec: list[tuple[str, float]] = []
+
+    def timed(name: str, fn: Callable[..., Any]) -> Callable[..., Any]:
+        def wrapper(*a: Any, **k: Any) -> Any:
+            t0 = time.perf_counter()
+            r = fn(*a, **k)
+            rec.append((name, time.perf_counter() - t0))
+            return r
+        return wrapper
+
+    inf.encode = timed("encoder", inf.encode)  # type: ignore[method-assign]
+    inf.decode = timed("decoder", inf.decode)  # type: ignore[method-assign]
+    den_forward = inf.denoiser.forward
+    inf.denoiser.forward = timed("denoiser step", den_forward)  # type: ignore[method-assign]
+    if s.first_guess is not None:
+        s.first_guess.apply = timed("first guess G (linear filter)", s.first_guess.apply)  # type: ignore[method-assign]
+    orig_pad = stdz.pad_to_multiple
+    stdz.pad_to_multiple = timed("pad to multiple", orig_pad)
+    vol = synthetic_volume(1, size)
+    for _ in range(2):
+        rec.clear()
+        t0 = time.perf_counter()
+        s.standardize(vol, SPACING)
+        total = time.perf_counter() - t0
+    stdz.pad_to_multiple = orig_pad
+    out: list[tuple[str, float]] = []
+    counts: dict[str, int] = {}
+    for name, sec in rec:
+        counts[name] = counts.get(name, 0) + 1
+        label = {"encoder": ["encoder A", "encoder G"]}.get(name, [name])
+        idx = counts[name] - 1
+        out.append((label[idx] if idx < len(label) else f"{name} {counts[name]}", sec))
+    out.append(("rest (tiling, HU<->unit, numpy<->torch, sampler arithmetic)", total - sum(x for _, x in rec)))
+    out.append(("total", total))
+    return out
+
+
+# --- part 2: optimisation ladder ------------------------------------------------------------
+def _reference_decoder(ae: Any) -> None:
+    """Previous decoder path: every deep-supervision head, MONAI UpCat with its pad."""
+    ae.decode = lambda z: type(ae).decode_all(ae, z)[-1]
+
+
+def _reference_denoiser(den: Any) -> None:
+    """Previous denoiser path: concatenate [z_t, condition] and run the whole UNet every step."""
+    import torch
+
+    den.forward = lambda z, t, c: den.unet(torch.cat([z, c], dim=1), timesteps=t)
+
+
+RUNGS: list[tuple[str, dict[str, bool]]] = [
+    ("0 previous path (inference_mode, torch default threads)", {"dec": False, "den": False, "cl": False}),
+    ("1 decoder: final head only, no no-op pad", {"dec": True, "den": False, "cl": False}),
+    ("2 denoiser: condition's first-conv share once per slice", {"dec": True, "den": True, "cl": False}),
+    ("3 autoencoder channels_last (default now)", {"dec": True, "den": True, "cl": True}),
+]
+
+
+def build_rung(model: str | None, opts: dict[str, bool]) -> Any:
+    from ltdiff_core import Standardizer
+    from ltdiff_core.runtime import prepare_for_inference
+
+    s = Standardizer.from_checkpoint(model, device="cpu")
+    prepare_for_inference(s._nets, "cpu", channels_last=opts["cl"])
+    if not opts["cl"]:  # undo the default layout for the reference rungs
+        import torch
+
+        s._nets["autoencoder"].to(memory_format=torch.contiguous_format)
+    if not opts["dec"]:
+        _reference_decoder(s._nets["autoencoder"])
+    if not opts["den"] and "denoiser" in s._nets:
+        _reference_denoiser(s._nets["denoiser"])
+    return s
+
+
+def ladder(model: str | None, size: int, repeats: int) -> list[dict[str, Any]]:
+    rungs = [(name, build_rung(model, opts)) for name, opts in RUNGS]
+    vol = synthetic_volume(1, size)
+    outs: dict[str, np.ndarray] = {}
+    times: dict[str, list[float]] = {name: [] for name, _ in rungs}
+    cpu: dict[str, list[float]] = {name: [] for name, _ in rungs}
+    for name, s in rungs:  # warm-up + output
+        outs[name] = s.standardize(vol, SPACING, seed=3)
+    for r in range(repeats):  # alternate the order so drift in the machine's load hits every rung alike
+        for name, s in (rungs if r % 2 == 0 else rungs[::-1]):
+            t0, c0 = time.perf_counter(), time.process_time()
+            s.standardize(vol, SPACING, seed=3)
+            times[name].append(time.perf_counter() - t0)
+            cpu[name].append(time.process_time() - c0)
+    base_name = rungs[0][0]
+    res, prev = [], None
+    for name, _ in rungs:
+        med = statistics.median(times[name])
+        d = outs[name].astype(np.float64) - outs[base_name]
+        res.append({"rung": name, "median_s": round(med, 3), "runs_s": [round(t, 3) for t in times[name]],
+                    "vs_previous": round(med / prev, 3) if prev else None,
+                    "vs_baseline": round(med / statistics.median(times[base_name]), 3),
+                    "cpu_s_median": round(statistics.median(cpu[name]), 3),
+                    "cpu_vs_baseline": round(statistics.median(cpu[name]) / statistics.median(cpu[base_name]), 3),
+                    "hu_rms_vs_baseline": float(np.sqrt(np.mean(d * d))), "hu_max_vs_baseline": float(np.abs(d).max())})
+        prev = med
+    return res
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", default=None, help="checkpoint (default: shipped ltdiff)")
+    p.add_argument("--new-default", default=None,
+                   help="second model to report: a checkpoint path, or 'derive' (see module docstring)")
+    p.add_argument("--threads", type=int, default=2, help="torch intra-op threads (issue target: 2 cores)")
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--size", type=int, default=512)
+    p.add_argument("--skip-profile", action="store_true")
+    args = p.parse_args()
+
+    import torch
+
+    from ltdiff_core.runtime import configure_threads
+
+    configure_threads(args.threads)
+    print(json.dumps({"machine": platform.processor() or platform.machine(), "torch": torch.__version__,
+                      "intra_op_threads": torch.get_num_threads(),
+                      "inter_op_threads": torch.get_num_interop_threads(), "size": args.size}))
+    models: list[tuple[str, str | None]] = [("current default", args.model)]
+    tmp = tempfile.TemporaryDirectory()
+    if args.new_default:
+        path = derive_new_default(args.model, Path(tmp.name)) if args.new_default == "derive" else args.new_default
+        models.append(("new default", str(path)))
+    for label, model in models:
+        if not args.skip_profile:
+            print(f"\n== {label}: stages of one {args.size}^2 slice (s) ==")
+            for name, sec in profile_stages(model, args.size):
+                print(f"  {name:<62s} {sec:7.3f}")
+        print(f"\n== {label}: optimisation ladder, {args.repeats} interleaved repeats ==")
+        print(f"  {'rung':<58s} {'median s':>8s} {'/prev':>6s} {'/base':>6s} {'HU RMS':>8s} {'HU max':>8s} {'cpu/base':>8s}")
+        for r in ladder(model, args.size, args.repeats):
+            print(f"  {r['rung']:<58s} {r['median_s']:8.3f} {r['vs_previous'] or 1:6.3f} {r['vs_baseline']:6.3f} "
+                  f"{r['hu_rms_vs_baseline']:8.4f} {r['hu_max_vs_baseline']:8.4f} {r['cpu_vs_baseline']:8.3f}")
+            print("   ", json.dumps(r))
+    tmp.cleanup()
+
+
+if __name__ == "__main__":
+    main()
