@@ -45,8 +45,10 @@ class Standardizer:
         tile_size: int = 1024,
         tile_overlap: int = 64,
         strength: float | None = None,
+        cuda_bf16: bool = True,
     ) -> None:
         meta = ckpt.metadata
+        self.cuda_bf16 = bool(cuda_bf16)  # bf16 autocast on CUDA; False runs fp32 (bench/bench_gpu.py compares)
         self.ckpt = ckpt
         self.method = meta["method"]
         available = VARIANTS[self.method]
@@ -228,12 +230,12 @@ class Standardizer:
             t = torch.from_numpy(np.ascontiguousarray(x[:, :1])).to(self.device)
             g = torch.from_numpy(np.ascontiguousarray(x[:, 1:])).to(self.device)
             cuda = self.device.startswith("cuda")
-            with torch.inference_mode(), torch.autocast("cuda", dtype=torch.bfloat16, enabled=cuda):
+            with torch.inference_mode(), torch.autocast("cuda", dtype=torch.bfloat16, enabled=cuda and self.cuda_bf16):
                 y = self._diffuse(t, keys, steps, g).float()[:, 0].cpu().numpy()
             return np.repeat(y[:, None], x.shape[1], axis=1)
         t = torch.from_numpy(np.ascontiguousarray(x))[:, None].to(self.device)
         cuda = self.device.startswith("cuda")
-        with torch.inference_mode(), torch.autocast("cuda", dtype=torch.bfloat16, enabled=cuda):
+        with torch.inference_mode(), torch.autocast("cuda", dtype=torch.bfloat16, enabled=cuda and self.cuda_bf16):
             if self.method == "direct":
                 y = self._nets["direct"](t)
             elif self.variant == "autoencoder":
