@@ -110,10 +110,11 @@ def _reference_denoiser(den: Any) -> None:
 
 
 RUNGS: list[tuple[str, dict[str, bool]]] = [
-    ("0 previous path (inference_mode, torch default threads)", {"dec": False, "den": False, "cl": False}),
-    ("1 decoder: final head only, no no-op pad", {"dec": True, "den": False, "cl": False}),
-    ("2 denoiser: condition's first-conv share once per slice", {"dec": True, "den": True, "cl": False}),
-    ("3 autoencoder channels_last (default now)", {"dec": True, "den": True, "cl": True}),
+    ("0 previous path (inference_mode, torch default threads)", {"dec": False, "den": False, "cl": False, "att": False}),
+    ("1 decoder: final head only, no no-op pad", {"dec": True, "den": False, "cl": False, "att": False}),
+    ("2 denoiser: condition's first-conv share once per slice", {"dec": True, "den": True, "cl": False, "att": False}),
+    ("3 autoencoder channels_last", {"dec": True, "den": True, "cl": True, "att": False}),
+    ("4 fused attention in the denoiser (default now)", {"dec": True, "den": True, "cl": True, "att": True}),
 ]
 
 
@@ -122,7 +123,12 @@ def build_rung(model: str | None, opts: dict[str, bool]) -> Any:
     from ltdiff_core.runtime import prepare_for_inference
 
     s = Standardizer.from_checkpoint(model, device="cpu")
-    prepare_for_inference(s._nets, "cpu", channels_last=opts["cl"])
+    prepare_for_inference(s._nets, "cpu", channels_last=opts["cl"], fused_attention=opts["att"])
+    if not opts["att"]:
+        from ltdiff_core.runtime import set_fused_attention
+
+        for net in s._nets.values():
+            set_fused_attention(net, False)
     if not opts["cl"]:  # undo the default layout for the reference rungs
         import torch
 
@@ -163,6 +169,74 @@ def ladder(model: str | None, size: int, repeats: int) -> list[dict[str, Any]]:
     return res
 
 
+# --- part 3: per-network A/B -----------------------------------------------------------------
+def module_ab(model: str | None, size: int, repeats: int) -> list[dict[str, Any]]:
+    """Each network call, previous vs current path, interleaved; wall and process CPU seconds.
+
+    Under a loaded shared machine whole-slice wall times swing by 2x between runs; one network
+    call timed back to back with its reference, with CPU time beside wall time, gives steadier ratios.
+    """
+    import copy
+
+    import torch
+
+    from ltdiff_core import Standardizer
+    from ltdiff_core.runtime import prepare_for_inference, set_fused_attention
+
+    s = Standardizer.from_checkpoint(model, device="cpu")
+    inf = s.inferer
+    ae_new, den_new = inf.autoencoder, inf.denoiser
+    ae_ref, den_ref = copy.deepcopy(ae_new), copy.deepcopy(den_new)
+    ae_ref.to(memory_format=torch.contiguous_format)
+    _reference_decoder(ae_ref)
+    _reference_denoiser(den_ref)
+    set_fused_attention(den_ref, False)
+    den_cond = copy.deepcopy(den_new)
+    set_fused_attention(den_cond, False)
+    den_cl = copy.deepcopy(den_new).to(memory_format=torch.channels_last)
+    ae_nchw = copy.deepcopy(ae_new).to(memory_format=torch.contiguous_format)
+    prepare_for_inference({"autoencoder": ae_new}, "cpu", channels_last=True)
+    g = torch.Generator().manual_seed(0)
+    lat = size // ae_new.config.factor
+    x = torch.randn(1, 1, size, size, generator=g)
+    z = torch.randn(1, ae_new.config.latent_dim, lat, lat, generator=g)
+    cond = torch.randn(1, den_new.config.cond_dim or den_new.config.latent_dim, lat, lat, generator=g)
+    t = torch.tensor([500])
+    cases = {
+        "encoder": [("previous (NCHW)", lambda: ae_ref.encode(x)), ("channels_last", lambda: ae_new.encode(x))],
+        "decoder": [("previous (all heads, NCHW)", lambda: ae_ref.decode(z)),
+                    ("final head only (NCHW)", lambda: ae_nchw.decode(z)),
+                    ("final head only, channels_last", lambda: ae_new.decode(z))],
+        "denoiser step": [("previous (concatenated input)", lambda: den_ref(z, t, cond)),
+                          ("condition share cached", lambda: den_cond(z, t, cond)),
+                          ("+ fused attention (default now)", lambda: den_new(z, t, cond)),
+                          ("+ channels_last (not default)", lambda: den_cl(z, t, cond))],
+    }
+    rows = []
+    with torch.inference_mode():
+        for d in (den_new, den_cond, den_cl):
+            d(z, t, cond)  # fills the condition cache as the first sampling step does
+        for stage, variants in cases.items():
+            ref_out = variants[0][1]()
+            wall: dict[str, list[float]] = {n: [] for n, _ in variants}
+            cpu: dict[str, list[float]] = {n: [] for n, _ in variants}
+            outs = {n: f() for n, f in variants}
+            for r in range(repeats):
+                for n, f in (variants if r % 2 == 0 else variants[::-1]):
+                    t0, c0 = time.perf_counter(), time.process_time()
+                    f()
+                    wall[n].append(time.perf_counter() - t0)
+                    cpu[n].append(time.process_time() - c0)
+            w0, c0_ = statistics.median(wall[variants[0][0]]), statistics.median(cpu[variants[0][0]])
+            for n, _ in variants:
+                rows.append({"stage": stage, "variant": n, "wall_s": round(statistics.median(wall[n]), 3),
+                             "cpu_s": round(statistics.median(cpu[n]), 3),
+                             "wall_vs_previous": round(statistics.median(wall[n]) / w0, 3),
+                             "cpu_vs_previous": round(statistics.median(cpu[n]) / c0_, 3),
+                             "max_abs_diff": float((outs[n].float() - ref_out.float()).abs().max())})
+    return rows
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default=None, help="checkpoint (default: shipped ltdiff)")
@@ -172,6 +246,8 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--size", type=int, default=512)
     p.add_argument("--skip-profile", action="store_true")
+    p.add_argument("--skip-ladder", action="store_true")
+    p.add_argument("--modules", action="store_true", help="also the per-network A/B (part 3)")
     args = p.parse_args()
 
     import torch
@@ -192,6 +268,14 @@ def main() -> None:
             print(f"\n== {label}: stages of one {args.size}^2 slice (s) ==")
             for name, sec in profile_stages(model, args.size):
                 print(f"  {name:<62s} {sec:7.3f}")
+        if args.modules and label == "current default":  # same networks in both models
+            print(f"\n== per-network A/B at {args.size}^2, {args.repeats} interleaved repeats ==")
+            print(f"  {'stage':<14s} {'variant':<34s} {'wall s':>7s} {'/ref':>6s} {'cpu s':>7s} {'/ref':>6s} {'max diff':>9s}")
+            for r in module_ab(model, args.size, args.repeats):
+                print(f"  {r['stage']:<14s} {r['variant']:<34s} {r['wall_s']:7.3f} {r['wall_vs_previous']:6.3f} "
+                      f"{r['cpu_s']:7.3f} {r['cpu_vs_previous']:6.3f} {r['max_abs_diff']:9.2e}")
+        if args.skip_ladder:
+            continue
         print(f"\n== {label}: optimisation ladder, {args.repeats} interleaved repeats ==")
         print(f"  {'rung':<58s} {'median s':>8s} {'/prev':>6s} {'/base':>6s} {'HU RMS':>8s} {'HU max':>8s} {'cpu/base':>8s}")
         for r in ladder(model, args.size, args.repeats):

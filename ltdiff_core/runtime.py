@@ -39,10 +39,14 @@ def configure_threads(intra_op: int = 0, inter_op: int = 0) -> None:
             pass
 
 
-def prepare_for_inference(nets: dict[str, Any], device: str = "cpu", channels_last: bool | None = None) -> None:
-    """Freeze parameters and pick each network's memory layout (weights and keys are unchanged).
+def prepare_for_inference(nets: dict[str, Any], device: str = "cpu", channels_last: bool | None = None,
+                          fused_attention: bool = True) -> None:
+    """Freeze parameters, pick each network's memory layout, use fused attention (weights and keys unchanged).
 
     ``channels_last=None`` follows :func:`channels_last_enabled`; only CPU autoencoders switch.
+    ``fused_attention`` runs MONAI self-attention blocks through ``scaled_dot_product_attention``
+    (one kernel instead of einsum, softmax, einsum) where that is exact in eval: no dropout, no
+    relative positions, no saved attention maps.
     """
     import torch
 
@@ -54,3 +58,18 @@ def prepare_for_inference(nets: dict[str, Any], device: str = "cpu", channels_la
             p.requires_grad_(False)
         if channels_last and device == "cpu" and prefix == "autoencoder":
             net.to(memory_format=torch.channels_last)
+        if fused_attention:
+            set_fused_attention(net, True)
+
+
+def set_fused_attention(net: Any, enabled: bool) -> int:
+    """Switch MONAI ``SABlock`` modules to (or from) ``scaled_dot_product_attention``; returns how many."""
+    from monai.networks.blocks.selfattention import SABlock
+
+    n = 0
+    for m in net.modules():
+        if isinstance(m, SABlock) and not m.save_attn and m.rel_positional_embedding is None \
+                and float(m.dropout_rate) == 0.0:
+            m.use_flash_attention = enabled
+            n += 1
+    return n

@@ -7,7 +7,7 @@ import torch
 
 from ltdiff_core import Standardizer
 from ltdiff_core.nets import ConditionalDenoiser, DenoiserConfig, MultiscaleLatentAutoencoder
-from ltdiff_core.runtime import channels_last_enabled, prepare_for_inference
+from ltdiff_core.runtime import channels_last_enabled, prepare_for_inference, set_fused_attention
 
 TINY = {"features": [4, 8, 16], "latent_channels": [1, 2, 4]}
 
@@ -72,6 +72,16 @@ def test_denoiser_split_first_conv_equals_concatenated_input():
         assert d._cond_cache[1] is not feats
 
 
+def test_fused_attention_equals_explicit_attention():
+    d = _denoiser()
+    z, t, cond = torch.randn(1, 8, 16, 16), torch.tensor([300]), torch.randn(1, 16, 16, 16)
+    with torch.inference_mode():
+        ref = d(z, t, cond)
+        assert set_fused_attention(d, True) >= 1  # MONAI always has one in the middle block
+        got = d(z, t, cond)
+    torch.testing.assert_close(got, ref, rtol=0, atol=1e-5)
+
+
 def test_denoiser_training_path_keeps_gradients_to_every_input_weight():
     d = _denoiser().train()
     z, t, cond = torch.randn(1, 8, 8, 8), torch.tensor([5]), torch.randn(1, 16, 8, 8)
@@ -89,6 +99,7 @@ def _reference(s: Standardizer) -> Standardizer:
     if "denoiser" in s._nets:
         den = s._nets["denoiser"]
         den.forward = lambda z, t, c: den.unet(torch.cat([z, c], dim=1), timesteps=t)
+        assert set_fused_attention(den, False) >= 1
     return s
 
 
@@ -102,6 +113,7 @@ def test_shipped_model_output_unchanged_within_tolerance(steps):
     fast = Standardizer.from_checkpoint(None, device="cpu")
     ref = _reference(Standardizer.from_checkpoint(None, device="cpu"))
     assert fast._nets["autoencoder"].enc[0].conv_1.conv.weight.is_contiguous(memory_format=torch.channels_last)
+    assert any(getattr(m, "use_flash_attention", False) for m in fast._nets["denoiser"].modules())
     a = fast.standardize(img, (1.0, 0.7, 0.7), steps=steps, seed=1)
     b = ref.standardize(img, (1.0, 0.7, 0.7), steps=steps, seed=1)
     rms = float(np.sqrt(np.mean((a.astype(np.float64) - b) ** 2)))
