@@ -109,16 +109,18 @@ def _reference_denoiser(den: Any) -> None:
     den.forward = lambda z, t, c: den.unet(torch.cat([z, c], dim=1), timesteps=t)
 
 
-RUNGS: list[tuple[str, dict[str, bool]]] = [
+RUNGS: list[tuple[str, dict[str, Any]]] = [
     ("0 previous path (inference_mode, torch default threads)", {"dec": False, "den": False, "cl": False, "att": False}),
     ("1 decoder: final head only, no no-op pad", {"dec": True, "den": False, "cl": False, "att": False}),
     ("2 denoiser: condition's first-conv share once per slice", {"dec": True, "den": True, "cl": False, "att": False}),
     ("3 autoencoder channels_last", {"dec": True, "den": True, "cl": True, "att": False}),
     ("4 fused attention in the denoiser (default now)", {"dec": True, "den": True, "cl": True, "att": True}),
+    ("5 + intra-op threads 1 (not default: for loaded cores)", {"dec": True, "den": True, "cl": True, "att": True,
+                                                                "threads": 1}),
 ]
 
 
-def build_rung(model: str | None, opts: dict[str, bool]) -> Any:
+def build_rung(model: str | None, opts: dict[str, Any]) -> Any:
     from ltdiff_core import Standardizer
     from ltdiff_core.runtime import prepare_for_inference
 
@@ -141,19 +143,27 @@ def build_rung(model: str | None, opts: dict[str, bool]) -> Any:
 
 
 def ladder(model: str | None, size: int, repeats: int) -> list[dict[str, Any]]:
+    """Rungs interleaved; each runs with its own intra-op thread count (default: the command's)."""
+    import torch
+
+    default_threads = torch.get_num_threads()
+    threads = {name: int(opts.get("threads", default_threads)) for name, opts in RUNGS}
     rungs = [(name, build_rung(model, opts)) for name, opts in RUNGS]
     vol = synthetic_volume(1, size)
     outs: dict[str, np.ndarray] = {}
     times: dict[str, list[float]] = {name: [] for name, _ in rungs}
     cpu: dict[str, list[float]] = {name: [] for name, _ in rungs}
     for name, s in rungs:  # warm-up + output
+        torch.set_num_threads(threads[name])
         outs[name] = s.standardize(vol, SPACING, seed=3)
     for r in range(repeats):  # alternate the order so drift in the machine's load hits every rung alike
         for name, s in (rungs if r % 2 == 0 else rungs[::-1]):
+            torch.set_num_threads(threads[name])
             t0, c0 = time.perf_counter(), time.process_time()
             s.standardize(vol, SPACING, seed=3)
             times[name].append(time.perf_counter() - t0)
             cpu[name].append(time.process_time() - c0)
+    torch.set_num_threads(default_threads)
     base_name = rungs[0][0]
     res, prev = [], None
     for name, _ in rungs:

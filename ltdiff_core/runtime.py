@@ -1,12 +1,14 @@
-"""Inference settings for the torch networks: threads and memory layout.
+"""Inference settings for the torch networks: threads, memory layout, fused attention.
 
 Kept in one place so the service, the offline command and the benchmarks run the same fast
 path. ``bench/bench_inference.py`` measures each setting against the previous one; only the
 settings that won there (and changed the output by far less than 0.5 HU RMS) are defaults.
 
 * Autoencoder in ``channels_last``: oneDNN runs its convolutions (no normalisation layers) in
-  NHWC without reordering around every layer; about 0.6x the decoder time on 2 AVX2 cores.
-* The denoiser stays NCHW: its GroupNorm is slower in ``channels_last`` than the convolutions gain.
+  NHWC without reordering around every layer (about 0.6-0.7x the encoder and decoder CPU time).
+* Denoiser self-attention through ``scaled_dot_product_attention`` (about 0.88x per step).
+* The denoiser stays NCHW: with its GroupNorms, ``channels_last`` measured slower per step.
+* Threads: torch's default (one per core) unless ``LTDIFF_TORCH_THREADS`` says otherwise.
 """
 from __future__ import annotations
 
@@ -15,6 +17,8 @@ from typing import Any
 
 #: Environment switch to run the previous (reference) layout, for A/B measurements.
 LAYOUT_ENV = "LTDIFF_CHANNELS_LAST"
+#: Environment setting of torch's intra-op threads for every process that loads a model.
+THREADS_ENV = "LTDIFF_TORCH_THREADS"
 
 
 def channels_last_enabled() -> bool:
@@ -37,6 +41,26 @@ def configure_threads(intra_op: int = 0, inter_op: int = 0) -> None:
             torch.set_num_interop_threads(int(inter_op))
         except RuntimeError:  # already started: torch allows setting it once, before any parallel work
             pass
+
+
+def configure_threads_from_env() -> int | None:
+    """Apply ``LTDIFF_TORCH_THREADS`` when set (unset: torch's default, one thread per core).
+
+    On cores shared with other busy processes one intra-op thread was about 3x faster per slice
+    than two (docs/benchmarks.md): every parallel region waits for its slowest, descheduled thread.
+    Returns the thread count applied, or None.
+    """
+    raw = os.environ.get(THREADS_ENV, "").strip()
+    if not raw:
+        return None
+    try:
+        n = int(raw)
+    except ValueError as exc:
+        raise ValueError(f"{THREADS_ENV} must be a positive integer, not {raw!r}") from exc
+    if n < 1:
+        raise ValueError(f"{THREADS_ENV} must be a positive integer, not {raw!r}")
+    configure_threads(n)
+    return n
 
 
 def prepare_for_inference(nets: dict[str, Any], device: str = "cpu", channels_last: bool | None = None,

@@ -79,8 +79,9 @@ class Standardizer:
 
             self.device = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
             self._nets = load_networks(ckpt, self.device)
-            from .runtime import prepare_for_inference
+            from .runtime import configure_threads_from_env, prepare_for_inference
 
+            configure_threads_from_env()
             prepare_for_inference(self._nets, self.device)  # memory layout etc.; see runtime.py
             if self.method == "direct":
                 self.factor = self._nets["direct"].config.factor

@@ -127,3 +127,17 @@ def test_reference_layout_switch(monkeypatch):
     assert not channels_last_enabled()
     s = Standardizer.from_checkpoint(None, device="cpu")
     assert s._nets["autoencoder"].enc[0].conv_1.conv.weight.is_contiguous()
+
+
+def test_thread_setting_from_environment(monkeypatch):
+    before = torch.get_num_threads()
+    try:
+        monkeypatch.setenv("LTDIFF_TORCH_THREADS", "1")
+        torch.set_num_threads(2)
+        Standardizer.from_checkpoint(None, device="cpu")
+        assert torch.get_num_threads() == 1
+        monkeypatch.setenv("LTDIFF_TORCH_THREADS", "zero")
+        with pytest.raises(ValueError, match="LTDIFF_TORCH_THREADS"):
+            Standardizer.from_checkpoint(None, device="cpu")
+    finally:
+        torch.set_num_threads(before)
