@@ -73,10 +73,32 @@ def cmd_retry(args: argparse.Namespace) -> int:
     cfg = _config(args)
     database = db.Database(cfg.db_url)
     database.create_all()
-    n = Worker(cfg, database).retry(series_uid=args.series_uid, failed=args.failed)
+    worker = Worker(cfg, database)
+    n = worker.retry(series_uid=args.series_uid, failed=args.failed)
     database.dispose()
-    print(f"{n} series queued for reprocessing" + ("" if n else " (not found, or still in progress)"))
+    resent = len(getattr(worker, "resent", []))
+    print(f"{n - resent} series queued for reprocessing, {resent} re-sent from their existing output"
+          + ("" if n else " (not found, or still in progress)"))
     return 0 if n or args.failed else 1
+
+
+def cmd_resend(args: argparse.Namespace) -> int:
+    from . import db
+    from .resend import ResendError, resend
+
+    cfg = _config(args)
+    database = db.Database(cfg.db_url)
+    database.create_all()
+    try:
+        r = resend(cfg, database, args.series_uid, destination=args.destination, only_unsent=args.unsent)
+    except ResendError as exc:
+        print(f"dicom-node: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        database.dispose()
+    print(f"{r.instances} instances of output series {r.output_series_uid} (job {r.job}) queued for re-sending "
+          f"to {r.deliveries} destination(s)")
+    return 0
 
 
 def cmd_purge(args: argparse.Namespace) -> int:
@@ -157,8 +179,14 @@ def build_parser() -> argparse.ArgumentParser:
     sp = sub.add_parser("retry", parents=[common], help="reprocess a series (new job, new output series)")
     g = sp.add_mutually_exclusive_group(required=True)
     g.add_argument("series_uid", nargs="?", metavar="SERIES_UID")
-    g.add_argument("--failed", action="store_true", help="every failed series")
+    g.add_argument("--failed", action="store_true", help="every failed series (re-sent when its output exists)")
     sp.set_defaults(func=cmd_retry)
+
+    sp = sub.add_parser("resend", parents=[common], help="re-send a series' existing output (no new model run)")
+    sp.add_argument("series_uid", metavar="SERIES_UID")
+    sp.add_argument("--destination", metavar="NAME", help="only this destination (default: all of the job's)")
+    sp.add_argument("--unsent", action="store_true", help="only instances not yet acknowledged")
+    sp.set_defaults(func=cmd_resend)
 
     sp = sub.add_parser("purge", parents=[common], help="delete finished series (files and records)")
     sp.add_argument("--older-than", type=float, metavar="DAYS", help="default: retention.days")

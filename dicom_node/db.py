@@ -35,6 +35,10 @@ FAILED = "failed"
 IGNORED = "ignored"
 UNROUTED = "unrouted"
 SERIES_STATES = (RECEIVED, COMPLETE, QUEUED, PROCESSING, SENDING, DONE, FAILED, IGNORED, UNROUTED)
+# A series refused before processing (inconsistent slices, geometry the model cannot handle),
+# kept with the reason; only `retry` after a configuration change queues it again.
+REFUSED = "refused"
+SERIES_STATES = SERIES_STATES + (REFUSED,)
 # Series whose output has been (or is being) produced: a late instance means "grown after processing".
 PROCESSED_STATES = (PROCESSING, SENDING, DONE, FAILED)
 
@@ -84,6 +88,8 @@ class Series(Base):
     late_instances: Mapped[int] = mapped_column(Integer, default=0)
 
     instances: Mapped[list[Instance]] = relationship(back_populates="series", cascade="all, delete-orphan")
+    anomalies: Mapped[list[Anomaly]] = relationship(back_populates="series", cascade="all, delete-orphan",
+                                                    order_by="Anomaly.id")
     jobs: Mapped[list[Job]] = relationship(back_populates="series", cascade="all, delete-orphan", order_by="Job.id")
 
     def set_state(self, state: str, error: str | None = None) -> None:
@@ -107,8 +113,41 @@ class Instance(Base):
     received_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow, index=True)
     calling_ae: Mapped[str | None] = mapped_column(String(16))
     late: Mapped[bool] = mapped_column(Boolean, default=False)
+    pixel_sha256: Mapped[str | None] = mapped_column(String(64))  # of the PixelData value as received
+    excluded: Mapped[str | None] = mapped_column(String(128))  # kept but not standardized, and why
 
     series: Mapped[Series] = relationship(back_populates="instances")
+
+
+class Anomaly(Base):
+    """Something odd about a series, recorded for provenance: gap, duplicate, conflict, late
+    instance, localizer, mixed kernels... (``kind`` is a short keyword, ``detail`` the why)."""
+
+    __tablename__ = "anomalies"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    series_id: Mapped[int] = mapped_column(ForeignKey("series.id", ondelete="CASCADE"), index=True)
+    kind: Mapped[str] = mapped_column(String(32))
+    sop_instance_uid: Mapped[str | None] = mapped_column(String(64))
+    detail: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
+
+    series: Mapped[Series] = relationship(back_populates="anomalies")
+
+
+class Refusal(Base):
+    """An instance refused at receive (failure status sent): what, from whom, why. UIDs are
+    stored as received but cut to the column size (a refused UID may be over-long or hostile)."""
+
+    __tablename__ = "refusals"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    received_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow, index=True)
+    calling_ae: Mapped[str | None] = mapped_column(String(16))
+    peer_address: Mapped[str | None] = mapped_column(String(64))
+    sop_instance_uid: Mapped[str | None] = mapped_column(String(64))
+    series_uid: Mapped[str | None] = mapped_column(String(64))
+    status: Mapped[int] = mapped_column(Integer)
+    reason: Mapped[str] = mapped_column(Text)
+    quarantine_path: Mapped[str | None] = mapped_column(String(512))
 
 
 class Job(Base):
