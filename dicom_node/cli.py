@@ -42,7 +42,7 @@ def cmd_jobs(args: argparse.Namespace) -> int:
     from sqlalchemy import select
 
     from . import db
-    from .status import job_dict
+    from .status import anomaly_summary, job_dict
 
     cfg = _config(args)
     database = db.Database(cfg.db_url)
@@ -51,7 +51,8 @@ def cmd_jobs(args: argparse.Namespace) -> int:
         q = select(db.Job).order_by(db.Job.id.desc()).limit(args.last)
         if args.state:
             q = q.where(db.Job.state == args.state)
-        jobs = [(j.series.series_uid, job_dict(j)) for j in s.scalars(q)]
+        jobs = [(j.series.series_uid, {**job_dict(j), "anomalies": anomaly_summary(j.series) or None})
+                for j in s.scalars(q)]
     database.dispose()
     if args.json:
         print(json.dumps([{"series_uid": uid, **j} for uid, j in jobs], indent=2))
@@ -63,6 +64,8 @@ def cmd_jobs(args: argparse.Namespace) -> int:
         tail = j["error"] or j["output_series_uid"] or ""
         print(f"{j['job']:>5} {j['version']:>2} {j['state']:<11}{str(j['output_count'] or '-'):>7} {name:<18}"
               f"{(f'{ms:.1f}' if ms is not None else '-'):>8}  {uid} -> {tail}")
+        if j["anomalies"]:
+            print(f"{'':>5} !! anomalies: {j['anomalies']}")
     return 0
 
 

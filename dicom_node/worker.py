@@ -510,8 +510,10 @@ class Worker:
                 elapsed = (now - first).total_seconds()
                 budget = dest.retry_for_s if dest else 0.0
                 retries = dest.max_retries if dest else 0
-                delay = retry_delay(dest, d.attempts) if dest else 0.0
-                if (retries is not None and d.attempts > retries) or elapsed + delay > budget:
+                # The last attempt is made at the end of the budget, not skipped because the
+                # backoff would overshoot it.
+                delay = min(retry_delay(dest, d.attempts), max(budget - elapsed, 0.0)) if dest else 0.0
+                if (retries is not None and d.attempts > retries) or elapsed >= budget:
                     d.state, d.finished_at = db.FAILED, now
                     limit = (f"{retries} retries" if retries is not None and d.attempts > retries
                              else f"retry budget {budget:.0f} s")
