@@ -113,6 +113,8 @@ def c_store(port: int, items: Sequence[Path | pydicom.Dataset], called: str = "L
             calling: str = "FAULTS", syntaxes: Sequence[str] | None = None) -> list[tuple[int | None, str]]:
     """Send files (raw bytes as stored, via pynetdicom's file path mode) or datasets over one
     association; returns (status, ErrorComment) per item."""
+    from pynetdicom import _config
+    _config.STORE_SEND_CHUNKED_DATASET = True  # files are sent as stored: meta UIDs, raw data set bytes
     ae = AE(ae_title=calling)
     ts = list(syntaxes or ["1.2.840.10008.1.2.1", "1.2.840.10008.1.2"])
     classes = set()
