@@ -164,6 +164,7 @@ class StorageSCP:
         if host is not None and rq.address != host:
             log_event(log, "association_rejected", level=logging.WARNING, calling_ae=calling, peer=rq.address,
                       reason="calling AE not allowed from this host", expected_host=host)
+            audit_for(self.config).association("rejected", calling, rq.address, reason="calling AE not allowed from this host")
             event.assoc.acse.send_reject(0x01, 0x01, 0x03)  # permanent, calling AE not recognised
             event.assoc.kill()  # waits until the DUL has sent the A-ASSOCIATE-RJ, as pynetdicom does
 
@@ -172,12 +173,15 @@ class StorageSCP:
         prim = rq.primitive
         log_event(log, "association_rejected", level=logging.WARNING, calling_ae=str(prim.calling_ae_title).strip(),
                   called_ae=str(prim.called_ae_title).strip(), peer=rq.address)
+        audit_for(self.config).association("rejected", str(prim.calling_ae_title).strip(), rq.address,
+                                           called_ae=str(prim.called_ae_title).strip())
 
     def _on_accepted(self, event: evt.Event) -> None:
         rq = event.assoc.requestor
         self._stats[id(event.assoc)] = _AssocStats(calling_ae=str(rq.ae_title).strip(), address=rq.address)
         log_event(log, "association_accepted", calling_ae=str(rq.ae_title).strip(), peer=rq.address,
                   port=rq.port, max_pdu=rq.maximum_length)
+        audit_for(self.config).association("accepted", str(rq.ae_title).strip(), rq.address, called_ae=self.config.ae_title)
 
     def _on_closed(self, event: evt.Event) -> None:
         st = self._stats.pop(id(event.assoc), None)
@@ -189,6 +193,9 @@ class StorageSCP:
                   calling_ae=st.calling_ae, peer=st.address, stored=st.stored, duplicates=st.duplicates,
                   failed=st.failed, mbytes=round(st.nbytes / 1e6, 1), seconds=round(dt, 2),
                   images_per_s=round(st.stored / dt, 1))
+        audit_for(self.config).association(how.split("_")[1], st.calling_ae, st.address, called_ae=self.config.ae_title,
+                                           counts={"stored": st.stored, "duplicates": st.duplicates,
+                                                   "failed": st.failed, "seconds": round(dt, 2)})
 
     def _on_echo(self, event: evt.Event) -> int:
         log_event(log, "c_echo", calling_ae=str(event.assoc.requestor.ae_title).strip(),

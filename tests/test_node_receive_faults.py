@@ -15,7 +15,7 @@ from ltdiff_core.dicomio.uids import make_uid
 from ltdiff_core.dicomio.writer import StudyInfo, ct_datasets
 
 from dicom_node import db
-from dicom_node.peers import node_cmd, storescu, wait_for
+from dicom_node.peers import echoscu, node_cmd, storescu, wait_for
 
 
 @pytest.fixture(scope="module")
@@ -195,3 +195,37 @@ def test_every_late_instance_is_counted(rig: NodeRig, tmp_path: Path) -> None:
         rig.series(uid)), 60, 0.3, "second job")
     assert series["late_instances"] == 7 and series["anomalies"]["counts"]["late"] == 7
     assert series["instances"] == 11 and series["jobs"][1]["output_count"] == 11
+
+
+# --------------------------------------------------------------------------- audit trail
+def test_audit_trail_has_one_record_per_association_and_series_event(rig: NodeRig, tmp_path: Path) -> None:
+    """ATNA/RFC 3881-shaped JSON lines, UIDs only (no patient name or ID)."""
+    files = series_files(tmp_path / "in", n=3)
+    uid = _uid(files[0])
+    assert storescu(files, rig.port, "LTDIFF", calling="CT_AUDIT").returncode == 0
+    rig.wait_state(uid, ("done",))
+    assert echoscu(rig.port, "NOT_US", "INTRUDER").returncode != 0
+    wait_for(lambda: any(r["dicom_node"].get("outcome") == "rejected" for r in rig.audit()), 10, 0.2, "rejection")
+    records = rig.audit()
+    for r in records:
+        ev = r["EventIdentification"]
+        assert ev["EventID"]["csd-code"].startswith("110") and ev["EventActionCode"] in "CRUDE"
+        assert ev["EventOutcomeIndicator"] in (0, 4, 8, 12) and ev["EventDateTime"].endswith("Z")
+        assert r["ActiveParticipant"] and r["AuditSourceIdentification"]["AuditSourceID"].startswith("LTDIFF@")
+    assoc = [r for r in records if r["dicom_node"]["kind"] == "association"
+             and r["ActiveParticipant"][0]["UserID"] == "CT_AUDIT"]
+    assert [r["dicom_node"]["outcome"] for r in assoc] == ["accepted", "released"]
+    assert assoc[1]["dicom_node"]["stored"] == 3 and assoc[1]["ActiveParticipant"][0]["NetworkAccessPointID"] == "127.0.0.1"
+    rejected = [r for r in records if r["dicom_node"].get("outcome") == "rejected"]
+    assert rejected[-1]["ActiveParticipant"][0]["UserID"] == "INTRUDER"
+    assert rejected[-1]["EventIdentification"]["EventOutcomeIndicator"] == 4
+    events = [r["dicom_node"]["event"] for r in records if r["dicom_node"]["kind"] == "series"
+              and any(d["value"] == uid for o in r["ParticipantObjectIdentification"]
+                      for d in o["ParticipantObjectDetail"])]
+    assert events == ["received", "completed", "processed", "sent"], events
+    refused = [r for r in records if r["dicom_node"].get("event") == "refused"]
+    assert refused and all(r["EventIdentification"]["EventOutcomeIndicator"] == 4 for r in refused)
+    text = (rig.data_dir / "audit.jsonl").read_text()
+    src = pydicom.dcmread(files[0])
+    for value in (str(src.PatientName), str(src.PatientID)):
+        assert value and value not in text
