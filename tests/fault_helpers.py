@@ -120,7 +120,7 @@ def c_store(port: int, items: Sequence[Path | pydicom.Dataset], called: str = "L
     classes = set()
     for it in items:
         if isinstance(it, Path):
-            meta = pydicom.dcmread(it, stop_before_pixels=True).file_meta
+            meta = pydicom.filereader.read_file_meta_info(it)  # the data set may be broken
             classes.add(str(meta.MediaStorageSOPClassUID))
             ts_file = str(meta.TransferSyntaxUID)
             if ts_file not in ts:
@@ -128,9 +128,12 @@ def c_store(port: int, items: Sequence[Path | pydicom.Dataset], called: str = "L
         else:
             classes.add(str(it.SOPClassUID))
     for uid in sorted(classes or {CT}):
-        ae.add_requested_context(uid, ts)
+        for syntax in ts:  # one context per syntax: each file goes in its own syntax, as stored
+            ae.add_requested_context(uid, [syntax])
     ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 20
     assoc = ae.associate(LOOPBACK, port, ae_title=called)
+    if not assoc.is_established and assoc.rejected_contexts:
+        raise ValueError("no presentation context accepted for " + ", ".join(sorted(classes)))
     assert assoc.is_established, "association with the node failed"
     out: list[tuple[int | None, str]] = []
     try:
