@@ -16,8 +16,9 @@ from sqlalchemy import select
 
 from dicom_node import db
 from dicom_node.config import load_config
+from dicom_node.status import collect_status
 from dicom_node.peers import (
-    LOOPBACK, ROOT, Peer, free_port, node_status, start_node, start_storescp, wait_for, write_node_config,
+    LOOPBACK, ROOT, Peer, free_port, start_node, start_storescp, wait_for, write_node_config,
 )
 
 LINEAR = ROOT / "ltdiff_core" / "weights" / "linear.safetensors"  # shipped, trained at 0.7 mm, fast on CPU
@@ -56,7 +57,8 @@ class NodeRig:
         return "".join(p.read_text(errors="replace") for p in self.logs if p.exists())
 
     def status(self) -> dict[str, Any]:
-        return node_status(self.config)
+        """`dicom-node status --json` read in-process (the CLI's own start-up would dominate polls)."""
+        return collect_status(load_config(self.config), last=500, with_instances=True)
 
     def pacs_files(self) -> list[Path]:
         return sorted(self.pacs_dir.glob("*.dcm"))
