@@ -66,11 +66,11 @@ def check_series(instances: Sequence[tuple[str, Path]], max_matrix: int) -> Seri
     for uid, path in instances:
         try:
             ds = pydicom.dcmread(path, stop_before_pixels=True)
+            image_type = [str(v).upper() for v in (ds.get("ImageType") or [])]
         except Exception as exc:
-            out.refusal = f"instance {uid} cannot be read: {type(exc).__name__}: {exc}"
+            out.refusal = f"instance {uid} cannot be read: {type(exc).__name__}: {exc}"[:500]
             out.findings.append(("unreadable", uid, out.refusal))
             return out
-        image_type = [str(v).upper() for v in (ds.get("ImageType") or [])]
         if "LOCALIZER" in image_type:
             out.excluded[uid] = "localizer (ImageType LOCALIZER): kept, not standardized"
             continue
@@ -81,7 +81,12 @@ def check_series(instances: Sequence[tuple[str, Path]], max_matrix: int) -> Seri
     if not headers:
         return out
 
-    kernels = [_text(ds.get("ConvolutionKernel")) for _, ds in headers]
+    try:
+        kernels = [_text(ds.get("ConvolutionKernel")) for _, ds in headers]
+    except Exception as exc:
+        out.refusal = f"ConvolutionKernel cannot be read: {type(exc).__name__}: {exc}"[:500]
+        out.findings.append(("unreadable", None, out.refusal))
+        return out
     if len(set(kernels)) > 1:
         out.refusal = _mix("ConvolutionKernel", kernels) + " (series refused whole, not split)"
         out.findings.append(("mixed_kernel", None, out.refusal))

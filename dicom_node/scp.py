@@ -52,8 +52,12 @@ def _uids(items: Any) -> list[str]:
 
 
 def _text(ds: Dataset, keyword: str, limit: int = 64) -> str | None:
-    """A header value as text (multi-valued joined with a backslash), cut to the column size."""
-    value = ds.get(keyword)
+    """A header value as text (multi-valued joined with a backslash), cut to the column size;
+    ``None`` when absent or undecodable (a malformed optional element never fails the instance)."""
+    try:
+        value = ds.get(keyword)
+    except Exception:
+        return None
     if value is None or value == "":
         return None
     if isinstance(value, (list, tuple)) or type(value).__name__ == "MultiValue":
@@ -66,7 +70,7 @@ def _int(ds: Dataset, keyword: str | tuple[int, int]) -> int | None:
         elem = ds.get(keyword) if isinstance(keyword, str) else ds.get(keyword)
         value = elem.value if hasattr(elem, "value") else elem
         return int(value) if value not in (None, "") else None
-    except (TypeError, ValueError):
+    except Exception:
         return None
 
 

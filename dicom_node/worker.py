@@ -38,7 +38,7 @@ from .logs import log_event
 from .rules import match_rule, series_attributes
 from .scu import PERMANENT, send_files
 from .spool import safe_name, write_atomic
-from .anomalies import check_series, spacing_refusal
+from .anomalies import SeriesCheck, check_series, spacing_refusal
 from .audit import audit_for
 from .watermark import Watermark
 
@@ -153,7 +153,11 @@ class Worker:
             for series in s.scalars(select(db.Series).where(db.Series.state == db.COMPLETE)):
                 rule = match_rule(self.config.rules, series_attributes(series))
                 decided += 1
-                check = self._check(s, series) if rule is not None and rule.action != "ignore" else None
+                try:
+                    check = self._check(s, series) if rule is not None and rule.action != "ignore" else None
+                except Exception as exc:  # one odd series must never stop the routing of the others
+                    log.exception("series check failed")
+                    check = SeriesCheck(refusal=f"series check failed: {type(exc).__name__}: {exc}"[:500])
                 if check is not None and check.refusal is not None:
                     series.rule_name = rule.name if rule else None
                     series.set_state(db.REFUSED, check.refusal)
@@ -266,6 +270,9 @@ class Worker:
                 sr = read_series(paths)
             except (SeriesError, OSError, ValueError) as exc:
                 self._fail(job_id, f"series could not be read: {exc}")
+                continue
+            except Exception as exc:  # a malformed header must fail its job, not leave it `processing`
+                self._fail(job_id, f"series could not be read: {type(exc).__name__}: {exc}")
                 continue
             why = spacing_refusal(float(min(sr.spacing[1:])), trained)
             if why is not None:

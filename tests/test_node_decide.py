@@ -135,3 +135,26 @@ def test_complete_is_a_persisted_state_that_the_next_scan_routes(tmp_path: Path)
     finally:
         node.scp.stop()
         node.db.dispose()
+
+
+def test_a_series_whose_files_cannot_be_read_is_refused_and_routing_goes_on(tmp_path: Path) -> None:
+    """A spool file lost or corrupted after receive: that series is refused with the reason, the
+    others are still routed (one odd series must not stop the scan)."""
+    cfg = parse_config({"node": {"data_dir": str(tmp_path / "data")}}, tmp_path)
+    database = db.Database(cfg.db_url)
+    database.create_all()
+    with database.session() as s:
+        for uid, broken in (("1.2.3.1", True), ("1.2.3.2", False)):
+            series = db.Series(series_uid=uid, instance_count=2, state=db.COMPLETE, modality="CT",
+                               convolution_kernel="Br40")
+            files = make_ct_series(cfg.spool_dir / uid, n=2, size=32)
+            if broken:
+                files[1].write_bytes(b"DICM but not really")
+            series.instances = [db.Instance(sop_instance_uid=f"{uid}.{k}", sop_class_uid="1.2", transfer_syntax_uid="1.2",
+                                            path=f"{uid}/{f.name}", size=1) for k, f in enumerate(files)]
+            s.add(series)
+    Worker(cfg, database).scan()
+    with database.session() as s:
+        states = {x.series_uid: (x.state, x.error) for x in s.query(db.Series)}
+    assert states["1.2.3.1"][0] == db.REFUSED and "cannot be read" in states["1.2.3.1"][1]
+    assert states["1.2.3.2"][0] == db.QUEUED
