@@ -23,6 +23,32 @@ def _stored_digest(path: Path) -> str | None:
     return hashlib.sha256(bytes(data)).hexdigest() if data is not None else None
 
 
+# Header values that decide where and how a slice is used: a re-send that changes one of them is
+# not the same instance, even with identical pixels.
+GEOMETRY_KEYWORDS = ("SeriesInstanceUID", "ImagePositionPatient", "ImageOrientationPatient", "PixelSpacing",
+                     "Rows", "Columns", "ConvolutionKernel", "RescaleSlope", "RescaleIntercept")
+
+
+def header_differences(new: Dataset, stored: Path) -> list[str]:
+    """Keywords of :data:`GEOMETRY_KEYWORDS` whose values differ from the stored instance's
+    (an unreadable stored header counts as every one differing)."""
+    try:
+        ref = pydicom.dcmread(stored, stop_before_pixels=True)
+    except Exception:
+        return list(GEOMETRY_KEYWORDS)
+    out = []
+    for kw in GEOMETRY_KEYWORDS:
+        try:
+            a, b = new.get(kw), ref.get(kw)
+            a = [str(v) for v in a] if isinstance(a, (list, tuple, pydicom.multival.MultiValue)) else a
+            b = [str(v) for v in b] if isinstance(b, (list, tuple, pydicom.multival.MultiValue)) else b
+            if str(a).strip("\x00 ") != str(b).strip("\x00 "):
+                out.append(kw)
+        except Exception:
+            out.append(kw)
+    return out
+
+
 def same_pixels(new: Dataset, new_ts: str, new_digest: str | None, stored: Path, stored_ts: str,
                 stored_digest: str | None) -> bool:
     """True when ``new`` carries the same pixel data as the instance stored at ``stored``.

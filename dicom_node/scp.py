@@ -27,7 +27,7 @@ from .conformance import (
 from .logs import log_event
 from .spool import safe_name, write_atomic
 from .audit import audit_for
-from .duplicates import same_pixels
+from .duplicates import header_differences, same_pixels
 from .validate import (
     STATUS_CANNOT_UNDERSTAND, Refusal, check_instance, clean_uid, native_pixel_length_problem, pixel_digest, printable,
 )
@@ -314,10 +314,11 @@ class StorageSCP:
             first = s.scalars(select(db.Instance).where(db.Instance.sop_instance_uid == sop_uid)).first()
             if first is None:  # purged meanwhile
                 return STATUS_OUT_OF_RESOURCES
-            same = same_pixels(ds, ts_uid, digest, self.config.spool_dir / first.path, first.transfer_syntax_uid,
-                               first.pixel_sha256)
+            stored = self.config.spool_dir / first.path
+            same = same_pixels(ds, ts_uid, digest, stored, first.transfer_syntax_uid, first.pixel_sha256)
+            changed = header_differences(ds, stored) if same else []
             first_series_id, first_series_uid = first.series_id, first.series.series_uid
-        if same:
+        if same and not changed:
             with self._lock, self.db.session() as s:
                 s.add(db.Anomaly(series_id=first_series_id, kind="duplicate", sop_instance_uid=sop_uid,
                                  detail=f"identical re-send from {calling}@{peer} acknowledged, not stored again"))
@@ -332,6 +333,8 @@ class StorageSCP:
         reason = "SOPInstanceUID already received with different pixel data (first copy kept)"
         if first_series_uid != series_uid:
             reason = "SOPInstanceUID already received in another series (first copy kept)"
+        elif changed:
+            reason = f"SOPInstanceUID already received with different {', '.join(changed)} (first copy kept)"
         with self._lock, self.db.session() as s:
             s.add(db.Anomaly(series_id=first_series_id, kind="conflict", sop_instance_uid=sop_uid,
                              detail=f"{reason}; second copy from {calling}@{peer} in quarantine/{rel}"))

@@ -12,6 +12,7 @@ inconsistent required attribute, ``0xC000`` "cannot understand" for a value that
 from __future__ import annotations
 
 import hashlib
+import math
 import re
 from dataclasses import dataclass
 from typing import Any
@@ -112,16 +113,23 @@ def check_image(ds: Dataset) -> Refusal | None:
             return Refusal(STATUS_DATASET_MISMATCH, "multi-frame image; only single-frame CT images are processed")
         if int(ds.BitsAllocated) not in (8, 16, 32):
             return Refusal(STATUS_DATASET_MISMATCH, f"BitsAllocated {ds.BitsAllocated} not supported")
+        if int(ds.get("BitsStored", ds.BitsAllocated) or 0) > int(ds.BitsAllocated):
+            return Refusal(STATUS_DATASET_MISMATCH, f"BitsStored {ds.BitsStored} > BitsAllocated {ds.BitsAllocated}")
+        slope = float(ds.get("RescaleSlope", 1) or 0)
+        intercept = float(ds.get("RescaleIntercept", 0) or 0)
         iop = _numbers(ds, "ImageOrientationPatient", 6)
         ipp = _numbers(ds, "ImagePositionPatient", 3)
         spacing = _numbers(ds, "PixelSpacing", 2)
     except Exception as exc:
         return Refusal(STATUS_CANNOT_UNDERSTAND, f"image header cannot be decoded: {type(exc).__name__}: {exc}"[:200])
+    if not (math.isfinite(slope) and slope != 0 and math.isfinite(intercept)):
+        return Refusal(STATUS_CANNOT_UNDERSTAND, f"RescaleSlope/RescaleIntercept {slope}/{intercept} unusable")
     if iop is None or ipp is None or spacing is None:
         return Refusal(STATUS_CANNOT_UNDERSTAND, "ImageOrientationPatient/ImagePositionPatient/PixelSpacing "
                                                  "not numeric with 6/3/2 values")
-    if not all(abs(v) < 1e6 for v in iop + ipp + spacing) or min(spacing) <= 0:
-        return Refusal(STATUS_CANNOT_UNDERSTAND, f"implausible geometry (PixelSpacing {spacing})")
+    if not all(math.isfinite(v) and abs(v) < 1e6 for v in iop + ipp + spacing) or min(spacing) <= 0:
+        return Refusal(STATUS_CANNOT_UNDERSTAND, f"implausible geometry (non-finite, huge or zero): ImagePositionPatient "
+                                                 f"{ipp}, PixelSpacing {spacing}"[:200])
     row, col = iop[:3], iop[3:]
     cross = [row[1] * col[2] - row[2] * col[1], row[2] * col[0] - row[0] * col[2], row[0] * col[1] - row[1] * col[0]]
     if sum(c * c for c in cross) < 1e-6:
