@@ -77,3 +77,11 @@ def test_relative_paths_resolve_against_the_config_file(tmp_path: Path) -> None:
     assert cfg.data_dir == (tmp_path / "var").resolve()
     assert [(a.ae_title, a.host) for a in cfg.allowed_calling_aes] == [("CT1", None), ("CT2", "10.0.0.2")]
     assert cfg.spool_dir == cfg.data_dir / "spool"
+
+
+def test_audit_path_and_disk_watermark_settings(tmp_path: Path) -> None:
+    cfg = parse_config({"audit": {"path": "logs/audit.jsonl"}, "disk": {"min_free_mb": 10, "min_free_percent": 0}},
+                       tmp_path)
+    assert cfg.audit_path == (tmp_path / "logs" / "audit.jsonl").resolve()
+    assert cfg.disk.min_free_mb == 10.0 and cfg.disk.min_free_percent == 0.0
+    assert parse_config({"audit": {"enabled": False}}, tmp_path).audit.enabled is False
