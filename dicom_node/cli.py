@@ -193,7 +193,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     sp = sub.add_parser("purge", parents=[common], help="delete finished series (files and records)")
     sp.add_argument("--older-than", type=float, metavar="DAYS", help="default: retention.days")
-    sp.add_argument("--state", choices=["done", "failed", "ignored", "unrouted"])
+    sp.add_argument("--state", choices=["done", "failed", "ignored", "unrouted", "refused"])
     sp.set_defaults(func=cmd_purge)
 
     sp = sub.add_parser("conformance", parents=[common], help="print the DICOM conformance statement for this configuration")

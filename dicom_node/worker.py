@@ -543,17 +543,21 @@ class Worker:
         """Delete finished series (spool, outputs, rows) last received more than N days ago.
         Series still in progress are never purged."""
         days = self.config.retention.days if older_than_days is None else older_than_days
-        states = tuple(states or (db.DONE, db.FAILED, db.IGNORED, db.UNROUTED))
+        states = tuple(states or (db.DONE, db.FAILED, db.IGNORED, db.UNROUTED, db.REFUSED))
         cutoff = db.utcnow() - timedelta(days=days)
         n = 0
         with self.db.session() as s:
             for series in s.scalars(select(db.Series).where(db.Series.state.in_(states),
                                                             db.Series.last_received_at <= cutoff)):
                 shutil.rmtree(self.config.spool_dir / safe_name(series.series_uid), ignore_errors=True)
+                shutil.rmtree(self.config.quarantine_dir / safe_name(series.series_uid), ignore_errors=True)
                 for job in series.jobs:
                     shutil.rmtree(self.config.output_dir / f"job-{job.id}", ignore_errors=True)
                 s.delete(series)
                 n += 1
+            # Records of refused instances age out with the same retention.
+            for r in s.scalars(select(db.Refusal).where(db.Refusal.received_at <= cutoff)):
+                s.delete(r)
         if n:
             log_event(log, "purged", series=n, older_than_days=days, states=",".join(states))
         return n
