@@ -174,7 +174,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.set_defaults(func=cmd_status)
 
     sp = sub.add_parser("jobs", parents=[common], help="list processing jobs")
-    sp.add_argument("--state", help="only jobs in this state (queued, processing, sending, done, failed)")
+    sp.add_argument("--state", help="only jobs in this state (queued, processing, sending, done, failed, refused)")
     sp.add_argument("--last", type=int, default=20, metavar="N")
     sp.add_argument("--json", action="store_true")
     sp.set_defaults(func=cmd_jobs)

@@ -60,8 +60,9 @@ def uid_problem(value: Any) -> str | None:
 
 
 def printable(value: Any, limit: int = 64) -> str:
-    """A received value safe to store and log: no control characters, cut to ``limit``."""
-    text = "".join(c if c.isprintable() else "?" for c in str(value if value is not None else ""))
+    """A received value safe to store, log and echo in an Error Comment (default character
+    repertoire): printable ASCII only, cut to ``limit``."""
+    text = "".join(c if " " <= c <= "~" else "?" for c in str(value if value is not None else ""))
     return text[:limit]
 
 

@@ -25,3 +25,4 @@ def test_old_database_gains_the_new_columns(tmp_path: Path) -> None:
         assert inst.sop_instance_uid == "1.2.3" and inst.excluded is None
     assert db.add_missing_columns(database.engine) == []  # idempotent
     database.dispose()
+
