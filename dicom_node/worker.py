@@ -288,9 +288,19 @@ class Worker:
             outputs = self._run_model(std, loaded, steps_by_job)
         except Exception as exc:
             log.exception("model run failed")
-            for job_id, _, _ in loaded:
-                self._fail(job_id, f"model run failed: {type(exc).__name__}: {exc}")
-            return len(batch)
+            if len(loaded) == 1:
+                self._fail(loaded[0][0], f"model run failed: {type(exc).__name__}: {exc}")
+                return len(batch)
+            # One series must not fail the others batched with it: run each alone, fail only
+            # the ones that fail on their own.
+            alone = []
+            for item in loaded:
+                try:
+                    alone.append((item, self._run_model(std, [item], steps_by_job)[0]))
+                except Exception as exc1:
+                    self._fail(item[0], f"model run failed: {type(exc1).__name__}: {exc1}")
+            loaded = [item for item, _ in alone]
+            outputs = [out for _, out in alone]
         model_s = time.monotonic() - t0
         total_slices = sum(int(sr.hu.shape[0]) for _, sr, _ in loaded)
 

@@ -158,3 +158,45 @@ def test_a_series_whose_files_cannot_be_read_is_refused_and_routing_goes_on(tmp_
         states = {x.series_uid: (x.state, x.error) for x in s.query(db.Series)}
     assert states["1.2.3.1"][0] == db.REFUSED and "cannot be read" in states["1.2.3.1"][1]
     assert states["1.2.3.2"][0] == db.QUEUED
+
+
+def test_a_series_that_fails_the_model_does_not_fail_the_series_batched_with_it(tmp_path: Path) -> None:
+    """Two queued series in one batch; the model raises on one of them (an input it cannot take).
+    Before, the whole batch failed; now only that series does."""
+    from ltdiff_core import Standardizer
+
+    cfg = parse_config({"node": {"data_dir": str(tmp_path / "data")}}, tmp_path)
+    database = db.Database(cfg.db_url)
+    database.create_all()
+    with database.session() as s:
+        for uid in ("1.2.4.1", "1.2.4.2"):
+            files = make_ct_series(cfg.spool_dir / uid, n=2, size=32, seed=int(uid[-1]))
+            series = db.Series(series_uid=uid, instance_count=2, state=db.COMPLETE, modality="CT",
+                               convolution_kernel="Br40")
+            series.instances = [db.Instance(sop_instance_uid=f"{uid}.{k}", sop_class_uid="1.2", transfer_syntax_uid="1.2",
+                                            path=f"{uid}/{f.name}", size=f.stat().st_size) for k, f in enumerate(files)]
+            s.add(series)
+    worker = Worker(cfg, database)
+    real = Standardizer.from_checkpoint(Path(__file__).resolve().parents[1] / "ltdiff_core/weights/linear.safetensors")
+
+    class PicksOne:
+        """The real linear model, raising for the volume whose first voxel is the marked one."""
+        info, ckpt = real.info, real.ckpt
+
+        def standardize(self, hu, spacing, steps=None, seed=0):  # noqa: ANN001, ANN201
+            if abs(float(hu[0, 0, 0]) - marked) < 1e-3:
+                raise ValueError("cannot take this volume")
+            return real.standardize(hu, spacing, steps=steps, seed=seed)
+
+        def standardize_batch(self, vols, spacings, steps=None, seed=0):  # noqa: ANN001, ANN201
+            return [self.standardize(v, sp, steps, seed) for v, sp in zip(vols, spacings)]
+
+    from ltdiff_core.dicomio.reader import read_series
+    marked = float(read_series(sorted((cfg.spool_dir / "1.2.4.1").glob("*.dcm"))).hu[0, 0, 0])
+    worker.models._models["default"] = PicksOne()
+    worker.scan()
+    assert worker.process() == 2
+    with database.session() as s:
+        states = {x.series_uid: (x.state, x.error) for x in s.query(db.Series)}
+    assert states["1.2.4.1"][0] == db.FAILED and "cannot take this volume" in states["1.2.4.1"][1]
+    assert states["1.2.4.2"][0] == db.DONE, states
