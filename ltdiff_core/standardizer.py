@@ -252,9 +252,10 @@ class Standardizer:
         n_steps = int(steps or self.sampling.get("default_steps", 4))
         strength = float(self.sampling.get("strength", 0.5))
         eta = float(self.sampling.get("eta", 0.0))
+        gain = float(self.sampling.get("residual_gain", 1.0))
 
         def step_noise() -> Any:
             return torch.stack([torch.randn(shape, generator=g) for g in gens])
 
         return inf.standardize(t, noise.to(t.device), n_steps, strength, guide, eta=eta,
-                               step_noise=step_noise if eta > 0 else None)
+                               step_noise=step_noise if eta > 0 else None, gain=gain)
