@@ -51,6 +51,8 @@ def cmd_jobs(args: argparse.Namespace) -> int:
         q = select(db.Job).order_by(db.Job.id.desc()).limit(args.last)
         if args.state:
             q = q.where(db.Job.state == args.state)
+        if getattr(args, "series_uid", None):
+            q = q.join(db.Series).where(db.Series.series_uid == args.series_uid)
         jobs = [(j.series.series_uid, {**job_dict(j), "anomalies": anomaly_summary(j.series) or None})
                 for j in s.scalars(q)]
     database.dispose()
@@ -66,6 +68,13 @@ def cmd_jobs(args: argparse.Namespace) -> int:
               f"{(f'{ms:.1f}' if ms is not None else '-'):>8}  {uid} -> {tail}")
         if j["anomalies"]:
             print(f"{'':>5} !! anomalies: {j['anomalies']}")
+        if getattr(args, "series_uid", None):
+            from .qa_gate import measures_lines
+
+            print("\n".join(measures_lines(j.get("qa"))))
+    if getattr(args, "series_uid", None) and not jobs:
+        print(f"no jobs for series {args.series_uid}")
+        return 1
     return 0
 
 
@@ -77,10 +86,12 @@ def cmd_retry(args: argparse.Namespace) -> int:
     database = db.Database(cfg.db_url)
     database.create_all()
     worker = Worker(cfg, database)
-    n = worker.retry(series_uid=args.series_uid, failed=args.failed)
+    n = worker.retry(series_uid=args.series_uid, failed=args.failed, force=args.force)
     database.dispose()
     resent = len(getattr(worker, "resent", []))
-    print(f"{n - resent} series queued for reprocessing, {resent} re-sent from their existing output"
+    print(f"{n - resent} series queued for reprocessing"
+          + (" (QA gate: flag, forced)" if n - resent and args.force else "")
+          + f", {resent} re-sent from their existing output"
           + ("" if n else " (not found, or still in progress)"))
     return 0 if n or args.failed else 1
 
@@ -173,7 +184,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--check", action="store_true", help="exit status 3 when the node is down")
     sp.set_defaults(func=cmd_status)
 
-    sp = sub.add_parser("jobs", parents=[common], help="list processing jobs")
+    sp = sub.add_parser("jobs", parents=[common], help="list processing jobs (with SERIES_UID: its jobs and QA measures)")
+    sp.add_argument("series_uid", nargs="?", metavar="SERIES_UID", help="only this series, with its QA measures")
     sp.add_argument("--state", help="only jobs in this state (queued, processing, sending, done, failed, refused)")
     sp.add_argument("--last", type=int, default=20, metavar="N")
     sp.add_argument("--json", action="store_true")
@@ -183,6 +195,8 @@ def build_parser() -> argparse.ArgumentParser:
     g = sp.add_mutually_exclusive_group(required=True)
     g.add_argument("series_uid", nargs="?", metavar="SERIES_UID")
     g.add_argument("--failed", action="store_true", help="every failed series (re-sent when its output exists)")
+    sp.add_argument("--force", action="store_true",
+                    help="standardize even if the QA gate refuses (the warning is recorded and written to the output)")
     sp.set_defaults(func=cmd_retry)
 
     sp = sub.add_parser("resend", parents=[common], help="re-send a series' existing output (no new model run)")

@@ -8,11 +8,16 @@ configuration keeps working whatever the current directory of the process is.
 """
 from __future__ import annotations
 
+import ipaddress
 import re
+import socket
 import tomllib
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
+
+from .tls import DICOM_TLS_PORT, TLS_VERSIONS, ClientTLS, TLSConfig
+from .tls import check as check_tls
 
 DEFAULT_PORT = 11112
 DEFAULT_MAX_PDU = 131072  # 128 KB PDUs raise pynetdicom's receive rate ~25 % over 16 KB
@@ -29,6 +34,7 @@ MATCH_KEYS = (
 _AE_RE = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}$")  # DICOM AE: 16 chars, no backslash/control
 _UID_ROOT_RE = re.compile(r"^[0-9]+(\.[0-9]+)*\.?$")
 _NAME_RE = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
+QA_MODES = ("refuse", "flag", "off")
 
 
 class ConfigError(ValueError):
@@ -37,10 +43,14 @@ class ConfigError(ValueError):
 
 @dataclass(frozen=True)
 class AllowedAE:
-    """A calling AE title allowed to associate; ``host`` pins it to one peer address."""
+    """A calling AE title allowed to associate; ``host`` pins it to one peer address.
+
+    ``addresses`` are what ``host`` resolved to when the configuration was loaded (a host name
+    is resolved once; the peer address of an association is always numeric)."""
 
     ae_title: str
     host: str | None = None
+    addresses: tuple[str, ...] = ()
 
     def __str__(self) -> str:
         return self.ae_title if self.host is None else f"{self.ae_title}@{self.host}"
@@ -59,6 +69,7 @@ class Destination:
     timeout_s: float = 30.0
     retry_for_s: float = 86400.0  # keep retrying transient failures this long, then `failed`
     backoff_max_s: float = 600.0  # cap of the exponential backoff
+    tls: ClientTLS | None = None  # DICOM TLS to this destination ([tls] credentials)
 
 
 @dataclass(frozen=True)
@@ -72,6 +83,7 @@ class Rule:
     destinations: tuple[str, ...] = ()
     steps: int | None = None
     seed: int = 0
+    qa: str = "refuse"  # physics QA gate: "refuse" | "flag" | "off" (see dicom_node.qa_gate)
 
 
 @dataclass(frozen=True)
@@ -136,9 +148,12 @@ class NodeConfig:
     check_called_ae: bool = True
     accept_enhanced_ct: bool = False
     uid_root: str = "2.25."
-    acse_timeout_s: float = 30.0
+    acse_timeout_s: float = 5.0
     dimse_timeout_s: float = 30.0
     network_timeout_s: float = 60.0
+    max_connections_per_address: int = 4
+    max_pending_connections: int = 32
+    tls: TLSConfig = field(default_factory=TLSConfig)
     completeness: Completeness = field(default_factory=Completeness)
     processing: Processing = field(default_factory=Processing)
     retention: Retention = field(default_factory=Retention)
@@ -258,6 +273,7 @@ def _node(raw: dict[str, Any], base: Path) -> dict[str, Any]:
             "ae_title", "bind_address", "port", "data_dir", "database_url", "max_pdu",
             "max_associations", "allowed_calling_aes", "check_called_ae", "accept_enhanced_ct",
             "uid_root", "acse_timeout_s", "dimse_timeout_s", "network_timeout_s",
+            "max_connections_per_address", "max_pending_connections",
         },
         p,
     )
@@ -284,7 +300,8 @@ def _node(raw: dict[str, Any], base: Path) -> dict[str, Any]:
         elif isinstance(item, dict):
             _reject_unknown(item, {"ae_title", "host"}, key + ".")
             host = _get(item, "host", key + ".", str, None)
-            aes.append(AllowedAE(_ae(item.get("ae_title"), key + ".ae_title"), host))
+            addresses = _addresses(host, key + ".host") if host is not None else ()
+            aes.append(AllowedAE(_ae(item.get("ae_title"), key + ".ae_title"), host, addresses))
         else:
             raise _fail(key, item, "must be an AE title or a table {ae_title, host}")
     out["allowed_calling_aes"] = tuple(aes)
@@ -294,9 +311,79 @@ def _node(raw: dict[str, Any], base: Path) -> dict[str, Any]:
     if not _UID_ROOT_RE.match(root) or len(root) > 40:
         raise _fail(p + "uid_root", root, "must be a numeric UID root such as '1.2.826.0.1.3680043.10.999.' (max 40 chars)")
     out["uid_root"] = root if root.endswith(".") else root + "."
-    for k, d in (("acse_timeout_s", 30.0), ("dimse_timeout_s", 30.0), ("network_timeout_s", 60.0)):
+    for k, d in (("acse_timeout_s", 5.0), ("dimse_timeout_s", 30.0), ("network_timeout_s", 60.0)):
         out[k] = float(_positive(_get(t, k, p, (int, float), d), p + k))
+    for k, n in (("max_connections_per_address", 4), ("max_pending_connections", 32)):
+        out[k] = int(_positive(_get(t, k, p, int, n), p + k))
     return out
+
+
+def _addresses(host: str, key: str) -> tuple[str, ...]:
+    """The numeric addresses of an allow-list pin; a name that does not resolve is an error now,
+    not a pin that silently never matches."""
+    try:
+        return (str(ipaddress.ip_address(host)),)
+    except ValueError:
+        pass
+    try:
+        infos = socket.getaddrinfo(host, None, proto=socket.IPPROTO_TCP)
+    except (socket.gaierror, UnicodeError) as exc:
+        raise _fail(key, host, f"host name does not resolve ({exc})") from None
+    return tuple(sorted({str(info[4][0]) for info in infos}))
+
+
+TLS_KEYS = {"enabled", "port", "plain_tcp", "certificate", "private_key", "ca_file", "require_client_certificate",
+            "min_version", "ciphers"}
+DESTINATION_TLS_KEYS = {"tls", "tls_server_name", "tls_check_hostname"}
+
+
+def _tls(raw: dict[str, Any], base: Path, node: dict[str, Any]) -> TLSConfig:
+    t = _table(raw, "tls", "")
+    p = "tls."
+    _reject_unknown(t, TLS_KEYS, p)
+    paths = {}
+    for k in ("certificate", "private_key", "ca_file"):
+        v = _get(t, k, p, str, None)
+        paths[k] = _resolve(v, base) if v else None
+    version = _get(t, "min_version", p, str, "TLSv1.2")
+    if version not in TLS_VERSIONS:
+        raise _fail(p + "min_version", version, f"must be one of {sorted(TLS_VERSIONS)}")
+    tls = TLSConfig(
+        enabled=_get(t, "enabled", p, bool, False),
+        port=_port(t.get("port", DICOM_TLS_PORT), p + "port", allow_zero=True),
+        plain_tcp=_get(t, "plain_tcp", p, bool, True),
+        require_client_certificate=_get(t, "require_client_certificate", p, bool, True),
+        min_version=version,
+        ciphers=_get(t, "ciphers", p, str, ""),
+        **paths,
+    )
+    if not tls.plain_tcp and not tls.enabled:
+        raise _fail(p + "plain_tcp", False, "the node needs a listener: set tls.enabled = true or keep plain_tcp")
+    if tls.enabled and tls.port == node["port"] and tls.port != 0:
+        raise _fail(p + "port", tls.port, "must differ from node.port (the plain TCP listener)")
+    return tls
+
+
+def _destination_tls(raw: dict[str, Any], destinations: tuple[Destination, ...],
+                     tls: TLSConfig) -> tuple[Destination, ...]:
+    """Per-destination ``tls = true`` (with optional ``tls_server_name``/``tls_check_hostname``)."""
+    out = []
+    for i, d in enumerate(destinations):
+        t = raw["destinations"][i]
+        p = f"destinations[{i}]."
+        if not _get(t, "tls", p, bool, False):
+            for k in ("tls_server_name", "tls_check_hostname"):
+                if k in t:
+                    raise _fail(p + k, t[k], "only meaningful with tls = true")
+            out.append(d)
+            continue
+        problems = check_tls(replace(tls, enabled=False))  # the SCU needs certificate/key, not client-cert policy
+        if problems:
+            k, why = problems[0]
+            raise ConfigError(f"tls.{k}: {why} (destinations[{i}] uses tls)")
+        name = _get(t, "tls_server_name", p, str, d.host)
+        out.append(replace(d, tls=ClientTLS(tls, name, _get(t, "tls_check_hostname", p, bool, True))))
+    return tuple(out)
 
 
 def _completeness(raw: dict[str, Any]) -> Completeness:
@@ -391,7 +478,7 @@ def _destinations(raw: dict[str, Any]) -> tuple[Destination, ...]:
         if not isinstance(t, dict):
             raise _fail(f"destinations[{i}]", t, "must be a table")
         _reject_unknown(t, {"name", "ae_title", "host", "port", "max_retries", "backoff_base_s", "timeout_s",
-                            "retry_for_s", "backoff_max_s"}, p)
+                            "retry_for_s", "backoff_max_s"} | DESTINATION_TLS_KEYS, p)
         for req in ("name", "ae_title", "host", "port"):
             if req not in t:
                 raise ConfigError(f"{p}{req}: required key is missing")
@@ -432,7 +519,7 @@ def _rules(raw: dict[str, Any], destinations: tuple[Destination, ...], base: Pat
         p = f"rules[{i}]."
         if not isinstance(t, dict):
             raise _fail(f"rules[{i}]", t, "must be a table")
-        _reject_unknown(t, {"name", "match", "action", "model", "destinations", "steps", "seed"}, p)
+        _reject_unknown(t, {"name", "match", "action", "model", "destinations", "steps", "seed", "qa"}, p)
         name = _get(t, "name", p, str, f"rule-{i}")
         match_raw = _get(t, "match", p, dict, {})
         match: dict[str, tuple[str, ...]] = {}
@@ -461,6 +548,9 @@ def _rules(raw: dict[str, Any], destinations: tuple[Destination, ...], base: Pat
             if not resolved.is_file():
                 raise _fail(p + "model", model, f"checkpoint not found at {resolved}")
             model = str(resolved)
+        qa = _get(t, "qa", p, str, "refuse")
+        if qa not in QA_MODES:
+            raise _fail(p + "qa", qa, "must be 'refuse', 'flag' or 'off'")
         dests = _get(t, "destinations", p, list, [])
         for j, d in enumerate(dests):
             if d not in names:
@@ -468,7 +558,7 @@ def _rules(raw: dict[str, Any], destinations: tuple[Destination, ...], base: Pat
         out.append(
             Rule(
                 name=name, match=match, action=action, model=model, destinations=tuple(dests),
-                steps=_steps(t, p), seed=_get(t, "seed", p, int, 0),
+                steps=_steps(t, p), seed=_get(t, "seed", p, int, 0), qa=qa,
             )
         )
     return tuple(out)
@@ -478,12 +568,17 @@ def parse_config(raw: dict[str, Any], base: Path = Path("."), source: Path | Non
     """Validate a TOML-shaped dict; raises :class:`ConfigError` naming the bad key and value."""
     _reject_unknown(
         raw, {"node", "completeness", "processing", "retention", "logging", "destinations", "rules",
-              "disk", "audit"}, ""
+              "tls", "disk", "audit"}, ""
     )
     node = _node(raw, base)
-    destinations = _destinations(raw)
+    tls = _tls(raw, base, node)
+    if tls.enabled:
+        for k, why in check_tls(tls)[:1]:
+            raise ConfigError(f"tls.{k}: {why}")
+    destinations = _destination_tls(raw, _destinations(raw), tls)
     return NodeConfig(
         **node,
+        tls=tls,
         completeness=_completeness(raw),
         processing=_processing(raw),
         retention=_retention(raw),

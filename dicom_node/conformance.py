@@ -30,6 +30,8 @@ from pydicom.uid import (
 )
 
 from .derive import DerivationInfo, uid_prefix, output_kernel
+from .tls import BCP195_CIPHERS
+from .transport import ASSOCIATE_RQ_MAX_LENGTH
 from .version import SOFTWARE_NAME, SOFTWARE_VERSION
 
 VERIFICATION_SOP_CLASS = UID("1.2.840.10008.1.1")
@@ -138,11 +140,16 @@ def _network_section(c: ConformanceConfig) -> list[str]:
                 (("acse_timeout_s", "ACSE"), ("dimse_timeout_s", "DIMSE"), ("network_timeout_s", "network"))
                 if getattr(c, attr, None) is not None]
     allowed = _allowed(c)
+    tls = getattr(c, "tls", None)
+    if tls is not None and tls.enabled:
+        where = f"DICOM TLS on {c.bind_address}:{tls.port}" + (f" and plain TCP on {c.bind_address}:{c.port}"
+                                                                 if tls.plain_tcp else " only")
+    else:
+        where = f"TCP {c.bind_address}:{c.port} (DICOM Upper Layer over TCP/IP, no TLS)"
     lines = [
         "## 2 Networking",
         "",
-        f"One Application Entity, AE title **{c.ae_title}**, listening on TCP {c.bind_address}:{c.port} "
-        "(DICOM Upper Layer over TCP/IP, no TLS).",
+        f"One Application Entity, AE title **{c.ae_title}**, listening on {where}.",
         "",
         f"- Implementation Class UID: {pynetdicom.PYNETDICOM_IMPLEMENTATION_UID}; Implementation Version Name: "
         f"{pynetdicom.PYNETDICOM_IMPLEMENTATION_VERSION}",
@@ -152,6 +159,16 @@ def _network_section(c: ConformanceConfig) -> list[str]:
     ]
     if timeouts:
         lines.append("- Timeouts: " + ", ".join(timeouts))
+    per_address = getattr(c, "max_connections_per_address", None)
+    if per_address is not None:
+        lines += [
+            f"- Pre-association limits: the complete A-ASSOCIATE-RQ (and TLS handshake) must arrive within the ACSE "
+            f"timeout of the TCP connection; a declared PDU length above {ASSOCIATE_RQ_MAX_LENGTH} bytes before the "
+            "association, or above the maximum PDU size after it, is answered with A-ABORT (service provider, "
+            "invalid PDU parameter value) without reading the body; at most "
+            f"{per_address} TCP connections per peer address and {getattr(c, 'max_pending_connections', '?')} "
+            "connections not yet admitted as associations; refused connections are closed.",
+        ]
     lines += [
         "",
         "### 2.1 Association acceptance policy",
@@ -244,6 +261,30 @@ def _created_objects_section(c: ConformanceConfig) -> list[str]:
     return lines + [""]
 
 
+def _security_section(c: ConformanceConfig) -> list[str]:
+    tls = getattr(c, "tls", None)
+    scu_tls = [d.name for d in c.destinations if getattr(d, "tls", None) is not None]
+    if (tls is None or not tls.enabled) and not scu_tls:
+        return ["No TLS is configured: run the node on a trusted network segment (see the operations guide to "
+                "enable the DICOM TLS listener).", ""]
+    ciphers = (tls.ciphers if tls is not None and tls.ciphers else BCP195_CIPHERS).replace(":", ", ")
+    lines = ["### 5.1 Secure transport connection profile", "",
+             f"BCP 195 TLS Profile (PS3.15 B.9): TLS {tls.min_version.removeprefix('TLSv') if tls else '1.2'} or "
+             f"later; TLS 1.2 cipher suites {ciphers}; the TLS 1.3 suites of OpenSSL (all AEAD); no compression, "
+             "no renegotiation. X.509 certificates in PEM."]
+    if tls is not None and tls.enabled:
+        verify = ("required and verified against the configured CA list (a client without a trusted "
+                  "certificate is refused during the handshake)") if tls.require_client_certificate else \
+            "not requested (server authentication only)"
+        lines.append(f"- SCP (port {tls.port}): the node presents its certificate; client certificate {verify}.")
+    if scu_tls:
+        lines.append("- SCU: TLS to " + ", ".join(scu_tls) + "; the node presents its certificate and verifies the "
+                     "destination's certificate against the configured CA list and its host name.")
+    if tls is not None and tls.enabled and tls.plain_tcp:
+        lines.append(f"- Plain TCP stays available on port {c.port} for peers without TLS.")
+    return lines + [""]
+
+
 def conformance_statement(config: ConformanceConfig) -> str:
     """The statement as Markdown text, for the configuration the node runs with."""
     lines = [
@@ -273,8 +314,9 @@ def conformance_statement(config: ConformanceConfig) -> str:
         "",
         "## 5 Security",
         "",
-        "No TLS and no user identity negotiation: run the node on a trusted network segment. Access control "
-        "is the calling AE allow-list (optionally pinned to host addresses) and the called AE check above. "
+        *_security_section(config),
+        "No user identity negotiation. Access control is the calling AE allow-list (optionally pinned to host "
+        "addresses; host names are resolved when the configuration is loaded) and the called AE check above. "
         "The service runs as a dedicated unprivileged user under systemd hardening; logs at INFO level "
         "contain no patient identifiers.",
         "",

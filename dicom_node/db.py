@@ -86,6 +86,7 @@ class Series(Base):
     error: Mapped[str | None] = mapped_column(Text)
     grown_after_processing: Mapped[bool] = mapped_column(Boolean, default=False)
     late_instances: Mapped[int] = mapped_column(Integer, default=0)
+    qa_force: Mapped[bool | None] = mapped_column(Boolean, default=False)  # `retry --force`: next job flags
 
     instances: Mapped[list[Instance]] = relationship(back_populates="series", cascade="all, delete-orphan")
     anomalies: Mapped[list[Anomaly]] = relationship(back_populates="series", cascade="all, delete-orphan",
@@ -182,6 +183,8 @@ class Job(Base):
     finished_at: Mapped[datetime | None] = mapped_column(DateTime)
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     error: Mapped[str | None] = mapped_column(Text)
+    qa_mode: Mapped[str | None] = mapped_column(String(8))      # refuse | flag | off (the rule's), forced (`retry --force`)
+    qa: Mapped[dict[str, Any] | None] = mapped_column(JSON)     # QA gate record (dicom_node.qa_gate)
 
     series: Mapped[Series] = relationship(back_populates="jobs")
     deliveries: Mapped[list[Delivery]] = relationship(back_populates="job", cascade="all, delete-orphan")
@@ -289,9 +292,10 @@ class Database:
 
 
 def add_missing_columns(engine: Engine) -> list[str]:
-    """Additive migration: columns a newer version added to an existing table are created
-    (nullable, no default), so a node upgraded in place starts on its old database. Columns are
-    never dropped or changed here."""
+    """Additive migration: every column a newer version defines on an existing table is added
+    in place (nullable at the SQL level: old rows read NULL, new rows get the ORM default), so an
+    upgraded node starts on its old database. ``create_all`` creates missing tables only; columns
+    are never dropped or changed here."""
     from sqlalchemy import inspect, text
 
     added = []

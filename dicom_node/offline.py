@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from .derive import DerivationInfo, derive_series, write_series
+from .qa_gate import annotate
 
 Progress = Callable[[int, int], None]
 
@@ -35,19 +36,35 @@ def standardize_series_dir(
     seed: int = 0,
     progress: Progress | None = None,
     uid_root: str | None = None,
+    qa_mode: str = "refuse",
+    force: bool = False,
+    qa_report: dict[str, Any] | None = None,
 ) -> list[Path]:
     """Standardize the single series in ``in_dir`` and write the derived series to ``out_dir``.
 
     ``model`` None uses the shipped default checkpoint; ``steps`` None the model's default.
-    Raises ``SeriesError`` (unreadable or mixed series) and ``CheckpointError`` (bad model)
-    before anything is written.
+    Raises ``SeriesError`` (unreadable or mixed series), ``CheckpointError`` (bad model) and
+    :class:`~dicom_node.qa_gate.QARefused` (``qa_mode`` "refuse", input outside the checkpoint's
+    training envelope, no ``force``) before anything is written. ``qa_report``, when given, receives
+    the gate's record.
     """
     from ltdiff_core import Standardizer
     from ltdiff_core.dicomio.reader import read_series
 
+    from .qa_gate import QARefused, check_input, check_output
+
     series = read_series(Path(in_dir))
     std = Standardizer.from_checkpoint(model, device=device)
+    gate = check_input(std, series, qa_mode, forced=force)
+    if qa_report is not None:
+        qa_report.update(gate.record())
+    if gate.refused:
+        raise QARefused(gate)
     hu = std.standardize(series.hu, series.spacing, steps=steps, seed=seed, progress=progress)
+    check_output(gate, hu, series.spacing)
+    if qa_report is not None:
+        qa_report.clear()
+        qa_report.update(gate.record())
     info = dict(std.info)
     derivation = DerivationInfo.from_model_info(
         info,
@@ -55,7 +72,9 @@ def standardize_series_dir(
         device=str(info.get("device") or device),
         uid_root=uid_root,
     )
-    return write_series(derive_series(series.datasets, hu, derivation), out_dir)
+    derived = derive_series(series.datasets, hu, derivation)
+    annotate(derived, gate.note())
+    return write_series(derived, out_dir)
 
 
 def add_standardize_arguments(parser: argparse.ArgumentParser) -> None:
@@ -69,6 +88,10 @@ def add_standardize_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--uid-root", metavar="ROOT",
                         help="root for new Series/SOP Instance UIDs (default: UUID-derived 2.25.)")
     parser.add_argument("--quiet", action="store_true", help="no progress output")
+    parser.add_argument("--qa", choices=("refuse", "flag", "off"), default="refuse",
+                        help="physics QA gate against the checkpoint's training envelope (default refuse: exit 3)")
+    parser.add_argument("--force", action="store_true",
+                        help="write even when the QA gate refuses; the warning goes into DerivationDescription")
 
 
 def _progress_printer() -> Progress:
@@ -82,21 +105,31 @@ def _progress_printer() -> Progress:
 
 
 def run_standardize(args: argparse.Namespace) -> int:
-    """CLI entry: 0 on success, 2 on an unreadable series, a bad model or a write failure."""
+    """CLI entry: 0 on success, 2 on an unreadable series, a bad model or a write failure,
+    3 when the QA gate refuses the series (one line: the failed check, its value, the envelope)."""
     from ltdiff_core import CheckpointError
     from ltdiff_core.dicomio.reader import SeriesError
+
+    from .qa_gate import QARefused
 
     if args.steps is not None and args.steps < 1:
         print("dicom-node standardize: --steps must be >= 1", file=sys.stderr)
         return 2
+    report: dict[str, Any] = {}
     try:
         paths = standardize_series_dir(
             args.in_dir, args.out_dir, model=args.model, steps=args.steps, device=args.device,
             seed=args.seed, progress=None if getattr(args, "quiet", False) else _progress_printer(),
-            uid_root=getattr(args, "uid_root", None),
+            uid_root=getattr(args, "uid_root", None), qa_mode=getattr(args, "qa", "refuse"),
+            force=getattr(args, "force", False), qa_report=report,
         )
+    except QARefused as exc:
+        print(f"dicom-node standardize: {exc} (--force writes anyway)", file=sys.stderr)
+        return 3
     except (SeriesError, CheckpointError, ValueError, OSError) as exc:
         print(f"dicom-node standardize: {exc}", file=sys.stderr)
         return 2
-    print(f"wrote {len(paths)} instances to {args.out_dir}")
+    for warning in report.get("warnings", []):
+        print(f"dicom-node standardize: QA {report.get('verdict')}: {warning}", file=sys.stderr)
+    print(f"wrote {len(paths)} instances to {args.out_dir} (QA {report.get('verdict', 'off')})")
     return 0

@@ -148,9 +148,10 @@ def echoscu(port: int, called: str, calling: str = "ECHOSCU") -> subprocess.Comp
 
 # --------------------------------------------------------------------------- Orthanc
 def start_orthanc(work_dir: Path, ae_title: str = "ORTHANC", modalities: dict[str, tuple[str, int]] | None = None,
-                  timeout: float = 60.0) -> Peer:
+                  timeout: float = 60.0, extra_config: dict[str, Any] | None = None) -> Peer:
     """Orthanc with a generated configuration: loopback REST API, DICOM on a free port, called-AE
-    check on, only the listed modalities (name -> (AE title, port)) may store."""
+    check on, only the listed modalities (name -> (AE title, port)) may store. ``extra_config``
+    adds or overrides options (e.g. ``DicomTlsEnabled`` and its certificate paths)."""
     if ORTHANC is None:
         raise FileNotFoundError("Orthanc is not installed")
     work_dir.mkdir(parents=True, exist_ok=True)
@@ -175,6 +176,7 @@ def start_orthanc(work_dir: Path, ae_title: str = "ORTHANC", modalities: dict[st
         "SaveJobs": False,
         "ConcurrentJobs": 1,
         "HttpThreadsCount": 4,
+        **(extra_config or {}),
     }
     cfg_path = work_dir / "orthanc.json"
     cfg_path.write_text(json.dumps(cfg, indent=2))

@@ -28,6 +28,8 @@ from .logs import log_event
 from .spool import safe_name, write_atomic
 from .audit import audit_for
 from .duplicates import header_differences, same_pixels
+from .tls import server_context
+from .transport import ConnectionGate, Limits, reject_reason, start_server, tls_peer
 from .validate import (
     STATUS_CANNOT_UNDERSTAND, Refusal, check_instance, clean_uid, native_pixel_length_problem, pixel_digest, printable,
 )
@@ -92,9 +94,15 @@ class StorageSCP:
         self.config = config
         self.db = database
         self._server: Any = None
+        self._servers: list[Any] = []  # every listener (plain TCP and/or TLS); _server is the first
+        self.ports: dict[str, int] = {}
+        self.gate = ConnectionGate(Limits.from_config(config))
         self._lock = threading.Lock()  # serialise DB writes: SQLite has one writer anyway
         self._stats: dict[int, _AssocStats] = {}
-        self._hosts = {a.ae_title: a.host for a in config.allowed_calling_aes if a.host}
+        self._hosts: dict[str, set[str]] = {}  # calling AE -> the addresses it may call from
+        for a in config.allowed_calling_aes:
+            if a.host:
+                self._hosts.setdefault(a.ae_title, set()).update(a.addresses or (a.host,))
         self._enhanced = frozenset(_uids(ENHANCED_CT_SOP_CLASSES))
         self.watermark = Watermark(config, database)
         self.ae = self._build_ae()
@@ -104,7 +112,7 @@ class StorageSCP:
         c = self.config
         ae = AE(ae_title=c.ae_title)
         ae.maximum_pdu_size = c.max_pdu
-        ae.maximum_associations = c.max_associations
+        ae.maximum_associations = c.max_associations  # enforced by self.gate (see transport.start_server)
         ae.require_called_aet = c.check_called_ae
         ae.require_calling_aet = [a.ae_title for a in c.allowed_calling_aes]
         ae.acse_timeout = c.acse_timeout_s
@@ -134,20 +142,33 @@ class StorageSCP:
         ]
 
     def start(self) -> int:
-        """Start listening (non-blocking); returns the bound port (useful with port 0)."""
-        self._server = self.ae.start_server(
-            (self.config.bind_address, self.config.port), block=False, evt_handlers=self.handlers()
-        )
-        port = self._server.server_address[1]
-        log_event(log, "scp_listening", ae_title=self.config.ae_title, address=self.config.bind_address, port=port,
-                  max_pdu=self.config.max_pdu, max_associations=self.config.max_associations)
-        return port
+        """Start listening (non-blocking); returns the first bound port (useful with port 0).
+
+        Plain TCP on ``node.port`` unless ``tls.plain_tcp = false``, and DICOM TLS on ``tls.port``
+        when ``tls.enabled``; ``self.ports`` maps "dicom"/"dicom-tls" to the bound ports."""
+        c = self.config
+        listeners = [("dicom", c.port, None)] if c.tls.plain_tcp else []
+        if c.tls.enabled:
+            listeners.append(("dicom-tls", c.tls.port, server_context(c.tls)))
+        for name, port, ctx in listeners:
+            server = start_server(self.ae, (c.bind_address, port), self.handlers(), self.gate, ctx, listener=name)
+            self._servers.append(server)
+            self.ports[name] = server.server_address[1]
+            log_event(log, "scp_listening", ae_title=c.ae_title, address=c.bind_address, port=self.ports[name],
+                      listener=name, max_pdu=c.max_pdu, max_associations=c.max_associations,
+                      max_connections_per_address=c.max_connections_per_address, acse_timeout_s=c.acse_timeout_s,
+                      client_certificate="required" if ctx is not None and c.tls.require_client_certificate
+                      else None)
+        self._server = self._servers[0]
+        return int(self._server.server_address[1])
 
     def stop(self, drain_s: float = 30.0) -> None:
         """Stop accepting associations, let open ones finish (up to ``drain_s``), abort the rest."""
         if self._server is None:
             return
-        self._server.shutdown()
+        for server in self._servers:
+            server.shutdown()
+        self._servers = []
         deadline = time.monotonic() + drain_s
         # Only established associations are worth waiting for: a bare TCP probe sits in the ACSE
         # timeout without ever sending an A-ASSOCIATE-RQ.
@@ -165,9 +186,9 @@ class StorageSCP:
         rq = event.assoc.requestor
         calling = str(rq.primitive.calling_ae_title).strip()
         host = self._hosts.get(calling)
-        if host is not None and rq.address != host:
+        if host is not None and rq.address not in host:
             log_event(log, "association_rejected", level=logging.WARNING, calling_ae=calling, peer=rq.address,
-                      reason="calling AE not allowed from this host", expected_host=host)
+                      reason="calling AE not allowed from this host", expected_host=",".join(sorted(host)))
             audit_for(self.config).association("rejected", calling, rq.address, reason="calling AE not allowed from this host")
             event.assoc.acse.send_reject(0x01, 0x01, 0x03)  # permanent, calling AE not recognised
             event.assoc.kill()  # waits until the DUL has sent the A-ASSOCIATE-RJ, as pynetdicom does
@@ -175,16 +196,19 @@ class StorageSCP:
     def _on_rejected(self, event: evt.Event) -> None:
         rq = event.assoc.requestor
         prim = rq.primitive
+        rj = event.assoc.acceptor.primitive
+        reason = reject_reason(rj.result_source, rj.diagnostic) if rj is not None else "unknown"
         log_event(log, "association_rejected", level=logging.WARNING, calling_ae=str(prim.calling_ae_title).strip(),
-                  called_ae=str(prim.called_ae_title).strip(), peer=rq.address)
+                  called_ae=str(prim.called_ae_title).strip(), peer=rq.address, reason=reason,
+                  result="rejected-permanent" if rj is not None and rj.result == 0x01 else "rejected-transient")
         audit_for(self.config).association("rejected", str(prim.calling_ae_title).strip(), rq.address,
-                                           called_ae=str(prim.called_ae_title).strip())
+                                           called_ae=str(prim.called_ae_title).strip(), reason=reason)
 
     def _on_accepted(self, event: evt.Event) -> None:
         rq = event.assoc.requestor
         self._stats[id(event.assoc)] = _AssocStats(calling_ae=str(rq.ae_title).strip(), address=rq.address)
         log_event(log, "association_accepted", calling_ae=str(rq.ae_title).strip(), peer=rq.address,
-                  port=rq.port, max_pdu=rq.maximum_length)
+                  port=rq.port, max_pdu=rq.maximum_length, **tls_peer(event.assoc))
         audit_for(self.config).association("accepted", str(rq.ae_title).strip(), rq.address, called_ae=self.config.ae_title)
 
     def _on_closed(self, event: evt.Event) -> None:

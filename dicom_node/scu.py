@@ -22,6 +22,7 @@ from pynetdicom.presentation import build_context
 
 from .config import Destination
 from .logs import log_event
+from .tls import client_context
 
 log = logging.getLogger("dicom_node.scu")
 
@@ -125,7 +126,8 @@ def send_files(dest: Destination, files: Sequence[Path], calling_ae: str, max_pd
     ae.network_timeout = dest.timeout_s
     ae.connection_timeout = dest.timeout_s
     ae.maximum_pdu_size = max_pdu
-    assoc = ae.associate(dest.host, dest.port, ae_title=dest.ae_title)
+    tls_args = (client_context(dest.tls), dest.tls.server_name) if dest.tls is not None else None
+    assoc = ae.associate(dest.host, dest.port, ae_title=dest.ae_title, tls_args=tls_args)
     try:
         if not assoc.is_established:
             if assoc.is_rejected and assoc.acceptor.primitive is not None:

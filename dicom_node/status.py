@@ -46,6 +46,7 @@ def job_dict(job: db.Job) -> dict[str, Any]:
         },
         "finished_at": _iso(job.finished_at),
         "error": job.error,
+        "qa": job.qa,
         "deliveries": [
             {
                 "destination": d.destination, "state": d.state, "attempts": d.attempts, "error": d.error,
@@ -82,6 +83,14 @@ def anomaly_summary(s: db.Series) -> str:
     return ", ".join(f"{k} {v}" for k, v in sorted(counts.items()))
 
 
+def qa_brief(record: dict[str, Any] | None) -> dict[str, Any] | None:
+    """The QA verdict of a series' latest job (measures stay in its job entry)."""
+    if not record:
+        return None
+    return {"verdict": record.get("verdict"), "reason": record.get("reason"), "mode": record.get("mode"),
+            "forced": record.get("forced", False), "warnings": record.get("warnings", [])}
+
+
 def series_dict(s: db.Series, with_instances: bool = False) -> dict[str, Any]:
     """One series with its input identity, timing and every job's provenance."""
     last_job = s.jobs[-1] if s.jobs else None
@@ -111,6 +120,7 @@ def series_dict(s: db.Series, with_instances: bool = False) -> dict[str, Any]:
             "complete_to_done": _secs(s.completed_at, end),
         },
         "jobs": [job_dict(j) for j in s.jobs],
+        "qa": qa_brief(last_job.qa if last_job else None),
     }
     if not with_instances:
         for j in out["jobs"]:
@@ -222,6 +232,10 @@ def format_status(st: dict[str, Any]) -> str:
             sends = ", ".join(f"{x['destination']} {x['state']} {x['sent']}/{x['total']}" for x in job["deliveries"])
             lines.append(f"{'':<39}-> {job['output_series_uid'] or '-'} (job {job['job']} v{job['version']}, "
                          f"{job['model']['name'] or job['model']['checkpoint']}, model {d['model']} s, {sends or 'no destinations'})")
+        if s.get("qa"):
+            from .qa_gate import summary
+
+            lines.append(f"{'':<39}qa {summary(s['qa'])}")
         if s["grown_after_processing"]:
             lines.append(f"{'':<39}!! grew after processing ({s['late_instances']} late instances)")
         counts = s.get("anomalies", {}).get("counts", {})

@@ -179,8 +179,9 @@ class Worker:
                         series_id=series.id, version=len(series.jobs) + 1, state=db.QUEUED, rule_name=rule.name,
                         model=rule.model, destinations=list(rule.destinations),
                         seed=rule.seed if rule.seed else self.config.processing.seed,
-                        created_at=now,
+                        created_at=now, qa_mode="forced" if series.qa_force else rule.qa,
                     ))
+                    series.qa_force = False
                 log_event(log, "series_complete", series_uid=series.series_uid, instances=series.instance_count,
                           reason=series.complete_reason, rule=series.rule_name, state=series.state,
                           grown_after_processing=series.grown_after_processing)
@@ -279,6 +280,7 @@ class Worker:
                 self._refuse_job(job_id, why)
                 continue
             loaded.append((job_id, sr, time.monotonic() - t0))
+        loaded, gates = self._qa_inputs(std, loaded)
         if not loaded:
             return len(batch)
 
@@ -308,7 +310,8 @@ class Worker:
             share = model_s * int(sr.hu.shape[0]) / max(total_slices, 1)
             steps, seed = steps_by_job[job_id]
             try:
-                self._derive_and_store(job_id, sr, out_hu, std, info, device, steps, seed, read_s, share)
+                note = self._qa_output(job_id, gates.get(job_id), out_hu, sr.spacing)
+                self._derive_and_store(job_id, sr, out_hu, std, info, device, steps, seed, read_s, share, note)
             except OSError as exc:
                 if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
                     log.exception("derive failed")
@@ -322,6 +325,57 @@ class Worker:
                 log.exception("derive failed")
                 self._fail(job_id, f"derive failed: {type(exc).__name__}: {exc}")
         return len(batch)
+
+    def _qa_inputs(self, std: Any, loaded: list[tuple[int, Any, float]]) -> tuple[list[tuple[int, Any, float]], dict[int, Any]]:
+        """Run each job's QA gate on its input: refused jobs fail with the measured reason (nothing
+        is written or sent); the others continue with their gate result."""
+        from .qa_gate import check_input
+
+        with self.db.session() as s:
+            modes = {j.id: (j.qa_mode or "refuse") for j in s.scalars(select(db.Job).where(
+                db.Job.id.in_([job_id for job_id, _, _ in loaded])))}
+        kept, gates = [], {}
+        for job_id, sr, read_s in loaded:
+            mode = modes.get(job_id, "refuse")
+            t0 = time.monotonic()
+            try:
+                forced = mode == "forced"  # `retry --force`: standardize anyway and record the flag
+                res = check_input(std, sr, "flag" if forced else mode, forced=forced)
+            except Exception as exc:  # a measurement that cannot run is a refusal, never a silent pass
+                log.exception("QA measurement failed")
+                self._fail(job_id, f"QA could not measure the series: {type(exc).__name__}: {exc}")
+                continue
+            res.extra["seconds"] = round(time.monotonic() - t0, 3)
+            self._store_qa(job_id, res)
+            log_event(log, "qa_input", job=job_id, series_uid=sr.series_uid, mode=mode, verdict=res.status,
+                      reason=res.reason, seconds=res.extra["seconds"])
+            if res.refused:
+                self._fail(job_id, f"QA refused: {res.reason}")
+                continue
+            kept.append((job_id, sr, read_s))
+            gates[job_id] = res
+        return kept, gates
+
+    def _qa_output(self, job_id: int, res: Any, out_hu: Any, spacing: Any) -> str | None:
+        """Output measures against the target envelope; returns the DerivationDescription note."""
+        if res is None:
+            return None
+        from .qa_gate import check_output
+
+        t0 = time.monotonic()
+        check_output(res, out_hu, spacing)
+        res.extra["output_seconds"] = round(time.monotonic() - t0, 3)
+        self._store_qa(job_id, res)
+        if res.verdict is not None and res.verdict.output_findings:
+            log_event(log, "qa_output_warning", level=logging.WARNING, job=job_id,
+                      warnings="; ".join(res.verdict.output_warnings))
+        return res.note()
+
+    def _store_qa(self, job_id: int, res: Any) -> None:
+        with self.db.session() as s:
+            job = s.get(db.Job, job_id)
+            if job is not None:
+                job.qa = {**res.record(), **res.extra}
 
     def _settings(self, job_ids: Sequence[int]) -> dict[int, tuple[int | None, int]]:
         """(steps, seed) per job: the rule's values, else the processing defaults."""
@@ -352,14 +406,17 @@ class Worker:
         return outs
 
     def _derive_and_store(self, job_id: int, sr: Any, out_hu: Any, std: Any, info: dict[str, Any], device: str,
-                          steps: int | None, seed: int, read_s: float, model_s: float) -> None:
+                          steps: int | None, seed: int, read_s: float, model_s: float,
+                          qa_note: str | None = None) -> None:
         from .derive import derive_series
         from .offline import sampler_parameters
+        from .qa_gate import annotate
 
         t0 = time.monotonic()
         sampler = sampler_parameters(info, steps, seed)
         dinfo = derivation_info(info, sampler=sampler, uid_root=self.config.uid_root, device=device)
         derived = derive_series(sr.datasets, out_hu, dinfo)
+        annotate(derived, qa_note)
         out_dir = self.config.output_dir / f"job-{job_id}"
         if out_dir.exists():  # partial output of an interrupted run
             shutil.rmtree(out_dir)
@@ -572,11 +629,13 @@ class Worker:
             log_event(log, "purged", series=n, older_than_days=days, states=",".join(states))
         return n
 
-    def retry(self, series_uid: str | None = None, failed: bool = False) -> int:
+    def retry(self, series_uid: str | None = None, failed: bool = False, force: bool = False) -> int:
         """Queue a series again (a new job version); with ``failed`` every failed series.
 
         A failed series whose output exists on disk (it failed in delivery) is re-sent instead:
-        only its unacknowledged instances, no new model run, no second output series."""
+        only its unacknowledged instances, no new model run, no second output series.
+        ``force``: the next job runs the QA gate as ``flag`` (a refused series is standardized and
+        the warning recorded); it does not apply to a re-send, whose output already passed."""
         from .resend import output_job, queue_resend
 
         n = 0
@@ -587,13 +646,17 @@ class Worker:
             for series in s.scalars(q):
                 if series.state in (db.QUEUED, db.PROCESSING, db.SENDING, db.RECEIVED):
                     continue
-                if failed and not series.grown_after_processing and output_job(self.config, series) is not None:
+                # Re-send only when the latest job holds the output: a later job that failed
+                # without output (model error, QA refusal) is reprocessed, not replaced by old output.
+                job = output_job(self.config, series)
+                if failed and not series.grown_after_processing and job is not None and job is series.jobs[-1]:
                     queue_resend(s, self.config, series, only_unsent=True)
                     self.resent.append(series.series_uid)
                     n += 1
                     continue
                 series.set_state(db.RECEIVED)
                 series.completed_at = None
+                series.qa_force = bool(force)
                 series.last_received_at = db.utcnow() - timedelta(seconds=self.config.completeness.stable_age_s)
                 n += 1
         return n

@@ -241,11 +241,21 @@ class Standardizer:
         return y.float()[:, 0].cpu().numpy()
 
     def _diffuse(self, t: Any, keys: list[int], steps: int | None, guide: Any = None) -> Any:
+        """Sample with per-slice generators: start noise first, then one draw per stochastic step,
+        so each slice's result depends only on its key, never on batching or device."""
         import torch
 
         inf = self.inferer
         shape = (inf.shift.shape[1], *inf.latent_hw(t))
-        noise = torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(k)) for k in keys])
+        gens = [torch.Generator().manual_seed(k) for k in keys]
+        noise = torch.stack([torch.randn(shape, generator=g) for g in gens])
         n_steps = int(steps or self.sampling.get("default_steps", 4))
         strength = float(self.sampling.get("strength", 0.5))
-        return inf.standardize(t, noise.to(t.device), n_steps, strength, guide)
+        eta = float(self.sampling.get("eta", 0.0))
+        gain = float(self.sampling.get("residual_gain", 1.0))
+
+        def step_noise() -> Any:
+            return torch.stack([torch.randn(shape, generator=g) for g in gens])
+
+        return inf.standardize(t, noise.to(t.device), n_steps, strength, guide, eta=eta,
+                               step_noise=step_noise if eta > 0 else None, gain=gain)

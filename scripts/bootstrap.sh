@@ -11,6 +11,7 @@ need_apt=()
 command -v storescp  >/dev/null 2>&1 || need_apt+=(dcmtk)
 command -v dciodvfy  >/dev/null 2>&1 || need_apt+=(dicom3tools)
 command -v Orthanc   >/dev/null 2>&1 || need_apt+=(orthanc)
+command -v openssl   >/dev/null 2>&1 || need_apt+=(openssl)    # throw-away CA for the DICOM TLS tests
 if [ ${#need_apt[@]} -gt 0 ]; then
   echo "[bootstrap] installing Debian packages: ${need_apt[*]}"
   SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO="sudo"

@@ -168,3 +168,63 @@ def test_residual_needs_statistics():
     with pytest.raises(ValueError, match="residual_shift"):
         ConditionalLatentInferer(inf.autoencoder, inf.denoiser, ScheduleConfig(parameterization="residual"),
                                  torch.zeros(3), torch.ones(3))
+
+
+def test_eta_zero_is_the_deterministic_update_and_eta_one_is_the_ddpm_posterior():
+    """eta = 0 draws nothing; eta = 1 adds exactly the DDPM posterior std times the given noise."""
+    cfg = ScheduleConfig()
+    s = DDIMSampler(cfg)
+    s.set_timesteps(4, 1.0)
+    t, prev = s.timesteps[1].item(), s.timesteps[2].item()
+    g = torch.Generator().manual_seed(0)
+    x, out, z = (torch.randn(2, 3, 4, 4, generator=g) for _ in range(3))
+    det = s.step(out, t, x).prev_sample
+    assert torch.equal(s.step(out, t, x, eta=0.0, variance_noise=z).prev_sample, det)
+    a_t, a_p = s.alphas_cumprod[t], s.alphas_cumprod[prev]
+    sigma = ((1 - a_p) / (1 - a_t) * (1 - a_t / a_p)).sqrt()
+    x0, eps = s.step(out, t, x).pred_original_sample, None
+    eps = (x - a_t.sqrt() * x0) / (1 - a_t).sqrt()
+    expect = a_p.sqrt() * x0 + (1 - a_p - sigma**2).sqrt() * eps + sigma * z
+    assert torch.allclose(s.step(out, t, x, eta=1.0, variance_noise=z).prev_sample, expect, atol=1e-5)
+    # the last step lands on the clean estimate whatever eta is
+    last = s.timesteps[-1].item()
+    res = s.step(out, last, x, eta=1.0, variance_noise=z)
+    assert torch.equal(res.prev_sample, res.pred_original_sample)
+    with pytest.raises(ValueError, match="eta"):
+        s.step(out, t, x, eta=-0.1)
+
+
+def test_few_step_sampling_of_a_gaussian_loses_variance_and_ancestral_steps_recover_it():
+    """With the exact denoiser of x0 ~ N(0, 1) (the unit-variance residual the model diffuses),
+    deterministic 2-step DDIM from pure noise returns samples with a fraction of the variance (the
+    conditional-mean failure of the old default), and eta = 1 recovers it as steps grow. The rest
+    of the deficit at a given step count is what ``sampling.residual_gain`` calibrates."""
+    cfg = ScheduleConfig(prediction_type="epsilon")
+    s = DDIMSampler(cfg)
+    gen = torch.Generator().manual_seed(0)
+
+    def run(eta: float, steps: int) -> float:
+        s.set_timesteps(steps, 1.0)
+        x = torch.randn(20000, generator=gen)
+        for t in s.timesteps.tolist():
+            a = s.alphas_cumprod[t]
+            eps = (1 - a).sqrt() * x  # exact for a unit-variance Gaussian: E[x0 | x_t] = sqrt(a) x_t
+            x = s.step(eps, t, x, eta=eta, variance_noise=torch.randn(x.shape, generator=gen)).prev_sample
+        return float(x.var())
+
+    v2, v10, v50 = run(0.0, 2), run(1.0, 10), run(1.0, 50)
+    assert v2 < 0.3 and v10 < v50 and v50 > 0.85, (v2, v10, v50)
+
+
+def test_latent_losses_without_image_term_never_decode():
+    inf = _inferer(parameterization="first_guess", decoding="delta")
+    c = inf.autoencoder.config.latent_dim
+    calls = []
+    inf.autoencoder.decode = lambda z: calls.append(1) or z[:, :1]  # type: ignore[method-assign]
+    z = [torch.randn(2, c, 8, 8) for _ in range(3)]
+    res = inf.latent_losses(z[0], z[2], LossWeights(image=0.0), torch.Generator().manual_seed(0), z_g=z[1])
+    assert set(res) == {"diffusion", "latent", "total"} and not calls
+    res["total"].backward()
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in inf.denoiser.parameters())
+    with pytest.raises(ValueError, match="target image"):
+        inf.latent_losses(z[0], z[2], LossWeights(image=1.0), z_g=z[1])

@@ -90,8 +90,10 @@ def test_standardize_reads_compressed_input(tmp_path: Path) -> None:
     ds = pydicom.dcmread(path)
     assert ds.file_meta.TransferSyntaxUID.is_compressed
     ds.save_as(src / "ct.dcm", enforce_file_format=True)
-    proc = _cli("standardize", str(src), str(tmp_path / "out"), "--device", "cpu", "--quiet", "--model",
-                str(Path(__file__).resolve().parents[1] / "ltdiff_core" / "weights" / "linear.safetensors"))
+    # a 0.48 mm, 5 mm head CT: outside the model's QA envelope (refused by default, exit 3); this test is
+    # about decoding, so the gate is off
+    proc = _cli("standardize", str(src), str(tmp_path / "out"), "--device", "cpu", "--quiet", "--qa", "off",
+                "--model", str(Path(__file__).resolve().parents[1] / "ltdiff_core" / "weights" / "linear.safetensors"))
     assert proc.returncode == 0, proc.stderr
     (out,) = sorted((tmp_path / "out").rglob("*.dcm"))
     res = pydicom.dcmread(out)

@@ -164,6 +164,12 @@ path = "{(tmp_path / 'direct.safetensors').as_posix()}"
     lin = Standardizer.from_checkpoint(tmp_path / "linear.safetensors")
     m = lin.ckpt.metadata["metrics"]["linear"]
     assert m["val_rmse_hu_filter"] < m["val_rmse_hu_identity"]
+    # the QA envelope of the training data (train + validation cases) is written with the checkpoint
+    from ltdiff_core import qa
+
+    env = qa.envelope_of(lin.ckpt.metadata)
+    assert env is not None and env["series"] == 3 and env["source"]["kernel"] == "Br40"
+    assert env["source"]["measures"]["pixel_spacing_mm"]["n"] == 3
 
 
 def test_ddp_two_processes_end_with_identical_weights(tmp_path, cases):
@@ -205,3 +211,64 @@ def test_first_guess_diffusion_embeds_the_linear_filter(tmp_path, cases):
     assert s.first_guess is not None and s.first_guess.h_real.size > 10
     out = s.standardize(np.zeros((1, 50, 40), np.float32) - 500, (1.5, 0.7, 0.7))
     assert out.shape == (1, 50, 40) and np.isfinite(out).all()
+
+
+def test_latent_cache_crops_whole_slice_latents_reproducibly():
+    """The cache encodes each slice once and crops latents at body-biased places from (seed, step)."""
+    import torch
+
+    from train.data import LatentCache, PairedVolume
+
+    rng = np.random.default_rng(0)
+    src = rng.normal(0, 0.05, (2, 64, 64)).astype(np.float32) - 1.0
+    src[:, 16:48, 16:48] += 1.0  # "body"
+    vol = PairedVolume("v", src, src + 0.01, (1.0, 0.7, 0.7), guide=src * 0.5)
+    calls = []
+
+    def encode(x: torch.Tensor) -> torch.Tensor:
+        calls.append(tuple(x.shape))
+        return torch.nn.functional.avg_pool2d(x, 4).repeat(1, 3, 1, 1)
+
+    cache = LatentCache([vol], encode, factor=4, crop=32, batch=5, seed=1, first_guess=True)
+    assert len(cache) == 2 and len(calls) == 6  # A, G, B of each slice, once
+    za, zg, zb = cache.batch_at(3)
+    assert za.shape == zg.shape == zb.shape == (5, 3, 8, 8)
+    assert torch.allclose(zb - za, torch.full_like(za, 0.01), atol=1e-5)  # same place in A and B
+    again = cache.batch_at(3)
+    assert torch.equal(again[0], za) and not torch.equal(cache.batch_at(4)[0], za)
+    with pytest.raises(ValueError, match="multiple"):
+        LatentCache([vol], encode, factor=4, crop=30, batch=1, seed=0)
+
+
+def test_calibrate_gain_brings_the_drawn_residual_to_the_true_power(tmp_path):
+    """The calibration writes sampling.residual_gain so that the drawn correction's power matches the
+    true residual's on the given slices, leaves the tensors alone, and refuses other checkpoints."""
+    from test_standardizer import _first_guess_ckpt
+
+    from ltdiff_core.checkpoint import CheckpointError, load_checkpoint
+    from train import calibrate_gain
+
+    ck = _first_guess_ckpt(tmp_path / "fg.safetensors", decoding="delta")
+    rng = np.random.default_rng(0)
+    from test_standardizer import _test_filter
+
+    a = rng.normal(40, 20, (2, 48, 48)).astype(np.float32)
+    b = _test_filter().apply(a, (0.7, 0.7)) + rng.normal(0, 0.3, a.shape).astype(np.float32)  # G(A) + small residual
+    np.savez(tmp_path / "case.npz", source=a, target=b, spacing=np.array([1.0, 0.7, 0.7]))
+    before = load_checkpoint(ck)
+    res = calibrate_gain.calibrate(ck, [str(tmp_path / "case.npz")], n_slices=2, rounds=3)
+    after = load_checkpoint(ck)
+    assert after.metadata["weights_sha256"] == before.metadata["weights_sha256"]
+    gain = after.metadata["sampling"]["residual_gain"]
+    assert gain == res["residual_gain"] and gain != 1.0
+    best = min(res["rounds"], key=lambda r: abs(np.log(r["residual_power"])))
+    assert best["gain"] == gain and abs(best["residual_power"] - 1) < 0.2, res["rounds"]
+    assert abs(np.log(res["rounds"][0]["residual_power"])) > abs(np.log(best["residual_power"]))
+    with pytest.raises(CheckpointError, match="first-guess"):
+        calibrate_gain.calibrate(default_checkpoint_path("linear"), [str(tmp_path / "case.npz")])
+
+
+def default_checkpoint_path(name: str):
+    from ltdiff_core.weights import default_checkpoint
+
+    return default_checkpoint(name)

@@ -379,17 +379,22 @@ def mean_losses(batches: Iterable[dict[str, Any]]) -> dict[str, float]:
 
 def training_record(cfg: dict[str, Any], t_start: float, train_vols: Sequence[Any], val_vols: Sequence[Any],
                     result: dict[str, Any] | None = None, pixel_mm: float | None = None, **extra: Any) -> dict[str, Any]:
-    """The ``training`` block every checkpoint carries: data, spacing, command, config, loop result.
+    """The ``training`` block every checkpoint carries: data, spacing, QA envelope, command, config, loop result.
 
     ``pixel_mm`` defaults to the median in-plane spacing of the training volumes; ``extra``
     entries (e.g. the autoencoder a denoiser was trained on) come before the loop result
     (``train_loop``'s, without ``final_val``, which goes to the metrics).
     """
     from .data import describe
+    from .envelope import envelope_from_volumes
 
     if pixel_mm is None:
         pixel_mm = float(np.median([v.spacing[2] for v in train_vols]))
+    data_cfg = cfg.get("data", {}) if isinstance(cfg, dict) else {}
+    # QA envelope of the data the model saw (train + validation cases), read by the node's QA gate
+    envelope = envelope_from_volumes(list(train_vols) + list(val_vols), str(data_cfg.get("source_kernel", "Br40")),
+                                     str(data_cfg.get("target_kernel", "Bl64")))
     return {"data": {"train": describe(train_vols), "val": describe(val_vols)}, "pixel_mm": pixel_mm,
-            "command": command_line(), "config": cfg, **extra,
+            "qa_envelope": envelope, "command": command_line(), "config": cfg, **extra,
             **{k: v for k, v in (result or {}).items() if k != "final_val"},
             "wall_seconds": round(time.time() - t_start, 1)}

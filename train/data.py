@@ -180,3 +180,64 @@ def attach_first_guess(
 
     for v in vols:
         v.guide = hu_to_unit(apply_hu(unit_to_hu(v.source), v.pixel_mm)).astype(np.float32)
+
+
+class LatentCache:
+    """Scaled latents of whole training slices (A, B and, for first-guess diffusion, G(A)), cropped
+    per step.
+
+    Encoding once instead of at every step removes the encoder from the training loop (about
+    90 % of a step's cost on CPU with the image term off), and latents of whole slices are what
+    inference sees (no crop-border effects in the encoder). Crops are body-biased like
+    :class:`CropSampler` and drawn from ``(seed, rank, step)``. No flips: pixel-unshuffled
+    channels do not flip with the grid.
+    """
+
+    def __init__(self, vols: Sequence[PairedVolume], encode: Callable, factor: int, crop: int, batch: int,
+                 seed: int, rank: int = 0, first_guess: bool = False, body_fraction: float = 0.8) -> None:
+        import torch
+
+        if crop % factor:
+            raise ValueError(f"crop {crop} is not a multiple of the latent factor {factor}")
+        self.lc, self.batch, self.seed, self.rank = crop // factor, batch, seed, rank
+        self.body_fraction = body_fraction
+        self.z: list[tuple] = []
+        self.body: list[np.ndarray] = []
+        with torch.no_grad():
+            for v in vols:
+                h, w = (s - s % factor for s in v.source.shape[1:])
+                if min(h, w) // factor < self.lc:
+                    raise ValueError(f"case {v.name} slices are smaller than crop {crop}")
+                for z in range(v.source.shape[0]):
+                    enc = lambda img: encode(torch.from_numpy(np.ascontiguousarray(img[z, :h, :w]))[None, None])[0]  # noqa: E731
+                    if first_guess and v.guide is None:
+                        raise ValueError(f"case {v.name} has no first-guess volume")
+                    zg = enc(v.guide) if first_guess else None
+                    self.z.append((enc(v.source), zg, enc(v.target)))
+                    small = v.source[z, :h:factor, :w:factor] > BODY_HU / 1000.0
+                    self.body.append(np.argwhere(small))
+
+    def __len__(self) -> int:
+        return len(self.z)
+
+    def batch_at(self, step: int) -> tuple:
+        """``(Z_A, Z_G or None, Z_B)`` crops, each (batch, C, crop/f, crop/f)."""
+        import torch
+
+        rng = np.random.default_rng([self.seed, self.rank, step, 7])
+        za, zg, zb = [], [], []
+        for _ in range(self.batch):
+            i = int(rng.integers(len(self.z)))
+            a, g, b = self.z[i]
+            hh, ww = a.shape[-2:]
+            pts, c = self.body[i], self.lc
+            if len(pts) and rng.random() < self.body_fraction:
+                cy, cx = pts[rng.integers(len(pts))]
+                y, x = int(np.clip(cy - c // 2, 0, hh - c)), int(np.clip(cx - c // 2, 0, ww - c))
+            else:
+                y, x = int(rng.integers(0, hh - c + 1)), int(rng.integers(0, ww - c + 1))
+            za.append(a[:, y:y + c, x:x + c])
+            zb.append(b[:, y:y + c, x:x + c])
+            if g is not None:
+                zg.append(g[:, y:y + c, x:x + c])
+        return torch.stack(za), (torch.stack(zg) if zg else None), torch.stack(zb)

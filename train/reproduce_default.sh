@@ -27,3 +27,8 @@ for name in $names; do
   cp runs/$name.safetensors runs/$name.json ltdiff_core/weights/
 done
 stamp "copied checkpoints to ltdiff_core/weights/"
+# QA training envelope (training.qa_envelope) from the DICOM training cases, with their SliceThickness;
+# tensors are untouched. A new checkpoint is stamped with the same one line.
+ckpts=""
+for name in $names; do ckpts="$ckpts --checkpoint ltdiff_core/weights/$name.safetensors"; done
+$PY -m train.envelope --cases data/train --cases data/train1mm $ckpts ; stamp "QA envelope stamped"

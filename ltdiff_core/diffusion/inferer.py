@@ -14,6 +14,9 @@ from torch import nn
 
 from .schedulers import DDIMSampler, ScheduleConfig, make_train_scheduler, predicted_x0_eps
 
+#: Draws one fresh noise tensor for a stochastic sampling step (per-slice generators at inference).
+StepNoise = Callable[[], torch.Tensor]
+
 
 @dataclass
 class LossWeights:
@@ -132,7 +135,24 @@ class ConditionalLatentInferer:
         with torch.no_grad():
             z_a, z_b = self.encode(a), self.encode(b)
             z_g = self.encode(guide) if (self.first_guess and guide is not None) else None
-            d_g = self.decode(z_g) if (self.delta_decoding and z_g is not None) else None
+        return self.latent_losses(z_a, z_b, weights, generator, z_g=z_g, b=b, guide=guide)
+
+    def latent_losses(
+        self,
+        z_a: torch.Tensor,
+        z_b: torch.Tensor,
+        weights: LossWeights,
+        generator: torch.Generator | None = None,
+        z_g: torch.Tensor | None = None,
+        b: torch.Tensor | None = None,
+        guide: torch.Tensor | None = None,
+    ) -> dict[str, torch.Tensor]:
+        """Losses from already encoded, scaled latents (a latent cache skips the encoder per step).
+
+        The image term needs the target image ``b`` (and ``guide`` for delta decoding); with
+        ``weights.image == 0`` it is skipped, so a step never runs the decoder: the diffusion
+        then learns p(Z_B | condition) in latent space alone, as latent diffusion usually does.
+        """
         z_ref, cond = self._reference_and_condition(z_a, z_g)
         n, T = z_b.shape[0], self.schedule.num_train_timesteps
         t_max = max(1, int(self.schedule.t_max_fraction * T))
@@ -151,11 +171,16 @@ class ConditionalLatentInferer:
         losses = {
             "diffusion": F.mse_loss(out.float(), target),
             "latent": F.mse_loss(z0_hat, z_b),
-            "image": F.mse_loss(self.to_image(z0_hat, z_g, guide, d_g).float(), b),
         }
-        losses["total"] = (
-            weights.diffusion * losses["diffusion"] + weights.latent * losses["latent"] + weights.image * losses["image"]
-        )
+        total = weights.diffusion * losses["diffusion"] + weights.latent * losses["latent"]
+        if weights.image > 0:
+            if b is None:
+                raise ValueError("the image term needs the target image b (or set the image weight to 0)")
+            with torch.no_grad():
+                d_g = self.decode(z_g) if (self.delta_decoding and z_g is not None) else None
+            losses["image"] = F.mse_loss(self.to_image(z0_hat, z_g, guide, d_g).float(), b)
+            total = total + weights.image * losses["image"]
+        losses["total"] = total
         return losses
 
     @torch.no_grad()
@@ -167,14 +192,23 @@ class ConditionalLatentInferer:
         strength: float,
         generator: torch.Generator | None = None,
         guide: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        """Image MSE of what inference returns (sampled from the start it uses, not teacher-forced).
+        eta: float = 0.0,
+    ) -> dict[str, torch.Tensor]:
+        """Fidelity and texture of what inference returns (sampled, not teacher-forced).
 
-        The training loss sees ``z_t`` built from the true Z_B, which at low noise leaks the
-        answer; this number is the one that tracks the output's fidelity.
+        ``image``: image MSE against B. The training loss sees ``z_t`` built from the true Z_B,
+        which at low noise leaks the answer; this is the number that tracks fidelity.
+        ``residual_power``: power of the sampled correction over the power of the true one,
+        ``mean((Y - G)^2) / mean((B - G)^2)`` with G the first guess (or A): 1 when the model
+        draws the texture the first guess misses at the right level, 0 when it adds nothing.
         """
-        noise = torch.randn((a.shape[0], self.shift.shape[1], *self.latent_hw(a)), generator=generator)
-        return F.mse_loss(self.standardize(a, noise.to(a.device), steps, strength, guide).float(), b)
+        shape = (a.shape[0], self.shift.shape[1], *self.latent_hw(a))
+        noise = torch.randn(shape, generator=generator)
+        step_noise = (lambda: torch.randn(shape, generator=generator)) if eta > 0 else None  # noqa: E731
+        y = self.standardize(a, noise.to(a.device), steps, strength, guide, eta=eta, step_noise=step_noise).float()
+        ref = guide if guide is not None else a
+        return {"image": F.mse_loss(y, b),
+                "residual_power": ((y - ref) ** 2).mean() / ((b - ref) ** 2).mean().clamp_min(1e-12)}
 
     # --- sampling ------------------------------------------------------------------------
     @torch.no_grad()
@@ -186,8 +220,19 @@ class ConditionalLatentInferer:
         strength: float,
         on_step: Callable[[int, int], None] | None = None,
         z_g: torch.Tensor | None = None,
+        eta: float = 0.0,
+        step_noise: StepNoise | None = None,
+        gain: float = 1.0,
     ) -> torch.Tensor:
-        """Z_B estimate: start from the reference (Z_A, or Z_G) noised to ``strength`` (SDEdit), run DDIM."""
+        """Z_B estimate: start from the reference (Z_A, or Z_G) noised to ``strength`` (SDEdit), run DDIM.
+
+        ``eta > 0`` makes every step but the last draw fresh noise from ``step_noise()`` (same
+        shape as ``noise``); without it the draws come from the global torch generator.
+        ``gain`` scales the sampled (scaled) residual before it is added to the reference: a
+        sampler with few steps returns samples of too little variance even with a perfect
+        denoiser (tests/test_diffusion.py), and the checkpoint's ``sampling.residual_gain``,
+        measured on training slices, restores the residual's power.
+        """
         z_ref, cond = self._reference_and_condition(z_a, z_g)
         self.sampler.set_timesteps(steps, strength)
         ts = self.sampler.timesteps
@@ -199,10 +244,11 @@ class ConditionalLatentInferer:
         for k, t in enumerate(ts.tolist()):
             tt = torch.full((z.shape[0],), t, device=z.device, dtype=torch.long)
             out = self.denoiser(z, tt, cond).to(z.dtype)
-            z = self.sampler.step(out, t, z).prev_sample
+            fresh = step_noise().to(z.device, z.dtype) if (eta > 0 and step_noise is not None and k < len(ts) - 1) else None
+            z = self.sampler.step(out, t, z, eta=eta, variance_noise=fresh).prev_sample
             if on_step is not None:
                 on_step(k + 1, len(ts))
-        return self.from_target(z, z_ref)
+        return self.from_target(gain * z if gain != 1.0 else z, z_ref)
 
     def latent_hw(self, x: torch.Tensor) -> tuple[int, int]:
         """Latent grid of an image batch (the autoencoder downsamples by ``config.factor``)."""
@@ -217,8 +263,12 @@ class ConditionalLatentInferer:
         steps: int,
         strength: float,
         guide: torch.Tensor | None = None,
+        eta: float = 0.0,
+        step_noise: StepNoise | None = None,
+        gain: float = 1.0,
     ) -> torch.Tensor:
         """Image in, image out: encode A (and G(A)), sample Z_B from ``noise``, return the image."""
         z_a = self.encode(a).float()
         z_g = self.encode(guide).float() if (self.first_guess and guide is not None) else None
-        return self.to_image(self.sample(z_a, noise, steps, strength, z_g=z_g), z_g, guide)
+        z_b = self.sample(z_a, noise, steps, strength, z_g=z_g, eta=eta, step_noise=step_noise, gain=gain)
+        return self.to_image(z_b, z_g, guide)

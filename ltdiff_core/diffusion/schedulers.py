@@ -71,10 +71,15 @@ class SchedulerOutput:
 
 
 class DDIMSampler(Scheduler):
-    """Deterministic DDIM (eta = 0) over an explicit timestep list, optionally SDEdit-style.
+    """DDIM over an explicit timestep list, optionally SDEdit-style, deterministic or stochastic.
 
     ``set_timesteps(n, strength)`` places ``n`` model evaluations evenly on ``[t_start, 0]``
     with ``t_start = strength * (T - 1)``; the last step jumps to the clean sample.
+
+    ``eta`` (Song et al. 2021) sets how much fresh noise each step injects: 0 is deterministic
+    DDIM, which with few steps returns close to the conditional *mean* and so averages away any
+    texture the condition does not determine; 1 is the DDPM posterior variance (ancestral
+    sampling), which *draws* that texture with the statistics the denoiser learned.
     """
 
     def __init__(self, cfg: ScheduleConfig) -> None:
@@ -100,16 +105,34 @@ class DDIMSampler(Scheduler):
         return self.alphas_cumprod[t] if t >= 0 else torch.tensor(1.0)
 
     def step(
-        self, model_output: torch.Tensor, timestep: int, sample: torch.Tensor, generator: torch.Generator | None = None
+        self,
+        model_output: torch.Tensor,
+        timestep: int,
+        sample: torch.Tensor,
+        eta: float = 0.0,
+        generator: torch.Generator | None = None,
+        variance_noise: torch.Tensor | None = None,
     ) -> SchedulerOutput:
-        """One deterministic DDIM update x_t -> x_prev (``generator`` is unused: eta = 0)."""
+        """One DDIM update x_t -> x_prev (diffusers' ``step`` signature).
+
+        With ``eta > 0`` the update adds ``sigma_t * variance_noise`` (drawn from ``generator`` when
+        not given; pass ``variance_noise`` to keep draws per slice independent of batching). The
+        last step (to t = -1) is always the clean estimate, so it draws nothing.
+        """
         t = int(timestep)
         if t not in self._prev:
             raise ValueError(f"timestep {t} is not in the schedule; call set_timesteps first")
+        if eta < 0:
+            raise ValueError("eta must be >= 0")
         a_t = self._alpha(t).to(sample.device, sample.dtype)
         a_prev = self._alpha(self._prev[t]).to(sample.device, sample.dtype)
         x0, eps = predicted_x0_eps(self.prediction_type, model_output, sample, a_t)
-        prev = a_prev.sqrt() * x0 + (1 - a_prev).sqrt() * eps
+        sigma = eta * ((1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev)).clamp_min(0).sqrt()
+        prev = a_prev.sqrt() * x0 + (1 - a_prev - sigma**2).clamp_min(0).sqrt() * eps
+        if eta > 0 and self._prev[t] >= 0:
+            if variance_noise is None:
+                variance_noise = torch.randn(sample.shape, generator=generator, dtype=sample.dtype).to(sample.device)
+            prev = prev + sigma * variance_noise
         return SchedulerOutput(prev_sample=prev, pred_original_sample=x0)
 
 

@@ -1,0 +1,370 @@
+"""Hostile peers that need no login (raw sockets on loopback against the node's SCP): a huge
+declared PDU length, half-open and idle connections, the association limit, rejection reasons,
+and allow-list pins written as host names.
+
+Attack sockets bind other loopback addresses (127.0.0.2, 127.0.0.3) so that the per-address
+limit applies to them and not to the legitimate DCMTK peer on 127.0.0.1.
+"""
+from __future__ import annotations
+
+import logging
+import socket
+import struct
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from pynetdicom import AE
+from pynetdicom.pdu import A_ASSOCIATE_RQ
+from pynetdicom.pdu_primitives import A_ASSOCIATE, MaximumLengthNotification
+from pynetdicom.presentation import build_context
+from pynetdicom.sop_class import Verification
+
+from dicom_node import db
+from dicom_node.config import ConfigError, parse_config
+from dicom_node.peers import LOOPBACK, echoscu, free_port, start_node, started, write_node_config
+from dicom_node.scp import StorageSCP
+
+MiB = 1 << 20
+
+
+class RunningSCP:
+    def __init__(self, tmp: Path, **node: Any) -> None:
+        raw = {"node": {"bind_address": LOOPBACK, "port": free_port(), "data_dir": str(tmp / "data"), **node}}
+        self.config = parse_config(raw, tmp)
+        self.config.data_dir.mkdir(parents=True, exist_ok=True)
+        self.db = db.Database(self.config.db_url)
+        self.db.create_all()
+        self.scp = StorageSCP(self.config, self.db)
+        self.port = self.scp.start()
+
+    def stop(self) -> None:
+        self.scp.stop(drain_s=2)
+        self.db.dispose()
+
+
+@pytest.fixture
+def scp_factory(tmp_path: Path) -> Iterator[Any]:
+    started_: list[RunningSCP] = []
+
+    def make(**node: Any) -> RunningSCP:
+        n = RunningSCP(tmp_path / f"n{len(started_)}", **node)
+        started_.append(n)
+        return n
+
+    yield make
+    for n in started_:
+        n.stop()
+
+
+def associate_rq(called: str = "LTDIFF", calling: str = "ATTACKER") -> bytes:
+    """A well-formed A-ASSOCIATE-RQ PDU proposing Verification."""
+    prim = A_ASSOCIATE()
+    prim.application_context_name = "1.2.840.10008.3.1.1.1"
+    prim.calling_ae_title = calling
+    prim.called_ae_title = called
+    cx = build_context(Verification)
+    cx.context_id = 1
+    prim.presentation_context_definition_list = [cx]
+    ml = MaximumLengthNotification()
+    ml.maximum_length_received = 16384
+    prim.user_information = [ml]
+    pdu = A_ASSOCIATE_RQ()
+    pdu.from_primitive(prim)
+    return pdu.encode()
+
+
+def connect_from(source: str, port: int) -> socket.socket:
+    s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    s.bind((source, 0))
+    s.connect((LOOPBACK, port))
+    return s
+
+
+def closed_by_peer(s: socket.socket, timeout: float) -> bool:
+    """True when the node closed (or reset) the connection within ``timeout`` seconds."""
+    s.settimeout(timeout)
+    try:
+        while True:
+            data = s.recv(65536)
+            if not data:
+                return True
+    except (ConnectionResetError, BrokenPipeError):
+        return True
+    except TimeoutError:
+        return False
+
+
+def stream_after_header(port: int, header: bytes, total: int, source: str = "127.0.0.2") -> int:
+    """Send ``header`` then zeros up to ``total`` bytes; returns what the node took before closing."""
+    chunk = bytes(MiB)
+    sent = 0
+    with connect_from(source, port) as s:
+        s.settimeout(10)
+        try:
+            s.sendall(header)
+            while sent < total:
+                s.sendall(chunk)
+                sent += len(chunk)
+        except OSError:
+            pass
+    return sent
+
+
+def vm_kib(pid: int, key: str) -> int:
+    """A VmRSS/VmHWM figure from /proc (psutil is not a dependency)."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(key + ":"):
+            return int(line.split()[1])
+    raise KeyError(key)
+
+
+def echo_until_ok(port: int, timeout: float) -> float | None:
+    """Seconds until a DCMTK C-ECHO succeeds (retrying), or None if it never did in ``timeout``."""
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < timeout:
+        if echoscu(port, "LTDIFF").returncode == 0:
+            return time.monotonic() - t0
+        time.sleep(0.2)
+    return None
+
+
+# ------------------------------------------------------------------------------ item 8
+def test_huge_declared_pdu_length_before_association_is_not_buffered(tmp_path: Path) -> None:
+    """0xFFFFFFF0 as the A-ASSOCIATE-RQ length, then 200 MB: the node's peak RSS must not follow."""
+    port = free_port()
+    cfg = write_node_config(tmp_path / "node.toml", port=port, data_dir=tmp_path / "data")
+    with started(start_node(cfg, port, tmp_path / "node.log")) as node:
+        assert echo_until_ok(port, 20) is not None  # warm: every lazy import done before the baseline
+        base = vm_kib(node.pid, "VmHWM")
+        t0 = time.monotonic()
+        sent = stream_after_header(port, struct.pack(">BBL", 0x01, 0, 0xFFFFFFF0), 200 * MiB)
+        seconds = time.monotonic() - t0
+        growth_mib = (vm_kib(node.pid, "VmHWM") - base) / 1024
+        print(f"pdu-length attack: sent {sent / MiB:.0f} MiB in {seconds:.1f} s, node peak RSS +{growth_mib:.1f} MiB")
+        assert growth_mib < 32, f"node peak RSS grew {growth_mib:.0f} MiB while {sent / MiB:.0f} MiB were streamed"
+        assert sent < 200 * MiB, "the node read the whole stream instead of closing the connection"
+        assert echoscu(port, "LTDIFF").returncode == 0  # still serving
+        assert "declared PDU length 4294967280 exceeds the limit 65536" in node.log()
+
+
+@pytest.mark.parametrize("length", [16384 + 1, 0xFFFFFFF0])
+def test_p_data_longer_than_max_pdu_aborts_the_association(scp_factory: Any, length: int) -> None:
+    """After the association the cap is the negotiated maximum: the node aborts on the header alone
+    (one byte over: without waiting for a body; 0xFFFFFFF0: without buffering the stream)."""
+    node = scp_factory(max_pdu=16384)
+    ae = AE("SCU")
+    ae.add_requested_context(Verification)
+    assoc = ae.associate(LOOPBACK, node.port, ae_title="LTDIFF")
+    assert assoc.is_established
+    raw = assoc.dul.socket.socket
+    sent = 0
+    try:
+        raw.sendall(struct.pack(">BBL", 0x04, 0, length))
+        while length > 16385 and sent < 64 * MiB:
+            raw.sendall(bytes(MiB))
+            sent += MiB
+    except OSError:
+        pass
+    deadline = time.monotonic() + 5
+    while assoc.is_established and time.monotonic() < deadline:
+        time.sleep(0.05)
+    try:
+        assert not assoc.is_established, "the node kept reading a PDU longer than the negotiated maximum"
+        assert sent < 64 * MiB
+    finally:
+        assoc.abort()
+
+
+# ------------------------------------------------------------------------------ item 9
+def test_half_open_and_idle_connections_do_not_lock_out_legitimate_peers(scp_factory: Any) -> None:
+    node = scp_factory(acse_timeout_s=3.0)
+    rq = associate_rq()
+    attack = []
+    for _ in range(12):  # each sends half an A-ASSOCIATE-RQ and then nothing
+        s = connect_from("127.0.0.2", node.port)
+        s.sendall(rq[: len(rq) // 2])
+        attack.append(s)
+    attack += [connect_from("127.0.0.3", node.port) for _ in range(12)]  # idle TCP connections
+    time.sleep(0.5)
+    try:
+        lockout = echo_until_ok(node.port, 20)
+        print(f"half-open attack: first legitimate C-ECHO after {lockout} s")
+        assert lockout is not None and lockout < 3.0, f"legitimate C-ECHO locked out ({lockout})"
+        # The node closes every attack connection itself, within the ACSE timeout (+ scheduling).
+        t0 = time.monotonic()
+        assert all(closed_by_peer(s, max(0.1, 6.0 - (time.monotonic() - t0))) for s in attack)
+    finally:
+        for s in attack:
+            s.close()
+
+
+def _is_closed(s: socket.socket) -> bool:
+    try:
+        return s.recv(1, socket.MSG_DONTWAIT | socket.MSG_PEEK) == b""
+    except BlockingIOError:
+        return False
+    except OSError:
+        return True
+
+
+def test_storescu_succeeds_while_attack_connections_stay_open(scp_factory: Any, tmp_path: Path) -> None:
+    """The attacker keeps 24 connections (half of them with half an A-ASSOCIATE-RQ) open from 6
+    addresses, reconnecting whenever the node closes one; a DCMTK storescu still gets through."""
+    from dicom_node.peers import make_ct_series, storescu
+
+    node = scp_factory(acse_timeout_s=2.0)
+    rq = associate_rq()
+    files = make_ct_series(tmp_path / "in", n=2, size=32)
+    stop = threading.Event()
+    reconnects = [0]
+
+    def attacker() -> None:
+        socks: dict[int, socket.socket] = {}
+        while not stop.is_set():
+            for i in range(24):
+                s = socks.get(i)
+                if s is not None and not _is_closed(s):
+                    continue
+                if s is not None:
+                    s.close()
+                    reconnects[0] += 1
+                try:
+                    s = connect_from(f"127.0.0.{2 + i % 6}", node.port)
+                    if i % 2 == 0:
+                        s.sendall(rq[: len(rq) // 2])
+                    socks[i] = s
+                except OSError:
+                    socks.pop(i, None)
+            time.sleep(0.05)
+        for s in socks.values():
+            s.close()
+
+    thread = threading.Thread(target=attacker, daemon=True)
+    thread.start()
+    try:
+        time.sleep(2.5)  # at least one round of closes and reconnects
+        t0 = time.monotonic()
+        r = storescu(files, node.port, "LTDIFF", timeout=30)
+        seconds = time.monotonic() - t0
+        assert r.returncode == 0, r.stderr
+        assert seconds < 5, seconds
+        assert reconnects[0] >= 12  # the node did close the attack connections
+    finally:
+        stop.set()
+        thread.join(10)
+
+
+def test_max_associations_is_honoured_exactly_even_after_a_port_probe(scp_factory: Any,
+                                                                      caplog: pytest.LogCaptureFixture) -> None:
+    """A bare TCP probe (a monitor, a port check) held one of the 10 slots: only 9 were usable."""
+    node = scp_factory(max_associations=10, max_connections_per_address=16)
+    socket.create_connection((LOOPBACK, node.port)).close()  # the probe
+    time.sleep(0.3)
+    ae = AE("SCU")
+    ae.add_requested_context(Verification)
+    caplog.set_level(logging.INFO)
+    assocs = [ae.associate(LOOPBACK, node.port, ae_title="LTDIFF") for _ in range(11)]
+    try:
+        assert [a.is_established for a in assocs] == [True] * 10 + [False]
+        assert assocs[10].is_rejected
+        rejected = [r for r in caplog.records if r.getMessage() == "association_rejected"]
+        assert rejected and all(getattr(r, "fields", {}).get("reason") for r in rejected)
+        assert "max_associations (10) reached" in {r.fields["reason"] for r in rejected}
+    finally:
+        for a in assocs:
+            if a.is_established:
+                a.release()
+    # Released slots are free again at once.
+    again = ae.associate(LOOPBACK, node.port, ae_title="LTDIFF")
+    assert again.is_established
+    again.release()
+
+
+def test_every_rejection_log_line_gives_a_reason(scp_factory: Any, caplog: pytest.LogCaptureFixture) -> None:
+    node = scp_factory(allowed_calling_aes=["ECHOSCU"])
+    caplog.set_level(logging.INFO)
+    assert echoscu(node.port, "LTDIFF", "INTRUDER").returncode != 0
+    assert echoscu(node.port, "NOTUS", "ECHOSCU").returncode != 0
+    deadline = time.monotonic() + 5  # logged by the node's thread, possibly after the peer exited
+    while len(rejected := [r for r in caplog.records if r.getMessage() == "association_rejected"]) < 2 \
+            and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert len(rejected) == 2
+    reasons = {r.fields.get("reason") for r in rejected}
+    assert reasons == {"calling AE title not recognised", "called AE title not recognised"}
+
+
+def test_per_address_connection_limit_refuses_with_a_reason(scp_factory: Any,
+                                                           caplog: pytest.LogCaptureFixture) -> None:
+    node = scp_factory(max_connections_per_address=3)
+    caplog.set_level(logging.INFO)
+    conns = [connect_from("127.0.0.4", node.port) for _ in range(12)]
+    try:
+        assert all(closed_by_peer(s, 1.0) for s in conns[3:])
+        assert not closed_by_peer(conns[0], 0.3)
+        refused = [r for r in caplog.records if r.getMessage() == "connection_refused"]
+        # One line per address and limit every 10 s: a connection flood is not a log flood.
+        assert len(refused) == 1
+        assert refused[0].fields["reason"] == "max_connections_per_address (3) reached for 127.0.0.4"
+        assert echoscu(node.port, "LTDIFF").returncode == 0  # another address is not affected
+    finally:
+        for s in conns:
+            s.close()
+
+
+def test_allow_list_pin_written_as_a_host_name(scp_factory: Any) -> None:
+    node = scp_factory(allowed_calling_aes=[{"ae_title": "ECHOSCU", "host": "localhost"}])
+    r = echoscu(node.port, "LTDIFF", "ECHOSCU")
+    assert r.returncode == 0, r.stderr
+
+
+def test_allow_list_pin_that_does_not_resolve_is_a_config_error(tmp_path: Path) -> None:
+    raw = {"node": {"allowed_calling_aes": ["OK", {"ae_title": "PACS", "host": "no-such-host.invalid"}]}}
+    with pytest.raises(ConfigError, match=r"node\.allowed_calling_aes\[1\]\.host: host name does not resolve"):
+        parse_config(raw, tmp_path)
+
+
+def test_limit_keys_are_validated(tmp_path: Path) -> None:
+    for key in ("max_connections_per_address", "max_pending_connections", "acse_timeout_s"):
+        with pytest.raises(ConfigError, match=rf"node\.{key}: must be positive"):
+            parse_config({"node": {key: 0}}, tmp_path)
+    c = parse_config({}, tmp_path)
+    assert c.acse_timeout_s == 5.0 and c.max_connections_per_address == 4 and c.max_pending_connections == 32
+
+
+def test_a_port_probe_frees_its_connection_at_once(scp_factory: Any) -> None:
+    """connect + close (a monitor's port check) must not count against its address for seconds."""
+    node = scp_factory(max_connections_per_address=1, acse_timeout_s=30.0)
+    socket.create_connection((LOOPBACK, node.port)).close()
+    time.sleep(0.5)
+    r = echoscu(node.port, "LTDIFF")
+    assert r.returncode == 0, r.stderr
+    deadline = time.monotonic() + 3
+    while node.scp.gate.connections() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert node.scp.gate.connections() == {}
+
+
+def test_refusal_lines_carry_the_suppressed_count(scp_factory: Any, caplog: pytest.LogCaptureFixture,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    from dicom_node import transport
+
+    monkeypatch.setattr(transport, "REFUSAL_LOG_INTERVAL_S", 1.0)
+    node = scp_factory(max_connections_per_address=1)
+    caplog.set_level(logging.INFO)
+    held = connect_from("127.0.0.5", node.port)
+    try:
+        for _ in range(5):
+            with connect_from("127.0.0.5", node.port) as s:
+                assert closed_by_peer(s, 1.0)
+        time.sleep(1.1)
+        with connect_from("127.0.0.5", node.port) as s:
+            assert closed_by_peer(s, 1.0)
+        lines = [r.fields for r in caplog.records if r.getMessage() == "connection_refused"]
+        assert len(lines) == 2 and "suppressed" not in lines[0] and lines[1]["suppressed"] == 4
+    finally:
+        held.close()
