@@ -6,6 +6,8 @@ from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from dicom_node.peers import LOOPBACK, free_port, make_ct_series, storescu
 from sqlalchemy import select
 
@@ -202,3 +204,44 @@ def test_a_series_that_fails_the_model_does_not_fail_the_series_batched_with_it(
         states = {x.series_uid: (x.state, x.error) for x in s.query(db.Series)}
     assert states["1.2.4.1"][0] == db.FAILED and "cannot take this volume" in states["1.2.4.1"][1]
     assert states["1.2.4.2"][0] == db.DONE, states
+
+
+def _failed_series_with_output(cfg: Any, database: db.Database, uid: str, later_job_without_output: bool) -> None:
+    """A failed series whose job 1 wrote its output (delivery failed); optionally a job 2 that
+    failed before writing anything (e.g. refused by the QA gate)."""
+    out = cfg.output_dir / "job-1"
+    out.mkdir(parents=True)
+    (out / "a.dcm").write_bytes(b"x")
+    with database.session() as s:
+        series = db.Series(series_uid=uid, instance_count=1, state=db.FAILED, modality="CT",
+                           convolution_kernel="Br40")
+        job = db.Job(version=1, state=db.FAILED, rule_name="br40-to-bl64", model="default", output_series_uid="1.2.9",
+                     error="gave up after 3 attempts")
+        job.deliveries = [db.Delivery(destination="pacs", state=db.FAILED,
+                                      sends=[db.InstanceSend(sop_instance_uid="1.2.9.1", path="job-1/a.dcm")])]
+        series.jobs = [job]
+        if later_job_without_output:
+            series.jobs.append(db.Job(version=2, state=db.FAILED, rule_name="br40-to-bl64", model="default", qa_mode="refuse",
+                                      error="QA refused: noise 80 HU outside the training envelope"))
+        s.add(series)
+
+
+@pytest.mark.parametrize("later_job", [False, True], ids=["delivery-failed", "qa-refused-after"])
+def test_retry_failed_resends_only_the_latest_jobs_output(tmp_path: Path, later_job: bool) -> None:
+    """`retry --failed` re-sends a series whose latest job holds the output; when a later job
+    failed without output (QA refusal), `retry --failed --force` reprocesses it with the gate
+    forced instead of re-sending the older output."""
+    cfg = parse_config({"node": {"data_dir": str(tmp_path / "data")}}, tmp_path)
+    database = db.Database(cfg.db_url)
+    database.create_all()
+    _failed_series_with_output(cfg, database, "1.2.5.1", later_job)
+    worker = Worker(cfg, database)
+    assert worker.retry(failed=True, force=True) == 1
+    with database.session() as s:
+        series = s.query(db.Series).one()
+        if later_job:
+            assert worker.resent == [] and series.state == db.RECEIVED and series.qa_force
+        else:
+            assert worker.resent == ["1.2.5.1"] and not series.qa_force
+            assert series.jobs[0].deliveries[0].state == db.PENDING
+    database.dispose()
