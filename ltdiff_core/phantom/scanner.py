@@ -66,17 +66,29 @@ def sample_acquisition(rng: np.random.Generator) -> AcquisitionParams:
     return AcquisitionParams(float(noise), float(s_a), float(s_b))
 
 
+#: Pixel spacing at which ``noise_br40_hu`` and the Bl64/Br40 ratio are calibrated.
+CALIBRATION_PIXEL_MM = 0.7
+
+
 @lru_cache(maxsize=8)
 def _filters(shape: tuple[int, int], pixel_mm: float) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-    """Per kernel: (signal MTF, noise filter scaled to give 1 HU soft-tissue noise for Br40)."""
+    """Per kernel: (signal MTF, noise filter scaled to give 1 HU soft-tissue noise for Br40 at 0.7 mm).
+
+    The noise scale is fixed on the calibration grid (0.7 mm, same matrix) and carried to other
+    spacings so that the noise power spectrum in HU^2 mm^2 stays that of the same dose: at
+    0.9 mm the sharp kernel loses its power above the lower Nyquist frequency, as a real
+    reconstruction on a coarser grid does, instead of being rescaled to the 0.7 mm noise std.
+    """
     f_half = kernels.radial_frequency(shape, pixel_mm, real=True)
-    f_full = kernels.radial_frequency(shape, pixel_mm, real=False)
+    f_cal = kernels.radial_frequency(shape, CALIBRATION_PIXEL_MM, real=False)
     out = {}
     for name in kernels.KERNELS:
-        # std of unit white noise after filtering = RMS of the filter over the full FFT grid
-        rms = float(np.sqrt(np.mean(kernels.noise_shape(name, f_full) ** 2)))
+        # std of unit white noise after filtering = RMS of the filter over the full FFT grid;
+        # white noise of unit variance per pixel has NPS = pixel area, hence the spacing factor
+        rms = float(np.sqrt(np.mean(kernels.noise_shape(name, f_cal) ** 2)))
         target = 1.0 if name == "Br40" else kernels.NOISE_RATIO_BL64_BR40
-        noise = (kernels.noise_shape(name, f_half) * (target / rms)).astype(np.float32)
+        scale = (target / rms) * (CALIBRATION_PIXEL_MM / pixel_mm)
+        noise = (kernels.noise_shape(name, f_half) * scale).astype(np.float32)
         signal = kernels.kernel_transfer(name, f_half).astype(np.float32)
         out[name] = (signal, noise)
     return out
