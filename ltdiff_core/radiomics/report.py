@@ -53,7 +53,7 @@ def _fmt(v: Any, spec: str) -> str:
 
 
 def _label(m: str) -> str:
-    return f"{m} (ceiling)" if m in CEILINGS else m
+    return f"{m} (ceiling)" if m in CEILINGS and "ceiling" not in m else m
 
 
 def _ci(c: dict[str, Any] | None, scale: float = 1.0, spec: str = ".2f", signed: bool = False) -> str:
