@@ -94,30 +94,30 @@ def replicate_stats(names: list[str], std: np.ndarray, cand: np.ndarray, weights
     scale = np.where(scale > 0, scale, 1.0)
     zs = np.where(ok, (s - mu) / scale, 0.0)
     zc = np.where(ok, (c - mu) / scale, 0.0)
-    n = w @ okf
-    with np.errstate(invalid="ignore", divide="ignore"):
-        ms = (w @ zs) / n
-        mc = (w @ zc) / n
-        vs = np.maximum((w @ (zs * zs)) / n - ms * ms, 0.0)
-        vc = np.maximum((w @ (zc * zc)) / n - mc * mc, 0.0)
-        cov = (w @ (zs * zc)) / n - ms * mc
-        den = vs + vc + (ms - mc) ** 2
-        ccc = 2.0 * cov / den
-    undefined = n < MIN_ROIS
-    constant = (vs <= _CONST_TOL) & (vc <= _CONST_TOL)
-    excluded = undefined | constant
-    ccc = np.where(excluded, np.nan, ccc)
-
-    # RE per value |s - c| / |s| (0 if both 0, inf if only s is 0), mean over the drawn ROIs.
+    # RE per value |s - c| / |s| (0 if both 0, inf if only s is 0); its mean over the drawn ROIs.
     diff = np.abs(np.where(ok, s - c, 0.0))
     with np.errstate(invalid="ignore", divide="ignore"):
         re = diff / np.abs(np.where(ok, s, 1.0))
     re = np.where(ok & (s == 0) & (diff == 0), 0.0, re)
     inf = ok & np.isinf(re)
     re_fin = np.where(ok & ~inf, re, 0.0)
+    # every weighted sum in one matrix product: (B, N) @ (N, 8 F)
+    f = s.shape[1]
+    sums = w @ np.concatenate([okf, zs, zc, zs * zs, zc * zc, zs * zc, re_fin, inf.astype(np.float64)], axis=1)
+    n, s_s, s_c, s_ss, s_cc, s_sc, s_re, n_inf = (sums[:, k * f:(k + 1) * f] for k in range(8))
     with np.errstate(invalid="ignore", divide="ignore"):
-        re_mean = (w @ re_fin) / n
-    re_mean = np.where((w @ inf.astype(np.float64)) > 0, np.inf, re_mean)
+        ms = s_s / n
+        mc = s_c / n
+        vs = np.maximum(s_ss / n - ms * ms, 0.0)
+        vc = np.maximum(s_cc / n - mc * mc, 0.0)
+        cov = s_sc / n - ms * mc
+        den = vs + vc + (ms - mc) ** 2
+        ccc = 2.0 * cov / den
+        re_mean = np.where(n_inf > 0, np.inf, s_re / n)
+    undefined = n < MIN_ROIS
+    constant = (vs <= _CONST_TOL) & (vc <= _CONST_TOL)
+    excluded = undefined | constant
+    ccc = np.where(excluded, np.nan, ccc)
     defined = ~excluded
     good = defined & (re_mean < threshold)
 
