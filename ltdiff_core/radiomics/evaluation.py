@@ -258,8 +258,8 @@ def run_evaluation(cfg: EvalConfig) -> dict[str, Any]:
                       "seed_dependent": seed_dependent[n]}
         if seed_dependent[n]:
             idx = sets[head]
-            results[n]["seeds"] = seed_spread(
-                seeds, per_seed_points(feat_names, tables["standard"][idx], [tables[(n, si)][idx] for si in range(len(seeds))]))
+            per_seed = [tables[(n, si)][idx] for si in range(len(seeds))]
+            results[n]["seeds"] = seed_spread(seeds, per_seed_points(feat_names, tables["standard"][idx], per_seed))
     boot = run_bootstrap(cfg, feat_names, tables, sets[head], np.asarray(case_of_row), names, seeds, seed_dependent,
                          reference)
     boot["roi_set"] = head

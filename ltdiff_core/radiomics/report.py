@@ -77,7 +77,8 @@ def bootstrap_tables(report: dict[str, Any]) -> list[str]:
                 f"seeds {', '.join(map(str, seeds))} drawn with replacement in each replicate. Cells: point "
                 f"estimate (mean over seeds) [2.5 %, 97.5 % percentile]. CCC columns: the class's mean CCC; "
                 f"RE<0.15: share of features, in %. Computed in {boot.get('seconds', float('nan')):.2f} s.", "",
-                "| Method | " + " | ".join(PAPER_CLASSES) + " | RE<0.15 % |", "|---|" + "---|" * (len(PAPER_CLASSES) + 1)]
+                "| Method | " + " | ".join(PAPER_CLASSES) + " | RE<0.15 % |",
+                "|---|" + "---|" * (len(PAPER_CLASSES) + 1)]
         for m in report["methods"]:
             b = boot["methods"][m]
             out.append(f"| {_label(m)} | " + " | ".join(_ci(b["ccc"].get(c)) for c in PAPER_CLASSES) +
@@ -89,7 +90,8 @@ def bootstrap_tables(report: dict[str, Any]) -> list[str]:
                 "Cells: difference of the point estimates [95 % interval of the paired differences], then the "
                 "verdict: **better** when the whole interval is above 0, **worse** when below, **tied** when it "
                 "contains 0 (never from the point estimate alone). RE<0.15 in percentage points.", "",
-                "| Method | " + " | ".join(PAPER_CLASSES) + " | RE<0.15 pp |", "|---|" + "---|" * (len(PAPER_CLASSES) + 1)]
+                "| Method | " + " | ".join(PAPER_CLASSES) + " | RE<0.15 pp |",
+                "|---|" + "---|" * (len(PAPER_CLASSES) + 1)]
         for m in report["methods"]:
             if m == ref:
                 continue
