@@ -157,7 +157,27 @@ def test_seeds_and_paired_bootstrap_end_to_end(rescan_cases, tmp_path):
     md = (tmp_path / "a" / "report.md").read_text()
     assert "## Sampler seeds (0, 1)" in md and "Seed-independent: identity, linear." in md
     assert boot["seed"] == 4 and boot["n_boot"] == 300
-    # the intervals are those of the bootstrap module on the same tables and seed (reproducible)
     for m in ("identity", "linear+noise"):
         for cell in boot["paired"][m]["ccc"].values():
             assert cell["low"] is None or cell["low"] <= cell["high"]
+
+
+def test_autoencoder_ceiling_equals_the_relabelled_target_route(rescan_cases, tmp_path):
+    """D(E(standard)) in one run gives the numbers the train.relabel_target route gives."""
+    from train import relabel_target
+
+    root, _ = rescan_cases
+    one = tmp_path / "one"
+    import shutil
+
+    shutil.copytree(root / "c0", one / "c0")
+    rep = _run(one, tmp_path / "direct", "--methods", "autoencoder-ceiling", "--bootstrap", "50")
+    assert relabel_target.main(["--cases", str(one), "--out", str(tmp_path / "ref"), "--label", "REF"]) == 0
+    ref = _run(tmp_path / "ref", tmp_path / "relabel", "--methods", "autoencoder", "--source-kernel", "REF",
+               "--bootstrap", "50")
+    a, b = rep["results"]["autoencoder-ceiling"], ref["results"]["autoencoder"]
+    assert a["image_metrics"]["rmse_hu"] == pytest.approx(b["image_metrics"]["rmse_hu"], rel=1e-6)
+    head = rep["headline_set"]
+    assert a["agreement"][head]["classes"] == b["agreement"][head]["classes"]
+    assert a["image_metrics"]["rmse_hu"] > 0  # the autoencoder does not return its input
+    assert "| autoencoder-ceiling |" in (tmp_path / "direct" / "report.md").read_text()
