@@ -42,7 +42,7 @@ def cmd_jobs(args: argparse.Namespace) -> int:
     from sqlalchemy import select
 
     from . import db
-    from .status import job_dict
+    from .status import anomaly_summary, job_dict
 
     cfg = _config(args)
     database = db.Database(cfg.db_url)
@@ -53,7 +53,8 @@ def cmd_jobs(args: argparse.Namespace) -> int:
             q = q.where(db.Job.state == args.state)
         if getattr(args, "series_uid", None):
             q = q.join(db.Series).where(db.Series.series_uid == args.series_uid)
-        jobs = [(j.series.series_uid, job_dict(j)) for j in s.scalars(q)]
+        jobs = [(j.series.series_uid, {**job_dict(j), "anomalies": anomaly_summary(j.series) or None})
+                for j in s.scalars(q)]
     database.dispose()
     if args.json:
         print(json.dumps([{"series_uid": uid, **j} for uid, j in jobs], indent=2))
@@ -65,6 +66,8 @@ def cmd_jobs(args: argparse.Namespace) -> int:
         tail = j["error"] or j["output_series_uid"] or ""
         print(f"{j['job']:>5} {j['version']:>2} {j['state']:<11}{str(j['output_count'] or '-'):>7} {name:<18}"
               f"{(f'{ms:.1f}' if ms is not None else '-'):>8}  {uid} -> {tail}")
+        if j["anomalies"]:
+            print(f"{'':>5} !! anomalies: {j['anomalies']}")
         if getattr(args, "series_uid", None):
             from .qa_gate import measures_lines
 
@@ -82,11 +85,34 @@ def cmd_retry(args: argparse.Namespace) -> int:
     cfg = _config(args)
     database = db.Database(cfg.db_url)
     database.create_all()
-    n = Worker(cfg, database).retry(series_uid=args.series_uid, failed=args.failed, force=args.force)
+    worker = Worker(cfg, database)
+    n = worker.retry(series_uid=args.series_uid, failed=args.failed, force=args.force)
     database.dispose()
-    print(f"{n} series queued for reprocessing" + (" (QA gate: flag, forced)" if n and args.force else "")
+    resent = len(getattr(worker, "resent", []))
+    print(f"{n - resent} series queued for reprocessing"
+          + (" (QA gate: flag, forced)" if n - resent and args.force else "")
+          + f", {resent} re-sent from their existing output"
           + ("" if n else " (not found, or still in progress)"))
     return 0 if n or args.failed else 1
+
+
+def cmd_resend(args: argparse.Namespace) -> int:
+    from . import db
+    from .resend import ResendError, resend
+
+    cfg = _config(args)
+    database = db.Database(cfg.db_url)
+    database.create_all()
+    try:
+        r = resend(cfg, database, args.series_uid, destination=args.destination, only_unsent=args.unsent)
+    except ResendError as exc:
+        print(f"dicom-node: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        database.dispose()
+    print(f"{r.instances} instances of output series {r.output_series_uid} (job {r.job}) queued for re-sending "
+          f"to {r.deliveries} destination(s)")
+    return 0
 
 
 def cmd_purge(args: argparse.Namespace) -> int:
@@ -160,7 +186,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     sp = sub.add_parser("jobs", parents=[common], help="list processing jobs (with SERIES_UID: its jobs and QA measures)")
     sp.add_argument("series_uid", nargs="?", metavar="SERIES_UID", help="only this series, with its QA measures")
-    sp.add_argument("--state", help="only jobs in this state (queued, processing, sending, done, failed)")
+    sp.add_argument("--state", help="only jobs in this state (queued, processing, sending, done, failed, refused)")
     sp.add_argument("--last", type=int, default=20, metavar="N")
     sp.add_argument("--json", action="store_true")
     sp.set_defaults(func=cmd_jobs)
@@ -168,14 +194,20 @@ def build_parser() -> argparse.ArgumentParser:
     sp = sub.add_parser("retry", parents=[common], help="reprocess a series (new job, new output series)")
     g = sp.add_mutually_exclusive_group(required=True)
     g.add_argument("series_uid", nargs="?", metavar="SERIES_UID")
-    g.add_argument("--failed", action="store_true", help="every failed series")
+    g.add_argument("--failed", action="store_true", help="every failed series (re-sent when its output exists)")
     sp.add_argument("--force", action="store_true",
                     help="standardize even if the QA gate refuses (the warning is recorded and written to the output)")
     sp.set_defaults(func=cmd_retry)
 
+    sp = sub.add_parser("resend", parents=[common], help="re-send a series' existing output (no new model run)")
+    sp.add_argument("series_uid", metavar="SERIES_UID")
+    sp.add_argument("--destination", metavar="NAME", help="only this destination (default: all of the job's)")
+    sp.add_argument("--unsent", action="store_true", help="only instances not yet acknowledged")
+    sp.set_defaults(func=cmd_resend)
+
     sp = sub.add_parser("purge", parents=[common], help="delete finished series (files and records)")
     sp.add_argument("--older-than", type=float, metavar="DAYS", help="default: retention.days")
-    sp.add_argument("--state", choices=["done", "failed", "ignored", "unrouted"])
+    sp.add_argument("--state", choices=["done", "failed", "ignored", "unrouted", "refused"])
     sp.set_defaults(func=cmd_purge)
 
     sp = sub.add_parser("conformance", parents=[common], help="print the DICOM conformance statement for this configuration")

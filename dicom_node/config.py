@@ -64,9 +64,11 @@ class Destination:
     ae_title: str
     host: str
     port: int
-    max_retries: int = 5
+    max_retries: int | None = None  # None: limited by retry_for_s only
     backoff_base_s: float = 10.0
     timeout_s: float = 30.0
+    retry_for_s: float = 86400.0  # keep retrying transient failures this long, then `failed`
+    backoff_max_s: float = 600.0  # cap of the exponential backoff
     tls: ClientTLS | None = None  # DICOM TLS to this destination ([tls] credentials)
 
 
@@ -98,12 +100,31 @@ class Processing:
     poll_interval_s: float = 2.0
     steps: int | None = None
     seed: int = 0
+    max_matrix: int = 1024  # Rows/Columns above this are refused (memory, tiling)
 
 
 @dataclass(frozen=True)
 class Retention:
     days: float = 30.0
     purge_interval_s: float = 3600.0
+
+
+@dataclass(frozen=True)
+class Disk:
+    """Free-space watermark of the data directory: below ``max(min_free_percent, min_free_mb)``
+    (after reserving room for the outputs of accepted work) new instances get 0xA700."""
+
+    min_free_percent: float = 5.0
+    min_free_mb: float = 2048.0
+    output_reserve_factor: float = 1.0  # expected output bytes per accepted input byte
+
+
+@dataclass(frozen=True)
+class Audit:
+    """Audit trail: one JSON line per association and per series event (IHE ATNA / RFC 3881 shape)."""
+
+    enabled: bool = True
+    path: Path | None = None  # None: <data_dir>/audit.jsonl
 
 
 @dataclass(frozen=True)
@@ -137,6 +158,8 @@ class NodeConfig:
     processing: Processing = field(default_factory=Processing)
     retention: Retention = field(default_factory=Retention)
     logging: Logging = field(default_factory=Logging)
+    disk: Disk = field(default_factory=Disk)
+    audit: Audit = field(default_factory=Audit)
     destinations: tuple[Destination, ...] = ()
     rules: tuple[Rule, ...] = ()
     source: Path | None = None  # the file this was read from, for messages
@@ -150,6 +173,15 @@ class NodeConfig:
     def output_dir(self) -> Path:
         """Derived instances waiting to be sent (and kept per retention)."""
         return self.data_dir / "output"
+
+    @property
+    def quarantine_dir(self) -> Path:
+        """Instances kept for inspection but not processed (e.g. a conflicting duplicate)."""
+        return self.data_dir / "quarantine"
+
+    @property
+    def audit_path(self) -> Path:
+        return self.audit.path or self.data_dir / "audit.jsonl"
 
     @property
     def pid_file(self) -> Path:
@@ -375,7 +407,7 @@ def _steps(t: dict[str, Any], p: str) -> int | None:
 def _processing(raw: dict[str, Any]) -> Processing:
     t = _table(raw, "processing", "")
     p = "processing."
-    _reject_unknown(t, {"device", "max_batch_slices", "poll_interval_s", "steps", "seed"}, p)
+    _reject_unknown(t, {"device", "max_batch_slices", "poll_interval_s", "steps", "seed", "max_matrix"}, p)
     device = _get(t, "device", p, str, "auto")
     if not re.match(r"^(auto|cpu|cuda(:\d+)?|mps)$", device):
         raise _fail(p + "device", device, "must be auto, cpu, cuda, cuda:N or mps")
@@ -385,7 +417,31 @@ def _processing(raw: dict[str, Any]) -> Processing:
         poll_interval_s=float(_positive(_get(t, "poll_interval_s", p, (int, float), 2.0), p + "poll_interval_s")),
         steps=_steps(t, p),
         seed=_get(t, "seed", p, int, 0),
+        max_matrix=int(_positive(_get(t, "max_matrix", p, int, 1024), p + "max_matrix")),
     )
+
+
+def _disk(raw: dict[str, Any]) -> Disk:
+    t = _table(raw, "disk", "")
+    p = "disk."
+    _reject_unknown(t, {"min_free_percent", "min_free_mb", "output_reserve_factor"}, p)
+    pct = float(_positive(_get(t, "min_free_percent", p, (int, float), 5.0), p + "min_free_percent", True))
+    if pct >= 100:
+        raise _fail(p + "min_free_percent", pct, "must be below 100")
+    return Disk(
+        min_free_percent=pct,
+        min_free_mb=float(_positive(_get(t, "min_free_mb", p, (int, float), 2048.0), p + "min_free_mb", True)),
+        output_reserve_factor=float(_positive(_get(t, "output_reserve_factor", p, (int, float), 1.0),
+                                              p + "output_reserve_factor", True)),
+    )
+
+
+def _audit(raw: dict[str, Any], base: Path) -> Audit:
+    t = _table(raw, "audit", "")
+    p = "audit."
+    _reject_unknown(t, {"enabled", "path"}, p)
+    path = _get(t, "path", p, str, "")
+    return Audit(enabled=_get(t, "enabled", p, bool, True), path=_resolve(path, base) if path else None)
 
 
 def _retention(raw: dict[str, Any]) -> Retention:
@@ -421,8 +477,8 @@ def _destinations(raw: dict[str, Any]) -> tuple[Destination, ...]:
         p = f"destinations[{i}]."
         if not isinstance(t, dict):
             raise _fail(f"destinations[{i}]", t, "must be a table")
-        _reject_unknown(t, {"name", "ae_title", "host", "port", "max_retries", "backoff_base_s", "timeout_s"}
-                        | DESTINATION_TLS_KEYS, p)
+        _reject_unknown(t, {"name", "ae_title", "host", "port", "max_retries", "backoff_base_s", "timeout_s",
+                            "retry_for_s", "backoff_max_s"} | DESTINATION_TLS_KEYS, p)
         for req in ("name", "ae_title", "host", "port"):
             if req not in t:
                 raise ConfigError(f"{p}{req}: required key is missing")
@@ -432,8 +488,8 @@ def _destinations(raw: dict[str, Any]) -> tuple[Destination, ...]:
         if name in seen:
             raise _fail(p + "name", name, "duplicate destination name")
         seen.add(name)
-        max_retries = _get(t, "max_retries", p, int, 5)
-        if max_retries < 0:
+        max_retries = _get(t, "max_retries", p, int, None)
+        if max_retries is not None and max_retries < 0:
             raise _fail(p + "max_retries", max_retries, "must be >= 0")
         out.append(
             Destination(
@@ -444,6 +500,8 @@ def _destinations(raw: dict[str, Any]) -> tuple[Destination, ...]:
                 max_retries=max_retries,
                 backoff_base_s=float(_positive(_get(t, "backoff_base_s", p, (int, float), 10.0), p + "backoff_base_s")),
                 timeout_s=float(_positive(_get(t, "timeout_s", p, (int, float), 30.0), p + "timeout_s")),
+                retry_for_s=float(_positive(_get(t, "retry_for_s", p, (int, float), 86400.0), p + "retry_for_s", True)),
+                backoff_max_s=float(_positive(_get(t, "backoff_max_s", p, (int, float), 600.0), p + "backoff_max_s")),
             )
         )
     return tuple(out)
@@ -509,7 +567,8 @@ def _rules(raw: dict[str, Any], destinations: tuple[Destination, ...], base: Pat
 def parse_config(raw: dict[str, Any], base: Path = Path("."), source: Path | None = None) -> NodeConfig:
     """Validate a TOML-shaped dict; raises :class:`ConfigError` naming the bad key and value."""
     _reject_unknown(
-        raw, {"node", "completeness", "processing", "retention", "logging", "destinations", "rules", "tls"}, ""
+        raw, {"node", "completeness", "processing", "retention", "logging", "destinations", "rules",
+              "tls", "disk", "audit"}, ""
     )
     node = _node(raw, base)
     tls = _tls(raw, base, node)
@@ -524,6 +583,8 @@ def parse_config(raw: dict[str, Any], base: Path = Path("."), source: Path | Non
         processing=_processing(raw),
         retention=_retention(raw),
         logging=_logging(raw),
+        disk=_disk(raw),
+        audit=_audit(raw, base),
         destinations=destinations,
         rules=_rules(raw, destinations, base),
         source=source,

@@ -65,8 +65,14 @@ SEND_TRANSFER_SYNTAXES: tuple[UID, ...] = (ExplicitVRLittleEndian, ImplicitVRLit
 C_STORE_SCP_STATUSES: tuple[tuple[int, str, str], ...] = (
     (0x0000, "Success", "instance written to the spool (fsync, rename) and recorded, or a duplicate SOP Instance UID"),
     (ENHANCED_CT_REFUSAL_STATUS, "Refused: SOP Class not supported", "Enhanced CT when accept_enhanced_ct is false"),
-    (0xA700, "Refused: Out of resources", "the instance could not be persisted; the sender may retry"),
-    (0xA900, "Error: Data set does not match SOP class", "SeriesInstanceUID missing"),
+    (0xA700, "Refused: Out of resources",
+     "disk watermark reached, or the instance could not be persisted; the sender may retry"),
+    (0xA900, "Error: Data set does not match SOP class",
+     "SOP/Series/Study Instance UID missing, SOP UIDs differ from the request, image attributes missing, "
+     "colour or multi-frame image"),
+    (0xC000, "Error: Cannot understand",
+     "invalid UID (syntax, over 64 characters), undecodable header, implausible geometry, truncated pixel "
+     "data, or a SOP Instance UID already received with different pixel data (kept in quarantine)"),
 )
 
 

@@ -35,6 +35,10 @@ FAILED = "failed"
 IGNORED = "ignored"
 UNROUTED = "unrouted"
 SERIES_STATES = (RECEIVED, COMPLETE, QUEUED, PROCESSING, SENDING, DONE, FAILED, IGNORED, UNROUTED)
+# A series refused before processing (inconsistent slices, geometry the model cannot handle),
+# kept with the reason; only `retry` after a configuration change queues it again.
+REFUSED = "refused"
+SERIES_STATES = SERIES_STATES + (REFUSED,)
 # Series whose output has been (or is being) produced: a late instance means "grown after processing".
 PROCESSED_STATES = (PROCESSING, SENDING, DONE, FAILED)
 
@@ -85,6 +89,8 @@ class Series(Base):
     qa_force: Mapped[bool | None] = mapped_column(Boolean, default=False)  # `retry --force`: next job flags
 
     instances: Mapped[list[Instance]] = relationship(back_populates="series", cascade="all, delete-orphan")
+    anomalies: Mapped[list[Anomaly]] = relationship(back_populates="series", cascade="all, delete-orphan",
+                                                    order_by="Anomaly.id")
     jobs: Mapped[list[Job]] = relationship(back_populates="series", cascade="all, delete-orphan", order_by="Job.id")
 
     def set_state(self, state: str, error: str | None = None) -> None:
@@ -108,8 +114,41 @@ class Instance(Base):
     received_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow, index=True)
     calling_ae: Mapped[str | None] = mapped_column(String(16))
     late: Mapped[bool] = mapped_column(Boolean, default=False)
+    pixel_sha256: Mapped[str | None] = mapped_column(String(64))  # of the PixelData value as received
+    excluded: Mapped[str | None] = mapped_column(String(128))  # kept but not standardized, and why
 
     series: Mapped[Series] = relationship(back_populates="instances")
+
+
+class Anomaly(Base):
+    """Something odd about a series, recorded for provenance: gap, duplicate, conflict, late
+    instance, localizer, mixed kernels... (``kind`` is a short keyword, ``detail`` the why)."""
+
+    __tablename__ = "anomalies"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    series_id: Mapped[int] = mapped_column(ForeignKey("series.id", ondelete="CASCADE"), index=True)
+    kind: Mapped[str] = mapped_column(String(32))
+    sop_instance_uid: Mapped[str | None] = mapped_column(String(64))
+    detail: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
+
+    series: Mapped[Series] = relationship(back_populates="anomalies")
+
+
+class Refusal(Base):
+    """An instance refused at receive (failure status sent): what, from whom, why. UIDs are
+    stored as received but cut to the column size (a refused UID may be over-long or hostile)."""
+
+    __tablename__ = "refusals"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    received_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow, index=True)
+    calling_ae: Mapped[str | None] = mapped_column(String(16))
+    peer_address: Mapped[str | None] = mapped_column(String(64))
+    sop_instance_uid: Mapped[str | None] = mapped_column(String(64))
+    series_uid: Mapped[str | None] = mapped_column(String(64))
+    status: Mapped[int] = mapped_column(Integer)
+    reason: Mapped[str] = mapped_column(Text)
+    quarantine_path: Mapped[str | None] = mapped_column(String(512))
 
 
 class Job(Base):
@@ -253,12 +292,11 @@ class Database:
 
 
 def add_missing_columns(engine: Engine) -> list[str]:
-    """Add nullable columns that a newer version defines to tables of an older database.
-
-    ``create_all`` creates missing tables only; without this an upgraded node would fail on its
-    first query of an existing database. Only additions are made (never drops or type changes).
-    """
-    from sqlalchemy import inspect
+    """Additive migration: every column a newer version defines on an existing table is added
+    in place (nullable at the SQL level: old rows read NULL, new rows get the ORM default), so an
+    upgraded node starts on its old database. ``create_all`` creates missing tables only; columns
+    are never dropped or changed here."""
+    from sqlalchemy import inspect, text
 
     added = []
     insp = inspect(engine)
@@ -268,10 +306,11 @@ def add_missing_columns(engine: Engine) -> list[str]:
                 continue
             have = {c["name"] for c in insp.get_columns(table.name)}
             for col in table.columns:
-                if col.name not in have and col.nullable:
-                    ddl = col.type.compile(dialect=engine.dialect)
-                    conn.exec_driver_sql(f'ALTER TABLE {table.name} ADD COLUMN "{col.name}" {ddl}')
-                    added.append(f"{table.name}.{col.name}")
+                if col.name in have or col.primary_key:
+                    continue
+                ddl = col.type.compile(dialect=engine.dialect)
+                conn.execute(text(f'ALTER TABLE {table.name} ADD COLUMN "{col.name}" {ddl}'))
+                added.append(f"{table.name}.{col.name}")
     return added
 
 

@@ -26,8 +26,14 @@ from .conformance import (
 )
 from .logs import log_event
 from .spool import safe_name, write_atomic
+from .audit import audit_for
+from .duplicates import header_differences, same_pixels
 from .tls import server_context
 from .transport import ConnectionGate, Limits, reject_reason, start_server, tls_peer
+from .validate import (
+    STATUS_CANNOT_UNDERSTAND, Refusal, check_instance, clean_uid, native_pixel_length_problem, pixel_digest, printable,
+)
+from .watermark import Watermark
 
 log = logging.getLogger("dicom_node.scp")
 
@@ -48,8 +54,12 @@ def _uids(items: Any) -> list[str]:
 
 
 def _text(ds: Dataset, keyword: str, limit: int = 64) -> str | None:
-    """A header value as text (multi-valued joined with a backslash), cut to the column size."""
-    value = ds.get(keyword)
+    """A header value as text (multi-valued joined with a backslash), cut to the column size;
+    ``None`` when absent or undecodable (a malformed optional element never fails the instance)."""
+    try:
+        value = ds.get(keyword)
+    except Exception:
+        return None
     if value is None or value == "":
         return None
     if isinstance(value, (list, tuple)) or type(value).__name__ == "MultiValue":
@@ -62,7 +72,7 @@ def _int(ds: Dataset, keyword: str | tuple[int, int]) -> int | None:
         elem = ds.get(keyword) if isinstance(keyword, str) else ds.get(keyword)
         value = elem.value if hasattr(elem, "value") else elem
         return int(value) if value not in (None, "") else None
-    except (TypeError, ValueError):
+    except Exception:
         return None
 
 
@@ -94,6 +104,7 @@ class StorageSCP:
             if a.host:
                 self._hosts.setdefault(a.ae_title, set()).update(a.addresses or (a.host,))
         self._enhanced = frozenset(_uids(ENHANCED_CT_SOP_CLASSES))
+        self.watermark = Watermark(config, database)
         self.ae = self._build_ae()
 
     # ------------------------------------------------------------------ set-up
@@ -178,6 +189,7 @@ class StorageSCP:
         if host is not None and rq.address not in host:
             log_event(log, "association_rejected", level=logging.WARNING, calling_ae=calling, peer=rq.address,
                       reason="calling AE not allowed from this host", expected_host=",".join(sorted(host)))
+            audit_for(self.config).association("rejected", calling, rq.address, reason="calling AE not allowed from this host")
             event.assoc.acse.send_reject(0x01, 0x01, 0x03)  # permanent, calling AE not recognised
             event.assoc.kill()  # waits until the DUL has sent the A-ASSOCIATE-RJ, as pynetdicom does
 
@@ -189,12 +201,15 @@ class StorageSCP:
         log_event(log, "association_rejected", level=logging.WARNING, calling_ae=str(prim.calling_ae_title).strip(),
                   called_ae=str(prim.called_ae_title).strip(), peer=rq.address, reason=reason,
                   result="rejected-permanent" if rj is not None and rj.result == 0x01 else "rejected-transient")
+        audit_for(self.config).association("rejected", str(prim.calling_ae_title).strip(), rq.address,
+                                           called_ae=str(prim.called_ae_title).strip(), reason=reason)
 
     def _on_accepted(self, event: evt.Event) -> None:
         rq = event.assoc.requestor
         self._stats[id(event.assoc)] = _AssocStats(calling_ae=str(rq.ae_title).strip(), address=rq.address)
         log_event(log, "association_accepted", calling_ae=str(rq.ae_title).strip(), peer=rq.address,
                   port=rq.port, max_pdu=rq.maximum_length, **tls_peer(event.assoc))
+        audit_for(self.config).association("accepted", str(rq.ae_title).strip(), rq.address, called_ae=self.config.ae_title)
 
     def _on_closed(self, event: evt.Event) -> None:
         st = self._stats.pop(id(event.assoc), None)
@@ -206,6 +221,9 @@ class StorageSCP:
                   calling_ae=st.calling_ae, peer=st.address, stored=st.stored, duplicates=st.duplicates,
                   failed=st.failed, mbytes=round(st.nbytes / 1e6, 1), seconds=round(dt, 2),
                   images_per_s=round(st.stored / dt, 1))
+        audit_for(self.config).association(how.split("_")[1], st.calling_ae, st.address, called_ae=self.config.ae_title,
+                                           counts={"stored": st.stored, "duplicates": st.duplicates,
+                                                   "failed": st.failed, "seconds": round(dt, 2)})
 
     def _on_echo(self, event: evt.Event) -> int:
         log_event(log, "c_echo", calling_ae=str(event.assoc.requestor.ae_title).strip(),
@@ -217,19 +235,20 @@ class StorageSCP:
         st = self._stats.get(id(event.assoc))
         calling = str(event.assoc.requestor.ae_title).strip()
         peer = event.assoc.requestor.address
-        sop_uid = str(event.request.AffectedSOPInstanceUID)
-        sop_class = str(event.request.AffectedSOPClassUID)
+        sop_uid = clean_uid(event.request.AffectedSOPInstanceUID)
+        sop_class = clean_uid(event.request.AffectedSOPClassUID)
         try:
             status = self._store(event, sop_uid, sop_class, calling, peer, st)
         except OSError as exc:
-            log_event(log, "c_store_failed", level=logging.ERROR, sop_instance_uid=sop_uid, calling_ae=calling,
-                      reason=f"spool write failed: {exc.strerror or exc}", status="0xA700")
+            log_event(log, "c_store_failed", level=logging.ERROR, sop_instance_uid=printable(sop_uid),
+                      calling_ae=calling, reason=f"spool write failed: {exc.strerror or exc}", status="0xA700")
             status = STATUS_OUT_OF_RESOURCES
         except Exception as exc:  # the sender must never see success for an unpersisted instance
-            log_event(log, "c_store_failed", level=logging.ERROR, sop_instance_uid=sop_uid, calling_ae=calling,
-                      reason=f"{type(exc).__name__}: {exc}", status="0xA700")
+            log_event(log, "c_store_failed", level=logging.ERROR, sop_instance_uid=printable(sop_uid),
+                      calling_ae=calling, reason=f"{type(exc).__name__}: {exc}", status="0xA700")
             status = STATUS_OUT_OF_RESOURCES
-        if st is not None and status != STATUS_SUCCESS:
+        code = int(status.Status) if isinstance(status, Dataset) else int(status)
+        if st is not None and code != STATUS_SUCCESS:
             st.failed += 1
         return status
 
@@ -237,33 +256,68 @@ class StorageSCP:
         with self.db.session() as s:
             return s.scalar(select(db.Instance.id).where(db.Instance.sop_instance_uid == sop_uid)) is not None
 
-    def _store(self, event: evt.Event, sop_uid: str, sop_class: str, calling: str, peer: str,
-               st: _AssocStats | None) -> int:
-        if sop_class in self._enhanced and not self.config.accept_enhanced_ct:
-            log_event(log, "c_store_refused", level=logging.WARNING, sop_instance_uid=sop_uid, sop_class_uid=sop_class,
-                      calling_ae=calling, reason="Enhanced CT not accepted (node.accept_enhanced_ct = false)",
-                      status="0x0122")
-            return STATUS_SOP_CLASS_NOT_SUPPORTED
-        if self._is_known(sop_uid):
-            if st is not None:
-                st.duplicates += 1
-            log_event(log, "c_store_duplicate", level=logging.DEBUG, sop_instance_uid=sop_uid)
-            return STATUS_SUCCESS
+    def _refuse(self, refusal: Refusal, sop_uid: str, series_uid: str | None, calling: str, peer: str,
+                quarantine: str | None = None) -> Dataset:
+        """Record, log and audit a refused instance; the failure status carries the reason
+        (Error Comment, 64 characters) so the sender's operator sees it too."""
+        series_uid_db = printable(series_uid) if series_uid else None
+        with self._lock, self.db.session() as s:
+            s.add(db.Refusal(calling_ae=printable(calling, 16), peer_address=printable(peer), status=refusal.status,
+                             sop_instance_uid=printable(sop_uid), series_uid=series_uid_db, reason=refusal.reason,
+                             quarantine_path=quarantine))
+        log_event(log, "c_store_refused", level=logging.WARNING, sop_instance_uid=printable(sop_uid),
+                  series_uid=series_uid_db, calling_ae=calling, peer=peer, reason=refusal.reason,
+                  status=refusal.status_hex)
+        audit_for(self.config).series("refused", series_uid_db, None, success=False, reason=refusal.reason,
+                                      calling_ae=calling, peer=peer, sop_instance_uid=printable(sop_uid))
+        rsp = Dataset()
+        rsp.Status = refusal.status
+        rsp.ErrorComment = printable(refusal.reason, 64)
+        return rsp
 
-        ds = event.dataset  # decoded lazily: only the header elements read below are parsed
-        series_uid = str(ds.get("SeriesInstanceUID", "") or "")
-        if not series_uid:
-            log_event(log, "c_store_failed", level=logging.WARNING, sop_instance_uid=sop_uid, calling_ae=calling,
-                      reason="SeriesInstanceUID missing", status="0xA900")
-            return STATUS_DATASET_MISMATCH
-        rel = f"{safe_name(series_uid)}/{safe_name(sop_uid)}.dcm"
-        data = event.encoded_dataset()
-        size = write_atomic(self.config.spool_dir / rel, data)
+    def _store(self, event: evt.Event, sop_uid: str, sop_class: str, calling: str, peer: str,
+               st: _AssocStats | None) -> int | Dataset:
+        if sop_class in self._enhanced and not self.config.accept_enhanced_ct:
+            log_event(log, "c_store_refused", level=logging.WARNING, sop_instance_uid=printable(sop_uid),
+                      sop_class_uid=sop_class, calling_ae=calling,
+                      reason="Enhanced CT not accepted (node.accept_enhanced_ct = false)", status="0x0122")
+            return STATUS_SOP_CLASS_NOT_SUPPORTED
+        try:
+            ds = event.dataset  # decoded lazily: only the header elements read below are parsed
+        except Exception as exc:
+            return self._refuse(Refusal(STATUS_CANNOT_UNDERSTAND, f"data set cannot be decoded: {exc}"[:200]),
+                                sop_uid, None, calling, peer)
+        refusal = check_instance(ds, sop_uid, sop_class)
+        series_uid = clean_uid(ds.get("SeriesInstanceUID", "")) if refusal is None else None
+        if refusal is None:
+            problem = native_pixel_length_problem(ds, event.context.transfer_syntax)
+            if problem:
+                refusal = Refusal(STATUS_CANNOT_UNDERSTAND, problem)
+        if refusal is not None:
+            try:
+                series_uid = str(ds.get("SeriesInstanceUID", "") or "")
+            except Exception:
+                series_uid = None
+            return self._refuse(refusal, sop_uid, series_uid, calling, peer)
+        assert series_uid is not None
         ts_uid = str(event.context.transfer_syntax)
+        digest = pixel_digest(ds)
+        if self._is_known(sop_uid):
+            return self._duplicate(event, ds, sop_uid, series_uid, ts_uid, digest, calling, peer, st)
+
+        data = event.encoded_dataset()
+        why = self.watermark.receive_refusal(len(data))
+        if why is not None:
+            log_event(log, "c_store_refused", level=logging.WARNING, sop_instance_uid=sop_uid, series_uid=series_uid,
+                      calling_ae=calling, reason=why, status="0xA700")
+            return STATUS_OUT_OF_RESOURCES
+        rel = f"{safe_name(series_uid)}/{safe_name(sop_uid)}.dcm"
+        size = write_atomic(self.config.spool_dir / rel, data)
+        self.watermark.note_accepted(size)
 
         with self._lock:
             try:
-                self._record(ds, series_uid, sop_uid, sop_class, ts_uid, rel, size, calling, peer)
+                self._record(ds, series_uid, sop_uid, sop_class, ts_uid, rel, size, calling, peer, digest)
             except IntegrityError:
                 # Same instance recorded concurrently by another association: idempotent.
                 if not self._is_known(sop_uid):
@@ -275,13 +329,52 @@ class StorageSCP:
                   calling_ae=calling, bytes=size)
         return STATUS_SUCCESS
 
+    def _duplicate(self, event: evt.Event, ds: Dataset, sop_uid: str, series_uid: str, ts_uid: str,
+                   digest: str | None, calling: str, peer: str, st: _AssocStats | None) -> int | Dataset:
+        """A SOPInstanceUID already received: an identical re-send is acknowledged and recorded;
+        different pixel data is a conflict: the first copy is kept, the second is stored in
+        quarantine for inspection and refused (0xC000) with the reason."""
+        with self.db.session() as s:
+            first = s.scalars(select(db.Instance).where(db.Instance.sop_instance_uid == sop_uid)).first()
+            if first is None:  # purged meanwhile
+                return STATUS_OUT_OF_RESOURCES
+            stored = self.config.spool_dir / first.path
+            same = same_pixels(ds, ts_uid, digest, stored, first.transfer_syntax_uid, first.pixel_sha256)
+            changed = header_differences(ds, stored) if same else []
+            first_series_id, first_series_uid = first.series_id, first.series.series_uid
+        if same and not changed:
+            with self._lock, self.db.session() as s:
+                s.add(db.Anomaly(series_id=first_series_id, kind="duplicate", sop_instance_uid=sop_uid,
+                                 detail=f"identical re-send from {calling}@{peer} acknowledged, not stored again"))
+            if st is not None:
+                st.duplicates += 1
+            log_event(log, "c_store_duplicate", level=logging.INFO, sop_instance_uid=sop_uid, series_uid=series_uid,
+                      calling_ae=calling)
+            return STATUS_SUCCESS
+        data = event.encoded_dataset()
+        rel = f"{safe_name(series_uid)}/{safe_name(sop_uid)}.{(digest or 'nodigest')[:12]}.dcm"
+        write_atomic(self.config.quarantine_dir / rel, data)
+        reason = "SOPInstanceUID already received with different pixel data (first copy kept)"
+        if first_series_uid != series_uid:
+            reason = "SOPInstanceUID already received in another series (first copy kept)"
+        elif changed:
+            reason = f"SOPInstanceUID already received with different {', '.join(changed)} (first copy kept)"
+        with self._lock, self.db.session() as s:
+            s.add(db.Anomaly(series_id=first_series_id, kind="conflict", sop_instance_uid=sop_uid,
+                             detail=f"{reason}; second copy from {calling}@{peer} in quarantine/{rel}"))
+        return self._refuse(Refusal(STATUS_CANNOT_UNDERSTAND, reason), sop_uid, series_uid, calling, peer,
+                            quarantine=f"quarantine/{rel}")
+
     def _record(self, ds: Dataset, series_uid: str, sop_uid: str, sop_class: str, ts_uid: str, rel: str,
-                size: int, calling: str, peer: str) -> None:
+                size: int, calling: str, peer: str, digest: str | None = None) -> None:
         """Series upsert + instance insert in one transaction; handles a series that grows."""
         now = db.utcnow()
         with self.db.session() as s:
             series = db.series_by_uid(s, series_uid)
-            late = False
+            # Late: the series' output has been (or is being) produced, whatever state the
+            # first late instance moved the series to (so every late instance is counted).
+            late = series is not None and (series.state in db.PROCESSED_STATES or any(
+                j.processing_started_at is not None or j.state in db.PROCESSED_STATES for j in series.jobs))
             if series is None:
                 series = db.Series(
                     series_uid=series_uid,
@@ -308,7 +401,8 @@ class StorageSCP:
                 log_event(log, "series_started", series_uid=series_uid, study_uid=series.study_uid,
                           modality=series.modality, kernel=series.convolution_kernel, calling_ae=calling,
                           expected_count=series.expected_count)
-            elif series.state in (db.COMPLETE, db.QUEUED, db.IGNORED, db.UNROUTED):
+                audit_for(self.config).series("received", series_uid, series.study_uid, calling_ae=calling, peer=peer)
+            elif series.state in (db.COMPLETE, db.QUEUED, db.IGNORED, db.UNROUTED, db.REFUSED):
                 # Not processed yet: drop the pending decision and wait for the series to be stable again.
                 for job in series.jobs:
                     if job.state == db.QUEUED:
@@ -319,18 +413,19 @@ class StorageSCP:
             elif series.state in db.PROCESSED_STATES:
                 # Output exists or is being produced: record, flag, and reprocess the whole series
                 # into a new output series version once it is stable (never a silent second output).
-                late = True
                 series.grown_after_processing = True
-                series.late_instances += 1
                 if series.state in (db.DONE, db.FAILED):
                     log_event(log, "series_grown_after_processing", level=logging.WARNING, series_uid=series_uid,
                               previous_state=series.state)
                     series.set_state(db.RECEIVED)
                     series.completed_at = None
+            if late:
+                series.grown_after_processing = True
+                series.late_instances += 1
             series.instance_count += 1
             series.last_received_at = now
             s.add(db.Instance(
                 series_id=series.id, sop_instance_uid=sop_uid, sop_class_uid=sop_class,
                 transfer_syntax_uid=ts_uid, instance_number=_int(ds, "InstanceNumber"), path=rel, size=size,
-                received_at=now, calling_ae=calling, late=late,
+                received_at=now, calling_ae=calling, late=late, pixel_sha256=digest,
             ))

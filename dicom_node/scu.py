@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from pydicom import dcmread
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
@@ -33,6 +34,11 @@ _REJECT_REASONS = {
     (1, 3): "calling AE title not recognised", (1, 7): "called AE title not recognised",
     (2, 1): "no reason given", (2, 2): "protocol version not supported",
     (3, 1): "temporary congestion", (3, 2): "local limit exceeded",
+}
+# Presentation-context results (PS3.8 9.3.3.2): why a destination refused a proposed context.
+_CONTEXT_RESULTS = {
+    1: "user rejection", 2: "no reason (provider rejection)", 3: "abstract syntax not supported",
+    4: "transfer syntaxes not supported",
 }
 
 
@@ -88,8 +94,26 @@ def _contexts(files: Sequence[Path]) -> tuple[list[tuple[Path, str, str]], list]
     return info, contexts
 
 
-def send_files(dest: Destination, files: Sequence[Path], calling_ae: str, max_pdu: int = 131072) -> SendOutcome:
-    """Send ``files`` to ``dest`` over one association; never raises for network outcomes."""
+def _context_refusal(assoc: Any) -> str | None:
+    """The destination's reason when it answered A-ASSOCIATE-AC but accepted none of our
+    presentation contexts (pynetdicom then aborts the association); ``None`` otherwise."""
+    prim = assoc.acceptor.primitive
+    if prim is None or int(prim.result) != 0:
+        return None
+    rejected = list(getattr(assoc, "rejected_contexts", []) or [])
+    if not rejected:
+        return None
+    parts = sorted({f"{cx.abstract_syntax} ({_CONTEXT_RESULTS.get(int(cx.result or 0), f'result {cx.result}')})"
+                    for cx in rejected})
+    return "no presentation context accepted by the destination: " + "; ".join(parts)
+
+
+def send_files(dest: Destination, files: Sequence[Path], calling_ae: str, max_pdu: int = 131072,
+               on_result: Callable[[int, InstanceResult], None] | None = None) -> SendOutcome:
+    """Send ``files`` to ``dest`` over one association; never raises for network outcomes.
+
+    ``on_result(index, result)`` is called as each C-STORE response arrives (before the next
+    instance is sent), so the caller can commit per-instance state that survives a crash."""
     t0 = time.monotonic()
     out = SendOutcome()
     if not files:
@@ -112,6 +136,10 @@ def send_files(dest: Destination, files: Sequence[Path], calling_ae: str, max_pd
                 reason = _REJECT_REASONS.get((source, diag), f"source {source} diagnostic {diag}")
                 out.failure = PERMANENT if result == 1 else TRANSIENT
                 out.error = (f"association rejected ({'permanent' if result == 1 else 'transient'}): {reason}")
+            elif (refusal := _context_refusal(assoc)) is not None:
+                # Negotiated, then aborted by pynetdicom because nothing we propose is accepted:
+                # a configuration mismatch that no retry can fix.
+                out.failure, out.error = PERMANENT, refusal
             else:
                 out.failure = TRANSIENT
                 out.error = f"association with {dest.host}:{dest.port} not established (refused, timed out or aborted)"
@@ -147,6 +175,8 @@ def send_files(dest: Destination, files: Sequence[Path], calling_ae: str, max_pd
                     out.failure = kind
                     out.error = f"C-STORE status 0x{status:04X} ({kind})"
             out.results.append(res)
+            if on_result is not None:
+                on_result(k, res)
             if not assoc.is_established:
                 msg = "association aborted by the destination"
                 out.results += [InstanceResult(p, u, None, msg) for p, u, _ in info[k + 1:]]

@@ -63,6 +63,26 @@ def job_dict(job: db.Job) -> dict[str, Any]:
     }
 
 
+def anomalies_dict(s: db.Series) -> dict[str, Any]:
+    """What was odd about a series (gap, duplicate, conflict, late, localizer, mixed ...):
+    counts per kind and the recorded details."""
+    counts: dict[str, int] = {}
+    for a in s.anomalies:
+        counts[a.kind] = counts.get(a.kind, 0) + 1
+    if s.late_instances:
+        counts["late"] = s.late_instances
+    return {"counts": counts,
+            "details": [{"kind": a.kind, "sop_instance_uid": a.sop_instance_uid, "detail": a.detail,
+                         "at": _iso(a.created_at)} for a in s.anomalies[-50:]],
+            "excluded": sum(1 for i in s.instances if i.excluded)}
+
+
+def anomaly_summary(s: db.Series) -> str:
+    """One line, e.g. ``gap 1, duplicate 2, late 7``."""
+    counts = anomalies_dict(s)["counts"]
+    return ", ".join(f"{k} {v}" for k, v in sorted(counts.items()))
+
+
 def qa_brief(record: dict[str, Any] | None) -> dict[str, Any] | None:
     """The QA verdict of a series' latest job (measures stay in its job entry)."""
     if not record:
@@ -94,6 +114,7 @@ def series_dict(s: db.Series, with_instances: bool = False) -> dict[str, Any]:
         "rule": s.rule_name,
         "grown_after_processing": s.grown_after_processing,
         "late_instances": s.late_instances,
+        "anomalies": anomalies_dict(s),
         "durations_s": {
             "receive": _secs(s.first_received_at, s.last_received_at),
             "complete_to_done": _secs(s.completed_at, end),
@@ -137,6 +158,8 @@ def collect_status(config: NodeConfig, last: int = 10, with_instances: bool = Fa
             )
             received_hour = s.scalar(select(func.count(db.Instance.id)).where(db.Instance.received_at >= hour_ago))
             pending_sends = s.scalar(select(func.count(db.Delivery.id)).where(db.Delivery.state == db.PENDING))
+            refusals = s.scalars(select(db.Refusal).order_by(db.Refusal.id.desc()).limit(20)).all()
+            refused_hour = s.scalar(select(func.count(db.Refusal.id)).where(db.Refusal.received_at >= hour_ago))
             return {
                 "node": {
                     "up": up,
@@ -167,6 +190,15 @@ def collect_status(config: NodeConfig, last: int = 10, with_instances: bool = Fa
                     {"series_uid": x.series_uid, "failed_at": _iso(x.state_changed_at), "error": x.error}
                     for x in failures
                 ],
+                "refusals": {
+                    "last_hour": int(refused_hour or 0),
+                    "recent": [
+                        {"at": _iso(r.received_at), "calling_ae": r.calling_ae, "peer": r.peer_address,
+                         "sop_instance_uid": r.sop_instance_uid, "series_uid": r.series_uid,
+                         "status": f"0x{r.status:04X}", "reason": r.reason, "quarantine": r.quarantine_path}
+                        for r in refusals
+                    ],
+                },
             }
     finally:
         database.dispose()
@@ -206,6 +238,16 @@ def format_status(st: dict[str, Any]) -> str:
             lines.append(f"{'':<39}qa {summary(s['qa'])}")
         if s["grown_after_processing"]:
             lines.append(f"{'':<39}!! grew after processing ({s['late_instances']} late instances)")
+        counts = s.get("anomalies", {}).get("counts", {})
+        if counts:
+            lines.append(f"{'':<39}!! anomalies: " + ", ".join(f"{k} {v}" for k, v in sorted(counts.items())))
+        if s["state"] == "refused" and s["error"]:
+            lines.append(f"{'':<39}!! refused: {s['error']}")
+    ref = st.get("refusals", {})
+    if ref.get("recent"):
+        lines += ["", f"refused instances ({ref['last_hour']} in the last hour; latest first):"]
+        lines += [f"  {r['at']} {r['status']} {r['calling_ae']}@{r['peer']} {r['sop_instance_uid']}: {r['reason']}"
+                  for r in ref["recent"][:10]]
     if st["failures"]:
         lines += ["", "failures:"]
         lines += [f"  {f['failed_at']} {f['series_uid']}: {f['error']}" for f in st["failures"]]

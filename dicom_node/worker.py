@@ -18,6 +18,7 @@ outputs are not recalled; status shows both jobs, so there is never a silent sec
 """
 from __future__ import annotations
 
+import errno
 import io
 import logging
 import shutil
@@ -37,8 +38,14 @@ from .logs import log_event
 from .rules import match_rule, series_attributes
 from .scu import PERMANENT, send_files
 from .spool import safe_name, write_atomic
+from .anomalies import SeriesCheck, check_series, spacing_refusal
+from .audit import audit_for
+from .watermark import Watermark
 
 log = logging.getLogger("dicom_node.worker")
+
+# Anomalies recorded by the receiver (kept when a series is checked again after it grew).
+RECEIVE_ANOMALIES = ("duplicate", "conflict", "late")
 
 
 class ModelCache:
@@ -69,6 +76,11 @@ class ModelCache:
         return list(self._models)
 
 
+def retry_delay(dest: Any, attempts: int) -> float:
+    """Capped exponential backoff: ``backoff_base_s * 2^(attempts-1)``, at most ``backoff_max_s``."""
+    return float(min(dest.backoff_base_s * 2 ** min(attempts - 1, 30), dest.backoff_max_s))
+
+
 def device_of(std: Any, fallback: str) -> str:
     dev = getattr(std, "device", None)
     return str(dev) if dev is not None else fallback
@@ -90,6 +102,9 @@ class Worker:
         self.stop = stop or threading.Event()
         self.models = ModelCache(config.processing.device)
         self.last_model: dict[str, Any] = {}
+        self.audit = audit_for(config)
+        self.watermark = Watermark(config, database)
+        self._waiting_for_disk = False
 
     # ------------------------------------------------------------------ restart
     def recover(self) -> dict[str, int]:
@@ -126,6 +141,8 @@ class Worker:
                     series.completed_at = now
                     series.complete_reason = reason
                     series.set_state(db.COMPLETE)
+                    self.audit.series("completed", series.series_uid, series.study_uid,
+                                      instances=series.instance_count, reason=reason)
         return self._route()
 
     def _route(self) -> int:
@@ -136,7 +153,20 @@ class Worker:
             for series in s.scalars(select(db.Series).where(db.Series.state == db.COMPLETE)):
                 rule = match_rule(self.config.rules, series_attributes(series))
                 decided += 1
-                if rule is None:
+                try:
+                    check = self._check(s, series) if rule is not None and rule.action != "ignore" else None
+                except Exception as exc:  # one odd series must never stop the routing of the others
+                    log.exception("series check failed")
+                    check = SeriesCheck(refusal=f"series check failed: {type(exc).__name__}: {exc}"[:500])
+                if check is not None and check.refusal is not None:
+                    series.rule_name = rule.name if rule else None
+                    series.set_state(db.REFUSED, check.refusal)
+                    self.audit.series("refused", series.series_uid, series.study_uid, success=False,
+                                      reason=check.refusal, instances=series.instance_count)
+                elif check is not None and check.all_excluded:
+                    series.rule_name = rule.name if rule else None
+                    series.set_state(db.IGNORED, "localizer series: kept, not standardized")
+                elif rule is None:
                     series.rule_name = None
                     series.set_state(db.UNROUTED)
                 elif rule.action == "ignore":
@@ -157,6 +187,23 @@ class Worker:
                           grown_after_processing=series.grown_after_processing)
         return decided
 
+    def _check(self, s: Any, series: db.Series) -> Any:
+        """Series-level checks (:mod:`dicom_node.anomalies`), recorded on the series; findings of
+        an earlier check of the same series (before it grew) are replaced."""
+        check = check_series([(i.sop_instance_uid, self.config.spool_dir / i.path) for i in series.instances],
+                             self.config.processing.max_matrix)
+        for a in list(series.anomalies):
+            if a.kind not in RECEIVE_ANOMALIES:
+                s.delete(a)
+        for kind, uid, detail in check.findings:
+            series.anomalies.append(db.Anomaly(kind=kind, sop_instance_uid=uid, detail=detail))
+        for inst in series.instances:
+            inst.excluded = check.excluded.get(inst.sop_instance_uid)
+        if check.findings:
+            log_event(log, "series_anomalies", level=logging.WARNING, series_uid=series.series_uid,
+                      kinds=",".join(sorted({k for k, _, _ in check.findings})), refusal=check.refusal)
+        return check
+
     # ------------------------------------------------------------------ process
     def _claim_batch(self) -> list[tuple[int, str, list[Path]]]:
         """Atomically move a batch of queued jobs (same model) to ``processing``."""
@@ -173,13 +220,22 @@ class Worker:
                 n = job.series.instance_count
                 if job.model != model or (out and total + n > limit):
                     continue
+                need = sum(i.size for i in job.series.instances if not i.excluded)
+                if not self.watermark.room_for_output(need):
+                    # Outputs would not fit: wait (the job stays queued) until space returns.
+                    if not self._waiting_for_disk:
+                        log_event(log, "processing_waiting_for_disk", level=logging.WARNING, job=job.id,
+                                  series_uid=job.series.series_uid, needed_mb=round(need / 2**20, 1))
+                    self._waiting_for_disk = True
+                    break
+                self._waiting_for_disk = False
                 job.state = db.PROCESSING
                 job.processing_started_at = now
                 job.instance_count = n
                 job.attempts += 1
                 job.error = None
                 job.series.set_state(db.PROCESSING)
-                paths = [self.config.spool_dir / i.path for i in job.series.instances]
+                paths = [self.config.spool_dir / i.path for i in job.series.instances if not i.excluded]
                 out.append((job.id, model, paths))
                 total += n
                 if total >= limit:
@@ -207,13 +263,23 @@ class Worker:
         self.last_model = {"model": model_key, "name": info.get("name"), "version": info.get("version"),
                            "device": device}
 
+        trained = (getattr(getattr(std, "ckpt", None), "metadata", None) or {}).get("training", {}).get("pixel_mm")
         loaded: list[tuple[int, Any, float]] = []
         for job_id, _, paths in batch:
             t0 = time.monotonic()
             try:
-                loaded.append((job_id, read_series(paths), time.monotonic() - t0))
+                sr = read_series(paths)
             except (SeriesError, OSError, ValueError) as exc:
                 self._fail(job_id, f"series could not be read: {exc}")
+                continue
+            except Exception as exc:  # a malformed header must fail its job, not leave it `processing`
+                self._fail(job_id, f"series could not be read: {type(exc).__name__}: {exc}")
+                continue
+            why = spacing_refusal(float(min(sr.spacing[1:])), trained)
+            if why is not None:
+                self._refuse_job(job_id, why)
+                continue
+            loaded.append((job_id, sr, time.monotonic() - t0))
         loaded, gates = self._qa_inputs(std, loaded)
         if not loaded:
             return len(batch)
@@ -224,9 +290,19 @@ class Worker:
             outputs = self._run_model(std, loaded, steps_by_job)
         except Exception as exc:
             log.exception("model run failed")
-            for job_id, _, _ in loaded:
-                self._fail(job_id, f"model run failed: {type(exc).__name__}: {exc}")
-            return len(batch)
+            if len(loaded) == 1:
+                self._fail(loaded[0][0], f"model run failed: {type(exc).__name__}: {exc}")
+                return len(batch)
+            # One series must not fail the others batched with it: run each alone, fail only
+            # the ones that fail on their own.
+            alone = []
+            for item in loaded:
+                try:
+                    alone.append((item, self._run_model(std, [item], steps_by_job)[0]))
+                except Exception as exc1:
+                    self._fail(item[0], f"model run failed: {type(exc1).__name__}: {exc1}")
+            loaded = [item for item, _ in alone]
+            outputs = [out for _, out in alone]
         model_s = time.monotonic() - t0
         total_slices = sum(int(sr.hu.shape[0]) for _, sr, _ in loaded)
 
@@ -236,6 +312,15 @@ class Worker:
             try:
                 note = self._qa_output(job_id, gates.get(job_id), out_hu, sr.spacing)
                 self._derive_and_store(job_id, sr, out_hu, std, info, device, steps, seed, read_s, share, note)
+            except OSError as exc:
+                if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+                    log.exception("derive failed")
+                    self._fail(job_id, f"derive failed: {type(exc).__name__}: {exc}")
+                    continue
+                # Disk full while writing outputs: not the series' fault; queue it again and
+                # wait for space (the claim step checks room first).
+                shutil.rmtree(self.config.output_dir / f"job-{job_id}", ignore_errors=True)
+                self._requeue(job_id, f"no space for outputs: {exc.strerror}")
             except Exception as exc:
                 log.exception("derive failed")
                 self._fail(job_id, f"derive failed: {type(exc).__name__}: {exc}")
@@ -368,6 +453,8 @@ class Worker:
                 job.series.set_state(db.SENDING)
             else:
                 self._finish(job, now)
+        self.audit.series("processed", sr.series_uid, sr.study_uid, instances=len(derived),
+                          output_series_uid=str(derived[0].SeriesInstanceUID) if derived else None)
         log_event(log, "series_processed", series_uid=sr.series_uid, job=job_id, slices=len(derived),
                   output_series_uid=str(derived[0].SeriesInstanceUID) if derived else None,
                   model=info.get("name"), device=device, read_s=round(read_s, 2), model_s=round(model_s, 2),
@@ -388,8 +475,35 @@ class Worker:
                       job=job.id, processed=job.instance_count, now=series.instance_count)
         else:
             series.set_state(job.state, error)
+        if error or job.deliveries:
+            self.audit.series("failed" if error else "sent", series.series_uid, series.study_uid, success=not error,
+                              reason=error, instances=job.output_count, output_series_uid=job.output_series_uid,
+                              destination=",".join(d.destination for d in job.deliveries) or None)
         log_event(log, "job_finished", level=logging.INFO if not error else logging.WARNING, job=job.id,
                   series_uid=series.series_uid, state=job.state, error=error)
+
+    def _requeue(self, job_id: int, note: str) -> None:
+        with self.db.session() as s:
+            job = s.get(db.Job, job_id)
+            if job is not None:
+                job.state, job.processing_started_at, job.error = db.QUEUED, None, note
+                job.series.set_state(db.QUEUED)
+        log_event(log, "job_requeued", level=logging.WARNING, job=job_id, reason=note)
+
+    def _refuse_job(self, job_id: int, reason: str) -> None:
+        """The model cannot handle this series: refused with the reason (never `done` with a warning)."""
+        with self.db.session() as s:
+            job = s.get(db.Job, job_id)
+            if job is None:
+                return
+            now = db.utcnow()
+            job.state, job.error, job.finished_at = db.REFUSED, reason, now
+            job.processing_finished_at = now
+            job.series.set_state(db.REFUSED, reason)
+            job.series.anomalies.append(db.Anomaly(kind="geometry", detail=reason))
+            self.audit.series("refused", job.series.series_uid, job.series.study_uid, success=False, reason=reason,
+                              instances=job.series.instance_count)
+        log_event(log, "series_refused", level=logging.WARNING, job=job_id, reason=reason)
 
     def _fail(self, job_id: int, reason: str) -> None:
         with self.db.session() as s:
@@ -423,11 +537,24 @@ class Worker:
             dest = self.config.destination(name)
         except KeyError:
             dest = None
+        attempt_at = db.utcnow()
+
+        def commit_one(k: int, res: Any) -> None:
+            """Commit one instance's C-STORE result as its response arrives: a crash after this
+            point never sends the instance again."""
+            if not res.ok:
+                return
+            with self.db.session() as s:
+                row = s.get(db.InstanceSend, todo[k][0])
+                if row is not None:
+                    row.state, row.status, row.error, row.sent_at = db.SENT, res.status, None, db.utcnow()
+                    row.attempts += 1
+
         if dest is None:
             outcome_error, failure, results = f"destination {name!r} is no longer configured", PERMANENT, []
         else:
             outcome = send_files(dest, [self.config.output_dir / p for _, p in todo], self.config.ae_title,
-                                 self.config.max_pdu)
+                                 self.config.max_pdu, on_result=commit_one)
             outcome_error, failure, results = outcome.error, outcome.failure, outcome.results
         now = db.utcnow()
         with self.db.session() as s:
@@ -437,29 +564,39 @@ class Worker:
             by_id = {x.id: x for x in d.sends}
             for (send_id, _), res in zip(todo, results):
                 row = by_id[send_id]
-                if res.status is None and res.error and "not established" in res.error:
+                if res.ok:
+                    continue  # committed by commit_one
+                if res.status is None and res.error and ("not established" in res.error
+                                                         or "no presentation context" in res.error):
                     pass  # never reached the destination: not an attempt for this instance
                 else:
                     row.attempts += 1
                 row.status = res.status
                 row.error = res.error
-                if res.ok:
-                    row.state, row.sent_at = db.SENT, now
-                elif failure == PERMANENT and res.status is not None:
+                if failure == PERMANENT and res.status is not None:
                     row.state = db.FAILED
             if failure is None and all(x.state == db.SENT for x in d.sends):
                 d.state, d.finished_at, d.error = db.SENT, now, None
             elif failure == PERMANENT:
                 d.state, d.finished_at, d.error = db.FAILED, now, f"permanent: {outcome_error}"
             else:
+                first = d.started_at or attempt_at
+                elapsed = (now - first).total_seconds()
+                budget = dest.retry_for_s if dest else 0.0
                 retries = dest.max_retries if dest else 0
-                if d.attempts > retries:
+                # The last attempt is made at the end of the budget, not skipped because the
+                # backoff would overshoot it.
+                delay = min(retry_delay(dest, d.attempts), max(budget - elapsed, 0.0)) if dest else 0.0
+                if (retries is not None and d.attempts > retries) or elapsed >= budget:
                     d.state, d.finished_at = db.FAILED, now
-                    d.error = f"gave up after {d.attempts} attempts: {outcome_error}"
+                    limit = (f"{retries} retries" if retries is not None and d.attempts > retries
+                             else f"retry budget {budget:.0f} s")
+                    d.error = f"gave up after {d.attempts} attempts in {elapsed:.0f} s ({limit}): {outcome_error}"
                 else:
-                    delay = (dest.backoff_base_s if dest else 1.0) * 2 ** (d.attempts - 1)
                     d.next_attempt_at = now + timedelta(seconds=delay)
-                    d.error = f"retry {d.attempts}/{retries} in {delay:.0f} s: {outcome_error}"
+                    of = f"/{retries}" if retries is not None else ""
+                    d.error = (f"retry {d.attempts}{of} in {delay:g} s ({budget - elapsed:.0f} s of the retry budget "
+                               f"left): {outcome_error}")
                     log_event(log, "delivery_retry", level=logging.WARNING, destination=name, job=d.job_id,
                               attempt=d.attempts, delay_s=delay, error=outcome_error)
             job = d.job
@@ -473,31 +610,49 @@ class Worker:
         """Delete finished series (spool, outputs, rows) last received more than N days ago.
         Series still in progress are never purged."""
         days = self.config.retention.days if older_than_days is None else older_than_days
-        states = tuple(states or (db.DONE, db.FAILED, db.IGNORED, db.UNROUTED))
+        states = tuple(states or (db.DONE, db.FAILED, db.IGNORED, db.UNROUTED, db.REFUSED))
         cutoff = db.utcnow() - timedelta(days=days)
         n = 0
         with self.db.session() as s:
             for series in s.scalars(select(db.Series).where(db.Series.state.in_(states),
                                                             db.Series.last_received_at <= cutoff)):
                 shutil.rmtree(self.config.spool_dir / safe_name(series.series_uid), ignore_errors=True)
+                shutil.rmtree(self.config.quarantine_dir / safe_name(series.series_uid), ignore_errors=True)
                 for job in series.jobs:
                     shutil.rmtree(self.config.output_dir / f"job-{job.id}", ignore_errors=True)
                 s.delete(series)
                 n += 1
+            # Records of refused instances age out with the same retention.
+            for r in s.scalars(select(db.Refusal).where(db.Refusal.received_at <= cutoff)):
+                s.delete(r)
         if n:
             log_event(log, "purged", series=n, older_than_days=days, states=",".join(states))
         return n
 
     def retry(self, series_uid: str | None = None, failed: bool = False, force: bool = False) -> int:
         """Queue a series again (a new job version); with ``failed`` every failed series.
+
+        A failed series whose output exists on disk (it failed in delivery) is re-sent instead:
+        only its unacknowledged instances, no new model run, no second output series.
         ``force``: the next job runs the QA gate as ``flag`` (a refused series is standardized and
-        the warning recorded)."""
+        the warning recorded); it does not apply to a re-send, whose output already passed."""
+        from .resend import output_job, queue_resend
+
         n = 0
+        self.resent: list[str] = []
         with self.db.session() as s:
             q = select(db.Series)
             q = q.where(db.Series.state == db.FAILED) if failed else q.where(db.Series.series_uid == series_uid)
             for series in s.scalars(q):
                 if series.state in (db.QUEUED, db.PROCESSING, db.SENDING, db.RECEIVED):
+                    continue
+                # Re-send only when the latest job holds the output: a later job that failed
+                # without output (model error, QA refusal) is reprocessed, not replaced by old output.
+                job = output_job(self.config, series)
+                if failed and not series.grown_after_processing and job is not None and job is series.jobs[-1]:
+                    queue_resend(s, self.config, series, only_unsent=True)
+                    self.resent.append(series.series_uid)
+                    n += 1
                     continue
                 series.set_state(db.RECEIVED)
                 series.completed_at = None

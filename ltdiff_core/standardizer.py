@@ -15,6 +15,7 @@ import numpy as np
 
 from .checkpoint import Checkpoint, CheckpointError, load_checkpoint, load_networks
 from .linear_filter import LinearKernelFilter
+from . import resample
 from .normalize import check_normalization, hu_to_unit, unit_to_hu
 from .tiling import pad_to_multiple, run_tiled
 
@@ -162,7 +163,29 @@ class Standardizer:
         seed: int = 0,
         progress: Progress | None = None,
     ) -> list[np.ndarray]:
-        """Several volumes at once (slices of equal size share batches). Results equal per-volume calls."""
+        """Several volumes at once (slices of equal size share batches). Results equal per-volume calls.
+
+        Network methods see every series at their training pixel spacing: a series whose
+        in-plane spacing differs by more than ``resample.RELATIVE_TOLERANCE`` is resampled to it
+        and the output back to the input grid (``ltdiff_core.resample``). The linear filter is
+        defined in lp/cm and runs on the input grid.
+        """
+        if len(volumes) != len(spacings) or self.method == "linear":
+            return self._standardize_batch_on_grid(volumes, spacings, steps, seed, progress)
+        target = resample.model_pixel_mm(self.ckpt.metadata)
+        grids = [resample.to_model_grid(v, s, target) for v, s in zip(volumes, spacings)]
+        outs = self._standardize_batch_on_grid([g[0] for g in grids], [g[1] for g in grids], steps, seed, progress)
+        return [restore(o) for o, (_, _, restore) in zip(outs, grids)]
+
+    def _standardize_batch_on_grid(
+        self,
+        volumes: Sequence[np.ndarray],
+        spacings: Sequence[Sequence[float]],
+        steps: int | None = None,
+        seed: int = 0,
+        progress: Progress | None = None,
+    ) -> list[np.ndarray]:
+        """:meth:`standardize_batch` on the volumes' own grid (no resampling)."""
         if len(volumes) != len(spacings):
             raise ValueError("one spacing per volume is needed")
         vols = [np.asarray(v, dtype=np.float32) for v in volumes]
@@ -258,9 +281,10 @@ class Standardizer:
         n_steps = int(steps or self.sampling.get("default_steps", 4))
         strength = float(self.sampling.get("strength", 0.5))
         eta = float(self.sampling.get("eta", 0.0))
+        gain = float(self.sampling.get("residual_gain", 1.0))
 
         def step_noise() -> Any:
             return torch.stack([torch.randn(shape, generator=g) for g in gens])
 
         return inf.standardize(t, noise.to(t.device), n_steps, strength, guide, eta=eta,
-                               step_noise=step_noise if eta > 0 else None)
+                               step_noise=step_noise if eta > 0 else None, gain=gain)

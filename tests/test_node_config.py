@@ -19,6 +19,8 @@ def test_example_config_is_valid_and_documents_the_defaults(tmp_path: Path) -> N
     assert cfg.completeness == defaults.completeness
     assert cfg.processing == defaults.processing
     assert cfg.retention == defaults.retention
+    assert cfg.disk == defaults.disk and defaults.disk.min_free_percent == 5.0 and defaults.disk.min_free_mb == 2048
+    assert cfg.audit == defaults.audit and cfg.audit_path == cfg.data_dir / "audit.jsonl"
     assert cfg.accept_enhanced_ct is False
     assert cfg.db_url.startswith("sqlite:///") and cfg.db_url.endswith("dicom-node.sqlite")
     assert [r.name for r in cfg.rules][0] == "br40-to-bl64"
@@ -45,6 +47,9 @@ def test_example_config_is_valid_and_documents_the_defaults(tmp_path: Path) -> N
         ({"rules": [{"model": "missing/model.safetensors"}]}, "rules[0].model: checkpoint not found"),
         ({"node": {"allowed_calling_aes": [{"ae_title": "CT1", "hots": "x"}]}},
          "node.allowed_calling_aes[0].hots: unknown key"),
+        ({"disk": {"min_free_percent": 100}}, "disk.min_free_percent: must be below 100"),
+        ({"destinations": [{"name": "P", "ae_title": "P", "host": "h", "port": 104, "backoff_max_s": 0}]},
+         "destinations[0].backoff_max_s: must be positive"),
     ],
 )
 def test_validation_errors_name_key_and_value(raw: dict, message: str, tmp_path: Path) -> None:
@@ -72,3 +77,11 @@ def test_relative_paths_resolve_against_the_config_file(tmp_path: Path) -> None:
     assert cfg.data_dir == (tmp_path / "var").resolve()
     assert [(a.ae_title, a.host) for a in cfg.allowed_calling_aes] == [("CT1", None), ("CT2", "10.0.0.2")]
     assert cfg.spool_dir == cfg.data_dir / "spool"
+
+
+def test_audit_path_and_disk_watermark_settings(tmp_path: Path) -> None:
+    cfg = parse_config({"audit": {"path": "logs/audit.jsonl"}, "disk": {"min_free_mb": 10, "min_free_percent": 0}},
+                       tmp_path)
+    assert cfg.audit_path == (tmp_path / "logs" / "audit.jsonl").resolve()
+    assert cfg.disk.min_free_mb == 10.0 and cfg.disk.min_free_percent == 0.0
+    assert parse_config({"audit": {"enabled": False}}, tmp_path).audit.enabled is False

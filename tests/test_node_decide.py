@@ -6,6 +6,8 @@ from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from dicom_node.peers import LOOPBACK, free_port, make_ct_series, storescu
 from sqlalchemy import select
 
@@ -135,3 +137,111 @@ def test_complete_is_a_persisted_state_that_the_next_scan_routes(tmp_path: Path)
     finally:
         node.scp.stop()
         node.db.dispose()
+
+
+def test_a_series_whose_files_cannot_be_read_is_refused_and_routing_goes_on(tmp_path: Path) -> None:
+    """A spool file lost or corrupted after receive: that series is refused with the reason, the
+    others are still routed (one odd series must not stop the scan)."""
+    cfg = parse_config({"node": {"data_dir": str(tmp_path / "data")}}, tmp_path)
+    database = db.Database(cfg.db_url)
+    database.create_all()
+    with database.session() as s:
+        for uid, broken in (("1.2.3.1", True), ("1.2.3.2", False)):
+            series = db.Series(series_uid=uid, instance_count=2, state=db.COMPLETE, modality="CT",
+                               convolution_kernel="Br40")
+            files = make_ct_series(cfg.spool_dir / uid, n=2, size=32)
+            if broken:
+                files[1].write_bytes(b"DICM but not really")
+            series.instances = [db.Instance(sop_instance_uid=f"{uid}.{k}", sop_class_uid="1.2", transfer_syntax_uid="1.2",
+                                            path=f"{uid}/{f.name}", size=1) for k, f in enumerate(files)]
+            s.add(series)
+    Worker(cfg, database).scan()
+    with database.session() as s:
+        states = {x.series_uid: (x.state, x.error) for x in s.query(db.Series)}
+    assert states["1.2.3.1"][0] == db.REFUSED and "cannot be read" in states["1.2.3.1"][1]
+    assert states["1.2.3.2"][0] == db.QUEUED
+
+
+def test_a_series_that_fails_the_model_does_not_fail_the_series_batched_with_it(tmp_path: Path) -> None:
+    """Two queued series in one batch; the model raises on one of them (an input it cannot take).
+    Before, the whole batch failed; now only that series does."""
+    from ltdiff_core import Standardizer
+
+    # qa = "off": the 32² test volumes are outside the shipped envelope; this test is about the model.
+    cfg = parse_config({"node": {"data_dir": str(tmp_path / "data")},
+                        "rules": [{"name": "br40", "match": {"ConvolutionKernel": "Br40*"}, "qa": "off"}]}, tmp_path)
+    database = db.Database(cfg.db_url)
+    database.create_all()
+    with database.session() as s:
+        for uid in ("1.2.4.1", "1.2.4.2"):
+            files = make_ct_series(cfg.spool_dir / uid, n=2, size=32, seed=int(uid[-1]))
+            series = db.Series(series_uid=uid, instance_count=2, state=db.COMPLETE, modality="CT",
+                               convolution_kernel="Br40")
+            series.instances = [db.Instance(sop_instance_uid=f"{uid}.{k}", sop_class_uid="1.2", transfer_syntax_uid="1.2",
+                                            path=f"{uid}/{f.name}", size=f.stat().st_size) for k, f in enumerate(files)]
+            s.add(series)
+    worker = Worker(cfg, database)
+    real = Standardizer.from_checkpoint(Path(__file__).resolve().parents[1] / "ltdiff_core/weights/linear.safetensors")
+
+    class PicksOne:
+        """The real linear model, raising for the volume whose first voxel is the marked one."""
+        info, ckpt = real.info, real.ckpt
+
+        def standardize(self, hu, spacing, steps=None, seed=0):  # noqa: ANN001, ANN201
+            if abs(float(hu[0, 0, 0]) - marked) < 1e-3:
+                raise ValueError("cannot take this volume")
+            return real.standardize(hu, spacing, steps=steps, seed=seed)
+
+        def standardize_batch(self, vols, spacings, steps=None, seed=0):  # noqa: ANN001, ANN201
+            return [self.standardize(v, sp, steps, seed) for v, sp in zip(vols, spacings)]
+
+    from ltdiff_core.dicomio.reader import read_series
+    marked = float(read_series(sorted((cfg.spool_dir / "1.2.4.1").glob("*.dcm"))).hu[0, 0, 0])
+    worker.models._models["default"] = PicksOne()
+    worker.scan()
+    assert worker.process() == 2
+    with database.session() as s:
+        states = {x.series_uid: (x.state, x.error) for x in s.query(db.Series)}
+    assert states["1.2.4.1"][0] == db.FAILED and "cannot take this volume" in states["1.2.4.1"][1]
+    assert states["1.2.4.2"][0] == db.DONE, states
+
+
+def _failed_series_with_output(cfg: Any, database: db.Database, uid: str, later_job_without_output: bool) -> None:
+    """A failed series whose job 1 wrote its output (delivery failed); optionally a job 2 that
+    failed before writing anything (e.g. refused by the QA gate)."""
+    out = cfg.output_dir / "job-1"
+    out.mkdir(parents=True)
+    (out / "a.dcm").write_bytes(b"x")
+    with database.session() as s:
+        series = db.Series(series_uid=uid, instance_count=1, state=db.FAILED, modality="CT",
+                           convolution_kernel="Br40")
+        job = db.Job(version=1, state=db.FAILED, rule_name="br40-to-bl64", model="default", output_series_uid="1.2.9",
+                     error="gave up after 3 attempts")
+        job.deliveries = [db.Delivery(destination="pacs", state=db.FAILED,
+                                      sends=[db.InstanceSend(sop_instance_uid="1.2.9.1", path="job-1/a.dcm")])]
+        series.jobs = [job]
+        if later_job_without_output:
+            series.jobs.append(db.Job(version=2, state=db.FAILED, rule_name="br40-to-bl64", model="default", qa_mode="refuse",
+                                      error="QA refused: noise 80 HU outside the training envelope"))
+        s.add(series)
+
+
+@pytest.mark.parametrize("later_job", [False, True], ids=["delivery-failed", "qa-refused-after"])
+def test_retry_failed_resends_only_the_latest_jobs_output(tmp_path: Path, later_job: bool) -> None:
+    """`retry --failed` re-sends a series whose latest job holds the output; when a later job
+    failed without output (QA refusal), `retry --failed --force` reprocesses it with the gate
+    forced instead of re-sending the older output."""
+    cfg = parse_config({"node": {"data_dir": str(tmp_path / "data")}}, tmp_path)
+    database = db.Database(cfg.db_url)
+    database.create_all()
+    _failed_series_with_output(cfg, database, "1.2.5.1", later_job)
+    worker = Worker(cfg, database)
+    assert worker.retry(failed=True, force=True) == 1
+    with database.session() as s:
+        series = s.query(db.Series).one()
+        if later_job:
+            assert worker.resent == [] and series.state == db.RECEIVED and series.qa_force
+        else:
+            assert worker.resent == ["1.2.5.1"] and not series.qa_force
+            assert series.jobs[0].deliveries[0].state == db.PENDING
+    database.dispose()

@@ -238,3 +238,37 @@ def test_latent_cache_crops_whole_slice_latents_reproducibly():
     assert torch.equal(again[0], za) and not torch.equal(cache.batch_at(4)[0], za)
     with pytest.raises(ValueError, match="multiple"):
         LatentCache([vol], encode, factor=4, crop=30, batch=1, seed=0)
+
+
+def test_calibrate_gain_brings_the_drawn_residual_to_the_true_power(tmp_path):
+    """The calibration writes sampling.residual_gain so that the drawn correction's power matches the
+    true residual's on the given slices, leaves the tensors alone, and refuses other checkpoints."""
+    from test_standardizer import _first_guess_ckpt
+
+    from ltdiff_core.checkpoint import CheckpointError, load_checkpoint
+    from train import calibrate_gain
+
+    ck = _first_guess_ckpt(tmp_path / "fg.safetensors", decoding="delta")
+    rng = np.random.default_rng(0)
+    from test_standardizer import _test_filter
+
+    a = rng.normal(40, 20, (2, 48, 48)).astype(np.float32)
+    b = _test_filter().apply(a, (0.7, 0.7)) + rng.normal(0, 0.3, a.shape).astype(np.float32)  # G(A) + small residual
+    np.savez(tmp_path / "case.npz", source=a, target=b, spacing=np.array([1.0, 0.7, 0.7]))
+    before = load_checkpoint(ck)
+    res = calibrate_gain.calibrate(ck, [str(tmp_path / "case.npz")], n_slices=2, rounds=3)
+    after = load_checkpoint(ck)
+    assert after.metadata["weights_sha256"] == before.metadata["weights_sha256"]
+    gain = after.metadata["sampling"]["residual_gain"]
+    assert gain == res["residual_gain"] and gain != 1.0
+    best = min(res["rounds"], key=lambda r: abs(np.log(r["residual_power"])))
+    assert best["gain"] == gain and abs(best["residual_power"] - 1) < 0.2, res["rounds"]
+    assert abs(np.log(res["rounds"][0]["residual_power"])) > abs(np.log(best["residual_power"]))
+    with pytest.raises(CheckpointError, match="first-guess"):
+        calibrate_gain.calibrate(default_checkpoint_path("linear"), [str(tmp_path / "case.npz")])
+
+
+def default_checkpoint_path(name: str):
+    from ltdiff_core.weights import default_checkpoint
+
+    return default_checkpoint(name)

@@ -150,6 +150,34 @@ def load_case(
     )
 
 
+def has_series(case_dir: str | Path, kernel: str) -> bool:
+    """Whether the case folder holds a CT series whose ConvolutionKernel starts with ``kernel``."""
+    return any(s.modality == "CT" and s.kernel.lower().startswith(kernel.lower()) for s in _survey(Path(case_dir)))
+
+
+def load_matched_series(case_dir: str | Path, kernel: str, case: PairedCase, tol_mm: float | None = None) -> np.ndarray:
+    """A third CT series of the case on the case's paired slices, ``(Z, Y, X)`` float32 HU.
+
+    Chosen by ConvolutionKernel like the pair (prefix match, exactly one series), paired with the
+    *target* series by slice position; every paired target slice must have a partner, otherwise
+    :class:`CaseError` names the case (a reference that covers only part of the case would be
+    compared on other slices than the methods). Used for the rescan ceiling (kernel ``RESCAN``).
+    """
+    case_dir = Path(case_dir)
+    info = _pick(_survey(case_dir), kernel, "extra", case_dir)
+    if info.uid in (case.source_series.series_uid, case.target_series.series_uid):
+        raise CaseError(f"{case_dir.name}: kernel '{kernel}' selects the source or target series {info.uid}")
+    extra = read_series(info.files)
+    partner = dict(pair_series(case.target_series, extra, tol_mm=tol_mm))
+    ib = [j for _, j in case.pairs]
+    missing = [j for j in ib if j not in partner]
+    if missing:
+        locations = case.target_series.slice_locations[missing]
+        raise CaseError(f"{case_dir.name}: the '{kernel}' series has no slice at {len(missing)} of the "
+                        f"{len(ib)} paired positions (e.g. {float(locations[0]):.2f} mm)")
+    return extra.hu[[partner[j] for j in ib]]
+
+
 def _seg_rois(
     path: Path, source: Series, ia: list[int], target: Series, ib: list[int], tol_mm: float | None
 ) -> tuple[list[np.ndarray], list[str]]:
@@ -214,4 +242,4 @@ def _functional(per_frame: Any, shared: Any, keyword: str) -> Any:
     return group[0]
 
 
-__all__ = ["CaseError", "PairedCase", "list_cases", "load_case"]
+__all__ = ["CaseError", "PairedCase", "has_series", "list_cases", "load_case", "load_matched_series"]

@@ -1,5 +1,8 @@
 """Write phantom cases as standard DICOM: two CT Image Storage series (Br40, Bl64) and a SEG.
 
+A case with a rescan gets a third CT series, ConvolutionKernel ``RESCAN`` (folder ``rescan/``),
+so kernel-prefix selection of ``Br40``/``Bl64`` never picks it up.
+
 Every object is built explicitly with all modules of its IOD so that ``dciodvfy`` accepts it;
 the same builders serve tests that need small, hand-made series.
 Pixel data are stored as signed int16 (PixelRepresentation 1, RescaleSlope 1,
@@ -23,6 +26,9 @@ from ltdiff_core.dicomio.uids import make_uid
 
 SYNTHETIC = "SYNTHETIC PHANTOM"
 MODEL_NAME = "ltdiff two-kernel chest phantom"
+#: ConvolutionKernel of the rescan series: matches neither ``Br40`` nor ``Bl64`` as a prefix.
+RESCAN_KERNEL = "RESCAN"
+RESCAN_DESCRIPTION = f"{SYNTHETIC} RESCAN independent Bl64 realisation"
 SOFTWARE_VERSION = "ltdiff_core 0.1"
 AXIAL = (1.0, 0.0, 0.0, 0.0, 1.0, 0.0)
 # Display defaults per kernel family: soft-tissue window for body kernels, lung window otherwise.
@@ -365,7 +371,8 @@ def write_phantom_case(
     """Write a :class:`~ltdiff_core.phantom.case.PhantomCase` as ``out_dir/{br40,bl64,seg}`` + ``case.json``.
 
     Both CT series share StudyInstanceUID and FrameOfReferenceUID; the SEG (only when the case
-    has tumour masks) references the Bl64 series. ``uid_key`` (default: derived from
+    has tumour masks) references the Bl64 series. A case with ``rescan`` also gets
+    ``out_dir/rescan`` (series 3, ConvolutionKernel ``RESCAN``) in the same study and frame. ``uid_key`` (default: derived from
     ``case.meta["seed"]`` when present) makes every UID reproducible.
     """
     out_dir = Path(out_dir)
@@ -389,6 +396,16 @@ def write_phantom_case(
         )
         written.series[kernel] = save_datasets(datasets, out_dir / kernel.lower())
         by_kernel[kernel] = datasets
+    rescan = getattr(case, "rescan", None)
+    if rescan is not None:
+        mode = str(meta.get("rescan", {}).get("mode", "independent"))
+        description = RESCAN_DESCRIPTION if mode == "independent" else f"{SYNTHETIC} RESCAN {mode} Bl64 realisation"
+        datasets = ct_datasets(
+            rescan, case.spacing, study=study, kernel=RESCAN_KERNEL, series_number=3, uid_key=uid_key,
+            series_description=description[:64], image_comments=comments,
+        )
+        written.series[RESCAN_KERNEL] = save_datasets(datasets, out_dir / RESCAN_KERNEL.lower())
+        by_kernel[RESCAN_KERNEL] = datasets
     masks = [np.asarray(m, dtype=bool) for m in getattr(case, "tumour_masks", [])]
     roi_names = [f"tumour-{i + 1}" for i in range(len(masks))]
     if masks:
@@ -399,6 +416,7 @@ def write_phantom_case(
         "name": name,
         "synthetic": True,
         "kernels": list(kernels),
+        "rescan_kernel": RESCAN_KERNEL if rescan is not None else None,
         "shape": list(case.br40.shape),
         "spacing": [float(s) for s in case.spacing],
         "study_instance_uid": study.study_uid,

@@ -222,11 +222,16 @@ class ConditionalLatentInferer:
         z_g: torch.Tensor | None = None,
         eta: float = 0.0,
         step_noise: StepNoise | None = None,
+        gain: float = 1.0,
     ) -> torch.Tensor:
         """Z_B estimate: start from the reference (Z_A, or Z_G) noised to ``strength`` (SDEdit), run DDIM.
 
         ``eta > 0`` makes every step but the last draw fresh noise from ``step_noise()`` (same
         shape as ``noise``); without it the draws come from the global torch generator.
+        ``gain`` scales the sampled (scaled) residual before it is added to the reference: a
+        sampler with few steps returns samples of too little variance even with a perfect
+        denoiser (tests/test_diffusion.py), and the checkpoint's ``sampling.residual_gain``,
+        measured on training slices, restores the residual's power.
         """
         z_ref, cond = self._reference_and_condition(z_a, z_g)
         self.sampler.set_timesteps(steps, strength)
@@ -243,7 +248,7 @@ class ConditionalLatentInferer:
             z = self.sampler.step(out, t, z, eta=eta, variance_noise=fresh).prev_sample
             if on_step is not None:
                 on_step(k + 1, len(ts))
-        return self.from_target(z, z_ref)
+        return self.from_target(gain * z if gain != 1.0 else z, z_ref)
 
     def latent_hw(self, x: torch.Tensor) -> tuple[int, int]:
         """Latent grid of an image batch (the autoencoder downsamples by ``config.factor``)."""
@@ -260,9 +265,10 @@ class ConditionalLatentInferer:
         guide: torch.Tensor | None = None,
         eta: float = 0.0,
         step_noise: StepNoise | None = None,
+        gain: float = 1.0,
     ) -> torch.Tensor:
         """Image in, image out: encode A (and G(A)), sample Z_B from ``noise``, return the image."""
         z_a = self.encode(a).float()
         z_g = self.encode(guide).float() if (self.first_guess and guide is not None) else None
-        z_b = self.sample(z_a, noise, steps, strength, z_g=z_g, eta=eta, step_noise=step_noise)
+        z_b = self.sample(z_a, noise, steps, strength, z_g=z_g, eta=eta, step_noise=step_noise, gain=gain)
         return self.to_image(z_b, z_g, guide)

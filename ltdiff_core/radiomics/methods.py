@@ -13,7 +13,15 @@ ours               latent diffusion, default number of steps (checkpoint ``ltdif
 ours@N             latent diffusion with N sampling steps
 ours-bottleneck    ablation: latent diffusion without the multiscale latent (bottleneck only,
                    checkpoint ``ltdiff-bottleneck``), default steps
+autoencoder-       ceiling: D(E(standard)), the ``ltdiff`` autoencoder applied to the *standard*
+ceiling            image (the most any method decoding through that latent can reach)
+rescan             ceiling: the case's third CT series with ConvolutionKernel ``RESCAN`` (an
+                   independent target-kernel noise realisation of the same acquisition), paired
+                   with the standard by slice position; read from the case, not computed
 =================  ==========================================================================
+
+``rescan`` is in the default method list when the cases hold a ``RESCAN`` series
+(:func:`method_names` with ``rescan_available``); a case without one is then an error naming it.
 
 A requested method whose checkpoint file does not exist is an error naming the file: a missing
 competitor must never silently disappear from a comparison.
@@ -30,7 +38,10 @@ import numpy as np
 from ltdiff_core.baselines.histmatch import HistogramMatcher
 
 BASE_METHODS = ("identity", "linear", "linear+noise", "histmatch", "autoencoder", "unetpp", "ours",
-                "ours-bottleneck")
+                "ours-bottleneck", "autoencoder-ceiling")
+RESCAN = "rescan"
+RESCAN_KERNEL = "RESCAN"
+KNOWN_METHODS = BASE_METHODS + (RESCAN,)
 _STEPS = re.compile(r"^ours@(\d+)$")
 
 
@@ -43,23 +54,27 @@ class MethodSpec:
     """How to produce one method's image: a kind plus checkpoint/variant/steps for models."""
 
     name: str
-    kind: str  # "identity" | "histmatch" | "model"
+    kind: str  # "identity" | "histmatch" | "model" | "rescan"
     checkpoint: Path | None = None
     variant: str | None = None
     steps: int | None = None
+    on_standard: bool = False  # the model is applied to the standard image (a ceiling), not the source
 
 
-def method_names(methods: list[str] | None, steps_list: list[int]) -> list[str]:
-    """Requested names (default: all base methods) plus ``ours@N`` for every N of ``steps_list``."""
-    names = list(methods) if methods else list(BASE_METHODS)
+def method_names(methods: list[str] | None, steps_list: list[int], rescan_available: bool = False) -> list[str]:
+    """Requested names plus ``ours@N`` for every N of ``steps_list``.
+
+    Default: all base methods, and ``rescan`` when the cases hold a rescan series.
+    """
+    names = list(methods) if methods else list(BASE_METHODS) + ([RESCAN] if rescan_available else [])
     for n in steps_list:
         if f"ours@{n}" not in names:
             names.append(f"ours@{n}")
     seen: set[str] = set()
     out = []
     for n in names:
-        if n not in BASE_METHODS and not _STEPS.match(n):
-            raise MethodError(f"unknown method {n!r}; known: {', '.join(BASE_METHODS)}, ours@N")
+        if n not in KNOWN_METHODS and not _STEPS.match(n):
+            raise MethodError(f"unknown method {n!r}; known: {', '.join(KNOWN_METHODS)}, ours@N")
         if n not in seen:
             seen.add(n)
             out.append(n)
@@ -85,7 +100,7 @@ def resolve(names: list[str], *, model: str | Path | None = None, linear: str | 
     """Specs for the named methods, checking every needed checkpoint before any work starts."""
     specs = []
     for n in names:
-        if n in ("identity", "histmatch"):
+        if n in ("identity", "histmatch", RESCAN):
             specs.append(MethodSpec(n, n))
         elif n in ("linear", "linear+noise"):
             specs.append(MethodSpec(n, "model", _checkpoint(linear, "linear", n), variant=n))
@@ -95,6 +110,9 @@ def resolve(names: list[str], *, model: str | Path | None = None, linear: str | 
             specs.append(MethodSpec(n, "model", _checkpoint(ablation, "ltdiff-bottleneck", n), variant="diffusion"))
         elif n == "autoencoder":
             specs.append(MethodSpec(n, "model", _checkpoint(model, "ltdiff", n), variant="autoencoder"))
+        elif n == "autoencoder-ceiling":
+            specs.append(MethodSpec(n, "model", _checkpoint(model, "ltdiff", n), variant="autoencoder",
+                                    on_standard=True))
         else:
             m = _STEPS.match(n)
             steps = int(m.group(1)) if m else None
@@ -132,16 +150,27 @@ class MethodRunner:
         return model
 
     def run(self, spec: MethodSpec, source: np.ndarray, spacing: tuple[float, float, float], *,
-            matcher: HistogramMatcher | None = None, seed: int = 0) -> np.ndarray:
-        """The method's image for one source volume (same shape, float32 HU)."""
-        if spec.kind == "identity":
+            matcher: HistogramMatcher | None = None, seed: int = 0, standard: np.ndarray | None = None,
+            rescan: np.ndarray | None = None) -> np.ndarray:
+        """The method's image for one source volume (same shape, float32 HU).
+
+        ``standard`` is needed by ceilings on the standard image, ``rescan`` by ``rescan``.
+        """
+        if spec.kind == RESCAN:
+            if rescan is None:
+                raise MethodError("rescan needs the case's RESCAN series")
+            out = np.array(rescan, dtype=np.float32, copy=True)
+        elif spec.kind == "identity":
             out = np.array(source, dtype=np.float32, copy=True)
         elif spec.kind == "histmatch":
             if matcher is None:
                 raise MethodError("histmatch needs a reference histogram from other cases")
             out = matcher.apply(source)
         else:
-            out = self._model(spec).standardize(source, spacing, steps=spec.steps, seed=seed)
+            if spec.on_standard and standard is None:
+                raise MethodError(f"method {spec.name!r} needs the standard image")
+            given = standard if spec.on_standard else source
+            out = self._model(spec).standardize(given, spacing, steps=spec.steps, seed=seed)
             out = np.asarray(out, dtype=np.float32)
         if out.shape != np.shape(source):
             raise MethodError(f"method {spec.name!r} returned shape {out.shape} for input {np.shape(source)}")

@@ -22,6 +22,7 @@ PUBLISHED: dict[str, tuple[str, ...]] = {
     "LTDiff++ (patient)": ("1.00±0.00", "0.86±0.11", "0.84±0.04", "0.84±0.05", "0.72±0.04", "0.88±0.03"),
     "LTDiff++ (phantom)": ("1.00±0.00", "0.86±0.35", "0.72±0.06", "0.84±0.05", "0.57±0.08", "0.84±0.02"),
 }
+CEILINGS = ("rescan", "autoencoder-ceiling")  # reference rows, not standardizers
 LUNG_WINDOW = (-600.0, 1500.0)  # level, width
 SOFT_WINDOW = (40.0, 400.0)
 
@@ -51,6 +52,87 @@ def _fmt(v: Any, spec: str) -> str:
     return "–" if v is None or (isinstance(v, float) and not math.isfinite(v)) else format(v, spec)
 
 
+def _label(m: str) -> str:
+    return f"{m} (ceiling)" if m in CEILINGS and "ceiling" not in m else m
+
+
+def _ci(c: dict[str, Any] | None, scale: float = 1.0, spec: str = ".2f", signed: bool = False) -> str:
+    """``estimate [low, high]`` of one bootstrap cell (``–`` when undefined)."""
+    if not c or c.get("estimate") is None or c.get("low") is None or c.get("high") is None:
+        return "–"
+    f = ("+" if signed else "") + spec
+    return (f"{format(scale * c['estimate'], f)} [{format(scale * c['low'], f)}, "
+            f"{format(scale * c['high'], f)}]")
+
+
+def bootstrap_tables(report: dict[str, Any]) -> list[str]:
+    """CI table per method, paired-difference table with verdicts, and the seed-spread table."""
+    boot = report.get("bootstrap") or {}
+    out: list[str] = []
+    seeds = report.get("seeds", [])
+    if "methods" in boot:
+        out += [f"## Bootstrap 95 % confidence intervals — ROI set `{boot.get('roi_set')}`", "",
+                f"{boot['n_boot']} hierarchical replicates (cases with replacement, then ROIs within each drawn "
+                f"case; {boot['n_cases']} cases, {boot['n_rois']} ROIs; bootstrap seed {boot['seed']}); sampler "
+                f"seeds {', '.join(map(str, seeds))} drawn with replacement in each replicate. Cells: point "
+                f"estimate (mean over seeds) [2.5 %, 97.5 % percentile]. CCC columns: the class's mean CCC; "
+                f"RE<0.15: share of features, in %. Computed in {boot.get('seconds', float('nan')):.2f} s.", "",
+                "| Method | " + " | ".join(PAPER_CLASSES) + " | RE<0.15 % |",
+                "|---|" + "---|" * (len(PAPER_CLASSES) + 1)]
+        for m in report["methods"]:
+            b = boot["methods"][m]
+            out.append(f"| {_label(m)} | " + " | ".join(_ci(b["ccc"].get(c)) for c in PAPER_CLASSES) +
+                       f" | {_ci(b['re_share'].get('all'), 100.0, '.0f')} |")
+        out.append("")
+    if "paired" in boot:
+        ref = boot["reference"]
+        out += [f"## Paired difference: method − `{ref}` (same resampled cases, ROIs and seeds)", "",
+                "Cells: difference of the point estimates [95 % interval of the paired differences], then the "
+                "verdict: **better** when the whole interval is above 0, **worse** when below, **tied** when it "
+                "contains 0 (never from the point estimate alone). RE<0.15 in percentage points.", "",
+                "| Method | " + " | ".join(PAPER_CLASSES) + " | RE<0.15 pp |",
+                "|---|" + "---|" * (len(PAPER_CLASSES) + 1)]
+        for m in report["methods"]:
+            if m == ref:
+                continue
+            b = boot["paired"][m]
+            cells = [f"{_ci(b['ccc'].get(c), signed=True)} {b['ccc'].get(c, {}).get('verdict', '')}"
+                     for c in PAPER_CLASSES]
+            r = b["re_share"].get("all")
+            cells.append(f"{_ci(r, 100.0, '.0f', signed=True)} {(r or {}).get('verdict', '')}")
+            out.append(f"| {_label(m)} | " + " | ".join(cells) + " |")
+        out.append("")
+    elif boot.get("paired_skipped"):
+        out += ["## Paired difference", "", f"Not computed: {boot['paired_skipped']}.", ""]
+    if boot.get("skipped"):
+        out += ["## Bootstrap confidence intervals", "", f"Not computed: {boot['skipped']}.", ""]
+    spread = [m for m in report["methods"] if "seeds" in report["results"][m]]
+    if len(seeds) > 1:
+        out += [f"## Sampler seeds ({', '.join(map(str, seeds))}) — ROI set `{report['headline_set']}`", "",
+                "Cells: mean over seeds ± sample std (min–max) of the class's mean CCC; RE<0.15 in %. Methods whose "
+                "image is identical for every seed are listed as seed-independent.", ""]
+        if spread:
+            out += ["| Method | " + " | ".join(PAPER_CLASSES) + " | RE<0.15 % |",
+                    "|---|" + "---|" * (len(PAPER_CLASSES) + 1)]
+            for m in spread:
+                sd = report["results"][m]["seeds"]
+
+                def cell(kind: str, cls: str, k: float = 1.0, spec: str = ".3f") -> str:
+                    vals = [sd[x][kind].get(cls) for x in ("mean", "std", "min", "max")]
+                    if any(v is None or not math.isfinite(v) for v in vals):
+                        return "–"
+                    mu, sdev, lo, hi = (k * v for v in vals)
+                    return f"{mu:{spec}} ± {sdev:{spec}} ({lo:{spec}}–{hi:{spec}})"
+
+                out.append(f"| {_label(m)} | " + " | ".join(cell("ccc", c) for c in PAPER_CLASSES) +
+                           f" | {cell('re_share', 'all', 100.0, '.1f')} |")
+            out.append("")
+        indep = [m for m in report["methods"] if not report["results"][m].get("seed_dependent")]
+        if indep:
+            out += ["Seed-independent: " + ", ".join(indep) + ".", ""]
+    return out
+
+
 def ccc_table(report: dict[str, Any], roi_set: str) -> list[str]:
     """Paper-style markdown table (rows: methods) for one ROI set."""
     cls = PAPER_CLASSES + EXTRA_CLASSES
@@ -60,11 +142,11 @@ def ccc_table(report: dict[str, Any], roi_set: str) -> list[str]:
         r = report["results"][m]
         a = r["agreement"].get(roi_set, {})
         if "classes" not in a:
-            lines.append(f"| {m} | " + " | ".join("–" for _ in cls) + f" | – | {_fmt(r['image_metrics'].get('rmse_hu'), '.1f')} |")
+            lines.append(f"| {_label(m)} | " + " | ".join("–" for _ in cls) + f" | – | {_fmt(r['image_metrics'].get('rmse_hu'), '.1f')} |")
             continue
         share = a["re_reproducible"]["share"]
         cells = [_cell(a["classes"].get(c)) for c in cls]
-        lines.append(f"| {m} | " + " | ".join(cells) +
+        lines.append(f"| {_label(m)} | " + " | ".join(cells) +
                      f" | {_fmt(100 * share if share is not None else None, '.0f')} % | "
                      f"{_fmt(r['image_metrics'].get('rmse_hu'), '.1f')} |")
     return lines
@@ -81,7 +163,11 @@ def markdown(report: dict[str, Any]) -> str:
            "Cells: mean ± std over the features of the class of Lin's CCC across ROIs. RE<0.15: share of "
            "features whose mean relative error over ROIs is below 0.15. GLSZM and GLDM are extra classes.", ""]
     out += ccc_table(report, head)
-    out += ["", "### Published figures, on their own data — not comparable", "",
+    if len(report.get("seeds", [])) > 1:
+        out += ["", f"Stochastic methods in this table: first sampler seed ({report['seeds'][0]}); the interval "
+                    "table below gives the mean over seeds."]
+    out += [""] + bootstrap_tables(report)
+    out += ["### Published figures, on their own data — not comparable", "",
             "Quoted from the reference papers (lung tumour ROIs, Siemens Br40 → Bl64, their patients/phantom); "
             "different data, ROIs and software: shown for orientation only.", "",
             "| Published method | " + " | ".join(PAPER_CLASSES) + " |", "|---|" + "---|" * len(PAPER_CLASSES)]

@@ -1,0 +1,83 @@
+"""Re-send an existing output series without running the model again.
+
+A delivery that failed (PACS down past the retry budget, PACS lost the series) needs the same
+output sent again, not a new output series: a second run would create new UIDs and leave two
+standardized series in the PACS. ``resend`` puts the deliveries of the series' latest output back
+to ``pending``; the running node's send step picks them up (with a fresh retry budget).
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+from sqlalchemy.orm import Session
+
+from . import db
+from .audit import audit_for
+from .config import NodeConfig
+from .logs import log_event
+
+log = logging.getLogger("dicom_node.resend")
+
+
+class ResendError(ValueError):
+    """The series has no output that can be re-sent (message says why)."""
+
+
+@dataclass
+class ResendResult:
+    series_uid: str
+    job: int
+    output_series_uid: str | None
+    deliveries: int
+    instances: int
+
+
+def output_job(config: NodeConfig, series: db.Series) -> db.Job | None:
+    """The latest job whose output series is complete on disk, else ``None``."""
+    for job in reversed(series.jobs):
+        if job.output_series_uid and job.deliveries and all(
+                (config.output_dir / x.path).is_file() for d in job.deliveries for x in d.sends):
+            return job
+    return None
+
+
+def queue_resend(s: Session, config: NodeConfig, series: db.Series, *, destination: str | None = None,
+                 only_unsent: bool = False) -> ResendResult:
+    """Mark the latest output's deliveries pending again (all instances, or only unsent ones)."""
+    if series.state in (db.QUEUED, db.PROCESSING, db.SENDING):
+        raise ResendError(f"series {series.series_uid} is {series.state}; wait until it is done or failed")
+    job = output_job(config, series)
+    if job is None:
+        raise ResendError(f"series {series.series_uid} has no output on disk to re-send (use retry to reprocess)")
+    now = db.utcnow()
+    deliveries = [d for d in job.deliveries if destination is None or d.destination == destination]
+    if not deliveries:
+        raise ResendError(f"job {job.id} has no delivery to {destination!r}")
+    n = 0
+    for d in deliveries:
+        d.state, d.attempts, d.error, d.finished_at = db.PENDING, 0, None, None
+        d.started_at, d.next_attempt_at = None, now
+        for x in d.sends:
+            if only_unsent and x.state == db.SENT:
+                continue
+            x.state, x.error = db.PENDING, None
+            n += 1
+    job.state, job.error, job.finished_at = db.SENDING, None, None
+    job.sending_started_at = now
+    series.set_state(db.SENDING)
+    audit_for(config).series("resend", series.series_uid, series.study_uid, instances=n,
+                             output_series_uid=job.output_series_uid,
+                             destination=",".join(d.destination for d in deliveries))
+    log_event(log, "resend_queued", series_uid=series.series_uid, job=job.id, instances=n,
+              destinations=",".join(d.destination for d in deliveries), only_unsent=only_unsent)
+    return ResendResult(series.series_uid, job.id, job.output_series_uid, len(deliveries), n)
+
+
+def resend(config: NodeConfig, database: db.Database, series_uid: str, *, destination: str | None = None,
+           only_unsent: bool = False) -> ResendResult:
+    with database.session() as s:
+        series = db.series_by_uid(s, series_uid)
+        if series is None:
+            raise ResendError(f"series {series_uid} not found")
+        return queue_resend(s, config, series, destination=destination, only_unsent=only_unsent)

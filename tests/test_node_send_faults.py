@@ -1,0 +1,171 @@
+"""Delivery under faults (issue 12, items 1, 2, 7): a destination that accepts no CT context,
+kill -9 while sending, a PACS down past the old retry budget, `resend` and `retry --failed`."""
+from __future__ import annotations
+
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+import pydicom
+from fault_helpers import make_rig
+from sqlalchemy import select
+
+from dicom_node import db
+from dicom_node.config import Destination, parse_config
+from dicom_node.peers import LOOPBACK, free_port, make_ct_series, node_cmd, start_storescp, storescu, wait_for
+from dicom_node.scu import PERMANENT, send_files
+from dicom_node.worker import Worker
+
+MR_ONLY = """[[TransferSyntaxes]]
+[Uncompressed]
+TransferSyntax1 = LocalEndianExplicit
+TransferSyntax2 = LittleEndianImplicit
+
+[[PresentationContexts]]
+[MROnly]
+PresentationContext1 = MRImageStorage\\Uncompressed
+PresentationContext2 = VerificationSOPClass\\Uncompressed
+
+[[Profiles]]
+[MR]
+PresentationContexts = MROnly
+"""
+
+
+def _worker(tmp: Path, dest: dict, n: int = 3) -> tuple[Worker, list[Path]]:
+    """Node state with one processed series (output on disk) waiting to be sent."""
+    cfg = parse_config({"node": {"data_dir": str(tmp / "data"), "ae_title": "LTDIFF"},
+                        "destinations": [dest], "rules": [{"name": "r", "destinations": ["PACS"]}]}, tmp)
+    database = db.Database(cfg.db_url)
+    database.create_all()
+    files = make_ct_series(cfg.output_dir / "job-1", n=n, size=32)
+    with database.session() as s:
+        series = db.Series(series_uid="1.2.3.4", instance_count=n, state=db.SENDING)
+        job = db.Job(series=series, state=db.SENDING, rule_name="r", model="default", destinations=["PACS"],
+                     instance_count=n, output_count=n, output_series_uid=str(pydicom.dcmread(files[0]).SeriesInstanceUID))
+        d = db.Delivery(destination="PACS")
+        d.sends = [db.InstanceSend(sop_instance_uid=str(pydicom.dcmread(f).SOPInstanceUID),
+                                   path=f"job-1/{f.name}") for f in files]
+        job.deliveries.append(d)
+        s.add(series)
+    return Worker(cfg, database), files
+
+
+def _delivery(worker: Worker) -> db.Delivery:
+    with worker.db.session() as s:
+        d = s.scalars(select(db.Delivery)).one()
+        _ = d.job.series.state, d.sends
+        return d
+
+
+def test_destination_accepting_no_ct_context_fails_at_once_with_the_reason(tmp_path: Path) -> None:
+    """Item 1: storescp that accepts MR only. Before: transient 'not established', retried."""
+    cfg = tmp_path / "mr.cfg"
+    cfg.write_text(MR_ONLY)
+    files = make_ct_series(tmp_path / "out", n=2, size=32)
+    with start_storescp(tmp_path / "pacs", "PACS", extra=["-xf", str(cfg), "MR"]) as pacs:
+        out = send_files(Destination("PACS", "PACS", LOOPBACK, pacs.port, timeout_s=5), files, "LTDIFF")
+        assert out.failure == PERMANENT, out.error
+        assert "no presentation context accepted" in out.error and "abstract syntax not supported" in out.error
+        assert "1.2.840.10008.5.1.4.1.1.2" in out.error
+        worker, _ = _worker(tmp_path / "w", {"name": "PACS", "ae_title": "PACS", "host": LOOPBACK,
+                                             "port": pacs.port, "backoff_base_s": 0.1, "timeout_s": 5})
+        assert worker.send() == 1
+        time.sleep(0.3)
+        assert worker.send() == 0  # not retried
+    d = _delivery(worker)
+    assert d.state == db.FAILED and d.attempts == 1
+    assert d.error.startswith("permanent: no presentation context accepted")
+    assert d.job.series.state == db.FAILED
+
+
+def test_kill9_while_sending_resumes_with_unacknowledged_instances_only(tmp_path: Path) -> None:
+    """Item 2: the PACS sleeps 1 s after each store; kill -9 the node once 2 instances are there.
+    Before: per-instance state committed at association end, so all 6 were sent again (8 files)."""
+    rig = make_rig(tmp_path, pacs_extra=["--sleep-after", "1"])
+    try:
+        files = make_ct_series(tmp_path / "in", n=6, size=64)
+        uid = str(pydicom.dcmread(files[0]).SeriesInstanceUID)
+        assert storescu(files, rig.port, "LTDIFF").returncode == 0
+        wait_for(lambda: len(rig.pacs_files()) >= 2, 60, 0.05, "2 instances at the PACS")
+        time.sleep(0.4)  # inside the PACS's 1 s sleep: instance 3 is on the wire, not stored
+        rig.kill9()
+        at_kill = len(rig.pacs_files())
+        assert 2 <= at_kill < 6
+        rig.start()
+        series = rig.wait_state(uid, ("done", "failed"), 60)
+        assert series["state"] == "done", series
+        got = rig.pacs_files()
+        sops = [str(pydicom.dcmread(f).SOPInstanceUID) for f in got]
+        assert len(got) == 6 and len(set(sops)) == 6, (at_kill, len(got))
+        assert "jobs_sending=1" in rig.log()
+    finally:
+        rig.stop()
+
+
+def test_pacs_down_longer_than_the_old_retry_budget_is_delivered(tmp_path: Path) -> None:
+    """Item 7: with the shipped retry settings (scaled: base 0.05 s) an outage of 2.5 s used to
+    exhaust max_retries=5 after 1.55 s and fail the series for good."""
+    port = free_port()
+    worker, files = _worker(tmp_path, {"name": "PACS", "ae_title": "PACS", "host": LOOPBACK, "port": port,
+                                       "backoff_base_s": 0.05, "timeout_s": 2})
+    t0 = time.monotonic()
+    pacs = None
+    try:
+        while time.monotonic() - t0 < 15:
+            if pacs is None and time.monotonic() - t0 > 2.5:
+                pacs = start_storescp(tmp_path / "pacs", "PACS", port=port)
+            worker.send()
+            if _delivery(worker).state != db.PENDING:
+                break
+            time.sleep(0.05)
+    finally:
+        if pacs is not None:
+            pacs.stop()
+    d = _delivery(worker)
+    assert d.state == db.SENT, d.error
+    assert d.attempts > 6
+    assert len(list((tmp_path / "pacs").glob("*.dcm"))) == 3
+
+
+def test_retry_budget_by_time_then_resend_and_retry_failed_resend_the_same_output(tmp_path: Path) -> None:
+    """Item 7: the budget is time (capped backoff), not a count; then `dicom-node resend` and
+    `retry --failed` re-send the existing output (same SOP Instance UIDs, no new job)."""
+    port = free_port()
+    dest = {"name": "PACS", "ae_title": "PACS", "host": LOOPBACK, "port": port, "backoff_base_s": 0.05,
+            "backoff_max_s": 0.2, "retry_for_s": 1.5, "timeout_s": 2}
+    worker, files = _worker(tmp_path, dest)
+    t0 = time.monotonic()
+    while _delivery(worker).state == db.PENDING and time.monotonic() - t0 < 10:
+        worker.send()
+        time.sleep(0.05)
+    d = _delivery(worker)
+    assert d.state == db.FAILED and "retry budget 2 s" in d.error and d.attempts >= 6, d.error
+    assert 1.2 < time.monotonic() - t0 < 5
+    assert d.job.series.state == db.FAILED
+
+    toml = tmp_path / "node.toml"
+    toml.write_text(f'[node]\ndata_dir = "{tmp_path / "data"}"\n\n[[destinations]]\n'
+                    + "".join(f"{k} = {v!r}\n".replace("'", '"') for k, v in dest.items())
+                    + '\n[[rules]]\nname = "r"\ndestinations = ["PACS"]\n')
+    sops = {str(pydicom.dcmread(f).SOPInstanceUID) for f in files}
+    with start_storescp(tmp_path / "pacs", "PACS", port=port):
+        r = subprocess.run(node_cmd("--config", str(toml), "resend", "1.2.3.4"), capture_output=True, text=True)
+        assert r.returncode == 0 and "3 instances" in r.stdout, r.stdout + r.stderr
+        assert worker.send() == 1
+        d = _delivery(worker)
+        assert d.state == db.SENT and d.job.series.state == db.DONE
+        # The PACS lost it: fail the delivery again, then `retry --failed` re-sends unsent ones only.
+        with worker.db.session() as s:
+            dd = s.scalars(select(db.Delivery)).one()
+            dd.state, dd.sends[0].state = db.FAILED, db.PENDING
+            dd.job.state = dd.job.series.state = db.FAILED
+        r = subprocess.run(node_cmd("--config", str(toml), "retry", "--failed"), capture_output=True, text=True)
+        assert r.returncode == 0 and "1 re-sent" in r.stdout, r.stdout + r.stderr
+        assert worker.send() == 1
+    got = [str(pydicom.dcmread(f).SOPInstanceUID) for f in (tmp_path / "pacs").glob("*.dcm")]
+    assert set(got) == sops  # the existing output, not a new series
+    with worker.db.session() as s:
+        assert len(s.scalars(select(db.Job)).all()) == 1
+        assert s.scalars(select(db.Series)).one().state == db.DONE
