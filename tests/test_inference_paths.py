@@ -141,3 +141,19 @@ def test_thread_setting_from_environment(monkeypatch):
             Standardizer.from_checkpoint(None, device="cpu")
     finally:
         torch.set_num_threads(before)
+
+
+def test_gpu_bench_without_cuda_exits_cleanly_with_a_message():
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA device is present: the script would run the full measurement")
+    root = Path(__file__).resolve().parents[1]
+    proc = subprocess.run([sys.executable, str(root / "bench" / "bench_gpu.py")], capture_output=True, text=True,
+                          timeout=120, cwd=root)
+    assert proc.returncode == 0
+    assert "no CUDA device" in proc.stderr
+    assert json.loads(proc.stdout.strip().splitlines()[-1])["cuda"] is False
