@@ -70,6 +70,8 @@ def test_denoiser_split_first_conv_equals_concatenated_input():
         torch.testing.assert_close(d(z, t, cond2), d.unet(torch.cat([z, cond2], dim=1), timesteps=t),
                                    rtol=0, atol=1e-5)
         assert d._cond_cache[1] is not feats
+        del cond2  # the cached features go with their condition
+        assert d._cond_cache is None
 
 
 def test_fused_attention_equals_explicit_attention():

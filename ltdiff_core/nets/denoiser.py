@@ -80,8 +80,13 @@ class ConditionalDenoiser(nn.Module):
         conv = self.unet.conv_in.conv
         n = self.config.latent_dim
         feats = F.conv2d(cond, conv.weight[:, n:].contiguous(), conv.bias, padding=conv.padding)
-        self._cond_cache = (weakref.ref(cond), feats)
+        self._cond_cache = (weakref.ref(cond, self._drop_cond_cache), feats)
         return feats
+
+    def _drop_cond_cache(self, ref: weakref.ref) -> None:
+        """Free the cached features with their condition (a GPU batch's would otherwise stay allocated)."""
+        if self._cond_cache is not None and self._cond_cache[0] is ref:
+            self._cond_cache = None
 
     def _forward_split(self, z_t: torch.Tensor, t: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
         """``unet(cat([z_t, cond]))`` with the condition's first-layer share reused across steps.
