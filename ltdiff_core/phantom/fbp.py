@@ -67,8 +67,10 @@ def _pre_detection_filter(f: np.ndarray, det_mm: float, recon_mm: float, truth_m
     return np.clip(wanted / np.maximum(existing, 1e-6), 0.0, 1.0)
 
 
-def _ramlak_window_filter(n_det: int, det_mm: float, name: str) -> tuple[np.ndarray, int]:
-    """Frequency response of the discrete Ram-Lak ramp (Kak & Slaney) times the kernel window."""
+def ramlak_ramp(n_det: int, det_mm: float) -> tuple[np.ndarray, np.ndarray, int]:
+    """Frequency response of the discrete Ram-Lak ramp (Kak & Slaney), zero-padded to a power of
+    two of at least ``2 * n_det``: ``(ramp, f in lp/cm, padded length)``. Both FBP chains (this
+    reference and the second phantom generator) window this one ramp with their own kernels."""
     n_pad = 1 << int(np.ceil(np.log2(2 * n_det)))
     k = np.arange(n_pad)
     k = np.where(k > n_pad // 2, k - n_pad, k)
@@ -77,7 +79,12 @@ def _ramlak_window_filter(n_det: int, det_mm: float, name: str) -> tuple[np.ndar
     odd = k % 2 == 1
     h[odd] = -1.0 / (np.pi * k[odd] * det_mm) ** 2
     ramp = np.real(np.fft.fft(h)) * det_mm
-    f = np.fft.fftfreq(n_pad, d=det_mm / 10.0)
+    return ramp, np.fft.fftfreq(n_pad, d=det_mm / 10.0), n_pad
+
+
+def _ramlak_window_filter(n_det: int, det_mm: float, name: str) -> tuple[np.ndarray, int]:
+    """Frequency response of the discrete Ram-Lak ramp times the kernel window."""
+    ramp, f, n_pad = ramlak_ramp(n_det, det_mm)
     return ramp * kernels.kernel_window(name, f), n_pad
 
 

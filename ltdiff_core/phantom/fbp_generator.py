@@ -32,6 +32,7 @@ import numpy as np
 
 from .anatomy import FULL_SIZE, LABELS, chest_truth
 from .case import PhantomCase
+from .fbp import ramlak_ramp
 from .scanner import MU_WATER_PER_MM, SOFT_TISSUE_HU
 
 #: Seed-sequence tag: the fbp generator's case ``s`` never shares draws with the scanner's case ``s``.
@@ -92,15 +93,7 @@ WINDOWS = {"smooth": smooth_window, "sharp": sharp_window}
 @lru_cache(maxsize=16)
 def _filter(n_det: int, det_mm: float, kind: str) -> tuple[np.ndarray, int]:
     """Frequency response (padded length) of the discrete Ram-Lak ramp times the kernel window."""
-    n_pad = 1 << int(np.ceil(np.log2(2 * n_det)))
-    k = np.arange(n_pad)
-    k = np.where(k > n_pad // 2, k - n_pad, k)
-    h = np.zeros(n_pad)
-    h[k == 0] = 1.0 / (4.0 * det_mm**2)
-    odd = k % 2 == 1
-    h[odd] = -1.0 / (np.pi * k[odd] * det_mm) ** 2
-    ramp = np.real(np.fft.fft(h)) * det_mm
-    f = np.fft.fftfreq(n_pad, d=det_mm / 10.0)
+    ramp, f, n_pad = ramlak_ramp(n_det, det_mm)
     return (ramp * WINDOWS[kind](f)).astype(np.float64), n_pad
 
 
