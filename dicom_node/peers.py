@@ -206,11 +206,20 @@ def orthanc_get_bytes(peer: Peer, path: str) -> bytes:
 
 
 # --------------------------------------------------------------------------- the node
+#: Watermark for loopback nodes (tests, demo, benchmarks) on a scratch disk: the production default
+#: (max(5 %, 2 GiB) free) would refuse every instance on a small or busy build volume.
+SCRATCH_DISK: dict[str, Any] = {"min_free_percent": 0.0, "min_free_mb": 64.0}
+
+
 def write_node_config(path: Path, *, port: int, data_dir: Path, ae_title: str = "LTDIFF",
                       destinations: Sequence[dict[str, Any]] = (), rules: Sequence[dict[str, Any]] | None = None,
                       stable_age_s: float = 1.0, extra_node: dict[str, Any] | None = None,
-                      processing: dict[str, Any] | None = None) -> Path:
-    """A TOML configuration for a node on loopback (written by hand: TOML has no stdlib writer)."""
+                      processing: dict[str, Any] | None = None,
+                      disk: dict[str, Any] | None = SCRATCH_DISK) -> Path:
+    """A TOML configuration for a node on loopback (written by hand: TOML has no stdlib writer).
+
+    ``disk`` is the ``[disk]`` watermark section (``None``: leave it out, i.e. the production default).
+    """
 
     def val(v: Any) -> str:
         if isinstance(v, bool):
@@ -231,6 +240,8 @@ def write_node_config(path: Path, *, port: int, data_dir: Path, ae_title: str = 
              "", "[completeness]", f"stable_age_s = {stable_age_s}", "scan_interval_s = 0.5",
              "", "[processing]", *(f"{k} = {val(v)}" for k, v in {"poll_interval_s": 0.5, **(processing or {})}.items()),
              "", "[logging]", 'level = "INFO"']
+    if disk is not None:
+        lines += ["", "[disk]", *(f"{k} = {val(v)}" for k, v in disk.items())]
     for d in destinations:
         lines += ["", "[[destinations]]", *(f"{k} = {val(v)}" for k, v in d.items())]
     for r in rules or []:

@@ -18,7 +18,7 @@ from dicom_node import db
 from dicom_node.config import load_config
 from dicom_node.status import collect_status
 from dicom_node.peers import (
-    LOOPBACK, ROOT, Peer, free_port, start_node, start_storescp, wait_for, write_node_config,
+    LOOPBACK, ROOT, SCRATCH_DISK, Peer, free_port, start_node, start_storescp, wait_for, write_node_config,
 )
 
 LINEAR = ROOT / "ltdiff_core" / "weights" / "linear.safetensors"  # shipped, trained at 0.7 mm, fast on CPU
@@ -100,6 +100,7 @@ def make_rig(tmp: Path, *, pacs_extra: Sequence[str] = (), destination: dict[str
         # about receive/send faults, and "flag" still runs the gate over every case.
         rules=[{"name": "br40", "match": {"ConvolutionKernel": "Br40*"}, "model": str(LINEAR),
                 "destinations": ["pacs"], "qa": "flag"}],
+        disk=None if "[disk]" in extra_sections else SCRATCH_DISK,
     )
     if extra_sections:
         cfg.write_text(cfg.read_text() + "\n" + extra_sections + "\n")

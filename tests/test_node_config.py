@@ -85,3 +85,14 @@ def test_audit_path_and_disk_watermark_settings(tmp_path: Path) -> None:
     assert cfg.audit_path == (tmp_path / "logs" / "audit.jsonl").resolve()
     assert cfg.disk.min_free_mb == 10.0 and cfg.disk.min_free_percent == 0.0
     assert parse_config({"audit": {"enabled": False}}, tmp_path).audit.enabled is False
+
+
+def test_loopback_configs_carry_a_scratch_watermark_and_can_leave_it_out(tmp_path):
+    """Nodes started by tests, the demo and benchmarks use a small watermark, so a busy or small build
+    volume does not turn every C-STORE into 0xA700; ``disk=None`` keeps the production default."""
+    from dicom_node.peers import SCRATCH_DISK, write_node_config
+
+    cfg = load_config(write_node_config(tmp_path / "a.toml", port=11112, data_dir=tmp_path / "d"))
+    assert cfg.disk.min_free_mb == SCRATCH_DISK["min_free_mb"] and cfg.disk.min_free_percent == 0.0
+    default = load_config(write_node_config(tmp_path / "b.toml", port=11112, data_dir=tmp_path / "d", disk=None))
+    assert default.disk.min_free_mb == 2048.0 and default.disk.min_free_percent == 5.0
