@@ -29,33 +29,6 @@ from dicom_node import peers  # noqa: E402
 MiB = 1 << 20
 
 
-def _associate_rq() -> bytes:
-    from pynetdicom.pdu import A_ASSOCIATE_RQ
-    from pynetdicom.pdu_primitives import A_ASSOCIATE, MaximumLengthNotification
-    from pynetdicom.presentation import build_context
-    from pynetdicom.sop_class import Verification
-
-    prim = A_ASSOCIATE()
-    prim.application_context_name = "1.2.840.10008.3.1.1.1"
-    prim.calling_ae_title, prim.called_ae_title = "ATTACKER", "LTDIFF"
-    cx = build_context(Verification)
-    cx.context_id = 1
-    prim.presentation_context_definition_list = [cx]
-    ml = MaximumLengthNotification()
-    ml.maximum_length_received = 16384
-    prim.user_information = [ml]
-    pdu = A_ASSOCIATE_RQ()
-    pdu.from_primitive(prim)
-    return pdu.encode()
-
-
-def _connect(source: str, port: int) -> socket.socket:
-    s = socket.socket()
-    s.bind((source, 0))
-    s.connect((peers.LOOPBACK, port))
-    return s
-
-
 def _hwm_kib(pid: int) -> int:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmHWM:"):
@@ -89,7 +62,7 @@ def pdu_length_attack(tmp: Path, stream_mib: int, acse: float | None) -> str:
         base = _hwm_kib(node.pid)
         sent = 0
         t0 = time.monotonic()
-        with _connect("127.0.0.2", port) as s:
+        with peers.connect_from("127.0.0.2", port) as s:
             s.settimeout(30)
             try:
                 s.sendall(struct.pack(">BBL", 0x01, 0, 0xFFFFFFF0))
@@ -109,15 +82,15 @@ def pdu_length_attack(tmp: Path, stream_mib: int, acse: float | None) -> str:
 
 def lockout(tmp: Path, hold_s: float, half_open: bool, acse: float | None) -> str:
     node, port = _node(tmp, "half" if half_open else "idle", acse)
-    rq = _associate_rq()
+    rq = peers.associate_rq()
     attack: list[socket.socket] = []
     try:
         if half_open:
             for _ in range(12):
-                s = _connect("127.0.0.2", port)
+                s = peers.connect_from("127.0.0.2", port)
                 s.sendall(rq[: len(rq) // 2])
                 attack.append(s)
-        attack += [_connect("127.0.0.3", port) for _ in range(12)]
+        attack += [peers.connect_from("127.0.0.3", port) for _ in range(12)]
         time.sleep(0.3)
         t = _first_echo(port, hold_s)
         what = "12 half-open + 12 idle" if half_open else "12 idle"

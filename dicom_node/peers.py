@@ -205,6 +205,38 @@ def orthanc_get_bytes(peer: Peer, path: str) -> bytes:
         return r.read()
 
 
+# --------------------------------------------------------------------------- raw attackers
+def associate_rq(called: str = "LTDIFF", calling: str = "ATTACKER") -> bytes:
+    """A well-formed A-ASSOCIATE-RQ PDU proposing Verification, for raw-socket tests and benchmarks."""
+    from pynetdicom.pdu import A_ASSOCIATE_RQ
+    from pynetdicom.pdu_primitives import A_ASSOCIATE, MaximumLengthNotification
+    from pynetdicom.presentation import build_context
+    from pynetdicom.sop_class import Verification
+
+    prim = A_ASSOCIATE()
+    prim.application_context_name = "1.2.840.10008.3.1.1.1"
+    prim.calling_ae_title = calling
+    prim.called_ae_title = called
+    cx = build_context(Verification)
+    cx.context_id = 1
+    prim.presentation_context_definition_list = [cx]
+    ml = MaximumLengthNotification()
+    ml.maximum_length_received = 16384
+    prim.user_information = [ml]
+    pdu = A_ASSOCIATE_RQ()
+    pdu.from_primitive(prim)
+    return pdu.encode()
+
+
+def connect_from(source: str, port: int) -> socket.socket:
+    """A TCP connection to the node on loopback from the local address ``source`` (e.g. 127.0.0.2),
+    so per-address limits hit the attacker and not the legitimate peer on 127.0.0.1."""
+    s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    s.bind((source, 0))
+    s.connect((LOOPBACK, port))
+    return s
+
+
 # --------------------------------------------------------------------------- the node
 #: Watermark for loopback nodes (tests, demo, benchmarks) on a scratch disk: the production default
 #: (max(5 %, 2 GiB) free) would refuse every instance on a small or busy build volume.

@@ -18,14 +18,13 @@ from typing import Any
 
 import pytest
 from pynetdicom import AE
-from pynetdicom.pdu import A_ASSOCIATE_RQ
-from pynetdicom.pdu_primitives import A_ASSOCIATE, MaximumLengthNotification
-from pynetdicom.presentation import build_context
 from pynetdicom.sop_class import Verification
 
 from dicom_node import db
 from dicom_node.config import ConfigError, parse_config
-from dicom_node.peers import LOOPBACK, echoscu, free_port, start_node, started, write_node_config
+from dicom_node.peers import (
+    LOOPBACK, associate_rq, connect_from, echoscu, free_port, start_node, started, write_node_config,
+)
 from dicom_node.scp import StorageSCP
 
 MiB = 1 << 20
@@ -58,30 +57,6 @@ def scp_factory(tmp_path: Path) -> Iterator[Any]:
     yield make
     for n in started_:
         n.stop()
-
-
-def associate_rq(called: str = "LTDIFF", calling: str = "ATTACKER") -> bytes:
-    """A well-formed A-ASSOCIATE-RQ PDU proposing Verification."""
-    prim = A_ASSOCIATE()
-    prim.application_context_name = "1.2.840.10008.3.1.1.1"
-    prim.calling_ae_title = calling
-    prim.called_ae_title = called
-    cx = build_context(Verification)
-    cx.context_id = 1
-    prim.presentation_context_definition_list = [cx]
-    ml = MaximumLengthNotification()
-    ml.maximum_length_received = 16384
-    prim.user_information = [ml]
-    pdu = A_ASSOCIATE_RQ()
-    pdu.from_primitive(prim)
-    return pdu.encode()
-
-
-def connect_from(source: str, port: int) -> socket.socket:
-    s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    s.bind((source, 0))
-    s.connect((LOOPBACK, port))
-    return s
 
 
 def closed_by_peer(s: socket.socket, timeout: float) -> bool:
