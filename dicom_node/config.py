@@ -9,12 +9,14 @@ configuration keeps working whatever the current directory of the process is.
 from __future__ import annotations
 
 import ipaddress
+import os
 import re
 import socket
 import tomllib
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from .tls import DICOM_TLS_PORT, TLS_VERSIONS, ClientTLS, TLSConfig
 from .tls import check as check_tls
@@ -56,9 +58,14 @@ class AllowedAE:
         return self.ae_title if self.host is None else f"{self.ae_title}@{self.host}"
 
 
+DESTINATION_TYPES = ("dimse", "stow-rs")
+
+
 @dataclass(frozen=True)
 class Destination:
-    """A C-STORE SCP that receives standardized series (a PACS, a router)."""
+    """A receiver of standardized series (a PACS, a router): a C-STORE SCP (``type = "dimse"``)
+    or a DICOMweb STOW-RS service (``type = "stow-rs"``, ``url``; ``host``/``port`` are then
+    taken from the URL and ``ae_title`` is empty)."""
 
     name: str
     ae_title: str
@@ -70,6 +77,16 @@ class Destination:
     retry_for_s: float = 86400.0  # keep retrying transient failures this long, then `failed`
     backoff_max_s: float = 600.0  # cap of the exponential backoff
     tls: ClientTLS | None = None  # DICOM TLS to this destination ([tls] credentials)
+    type: str = "dimse"  # "dimse" | "stow-rs"
+    url: str | None = None  # stow-rs: DICOMweb base URL, e.g. http://pacs:8042/dicom-web
+    max_instances_per_request: int = 50  # stow-rs: one POST carries at most this many instances ...
+    max_request_mb: float = 64.0  # ... and about this many MB (a larger single instance goes alone)
+    username: str | None = None  # stow-rs: HTTP basic auth, password from password_env or password_file
+    password_env: str | None = None
+    password_file: Path | None = None
+    token_env: str | None = None  # stow-rs: bearer token from an environment variable or a file
+    token_file: Path | None = None
+    ca_file: Path | None = None  # stow-rs over https: CA bundle to verify the server (default: system CAs)
 
 
 @dataclass(frozen=True)
@@ -467,7 +484,60 @@ def _logging(raw: dict[str, Any]) -> Logging:
     return Logging(level=level, format=fmt)
 
 
-def _destinations(raw: dict[str, Any]) -> tuple[Destination, ...]:
+DIMSE_KEYS = {"ae_title", "host", "port"} | DESTINATION_TLS_KEYS
+STOW_KEYS = {"url", "max_instances_per_request", "max_request_mb", "username", "password_env", "password_file",
+             "token_env", "token_file", "ca_file"}
+
+
+def _stow(t: dict[str, Any], p: str, base: Path) -> dict[str, Any]:
+    """The STOW-RS keys of one destination. Secrets are named (environment variable or file),
+    never written in the configuration; they must be readable now, not at the first send."""
+    if "url" not in t:
+        raise ConfigError(f"{p}url: required key is missing (type = 'stow-rs')")
+    url = _get(t, "url", p, str, None)
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise _fail(p + "url", url, "must be an http:// or https:// DICOMweb base URL")
+    if parts.username is not None or parts.password is not None:
+        raise _fail(p + "url", url, "must not carry credentials; use username with password_env or password_file")
+    if parts.query or parts.fragment:
+        raise _fail(p + "url", url, "must be a base URL without query or fragment")
+    try:
+        port = parts.port or (443 if parts.scheme == "https" else 80)
+    except ValueError:
+        raise _fail(p + "url", url, "has an invalid port") from None
+    out: dict[str, Any] = {"type": "stow-rs", "url": url.rstrip("/"), "ae_title": "", "host": parts.hostname,
+                           "port": port}
+    out["max_instances_per_request"] = int(_positive(_get(t, "max_instances_per_request", p, int, 50),
+                                                     p + "max_instances_per_request"))
+    out["max_request_mb"] = float(_positive(_get(t, "max_request_mb", p, (int, float), 64.0), p + "max_request_mb"))
+    for k in ("username", "password_env", "token_env"):
+        out[k] = _get(t, k, p, str, None)
+    for k in ("password_file", "token_file", "ca_file"):
+        v = _get(t, k, p, str, None)
+        out[k] = _resolve(v, base) if v else None
+        if out[k] is not None and not out[k].is_file():
+            raise _fail(p + k, v, f"file not found at {out[k]}")
+    for env in ("password_env", "token_env"):
+        if out[env] is not None and not os.environ.get(out[env]):
+            raise _fail(p + env, out[env], "environment variable is not set or empty")
+    if out["password_env"] and out["password_file"]:
+        raise _fail(p + "password_file", t["password_file"], "give password_env or password_file, not both")
+    if out["token_env"] and out["token_file"]:
+        raise _fail(p + "token_file", t["token_file"], "give token_env or token_file, not both")
+    has_password = bool(out["password_env"] or out["password_file"])
+    if out["username"] is not None and not has_password:
+        raise ConfigError(f"{p}password_env: required with username (or password_file)")
+    if has_password and out["username"] is None:
+        raise ConfigError(f"{p}username: required with a password")
+    if out["username"] is not None and (out["token_env"] or out["token_file"]):
+        raise _fail(p + "username", out["username"], "basic auth and a bearer token are exclusive")
+    if out["ca_file"] is not None and parts.scheme != "https":
+        raise _fail(p + "ca_file", t["ca_file"], "only meaningful with an https:// url")
+    return out
+
+
+def _destinations(raw: dict[str, Any], base: Path = Path(".")) -> tuple[Destination, ...]:
     items = raw.get("destinations", [])
     if not isinstance(items, list):
         raise _fail("destinations", items, "must be an array of tables [[destinations]]")
@@ -477,9 +547,14 @@ def _destinations(raw: dict[str, Any]) -> tuple[Destination, ...]:
         p = f"destinations[{i}]."
         if not isinstance(t, dict):
             raise _fail(f"destinations[{i}]", t, "must be a table")
-        _reject_unknown(t, {"name", "ae_title", "host", "port", "max_retries", "backoff_base_s", "timeout_s",
-                            "retry_for_s", "backoff_max_s"} | DESTINATION_TLS_KEYS, p)
-        for req in ("name", "ae_title", "host", "port"):
+        _reject_unknown(t, {"name", "type", "max_retries", "backoff_base_s", "timeout_s", "retry_for_s",
+                            "backoff_max_s"} | DIMSE_KEYS | STOW_KEYS, p)
+        kind = _get(t, "type", p, str, "dimse")
+        if kind not in DESTINATION_TYPES:
+            raise _fail(p + "type", kind, f"must be one of {list(DESTINATION_TYPES)}")
+        for k in sorted(set(t) & (STOW_KEYS if kind == "dimse" else DIMSE_KEYS)):
+            raise _fail(p + k, t[k], f"not a key of a type = {kind!r} destination")
+        for req in ("name", "ae_title", "host", "port") if kind == "dimse" else ("name",):
             if req not in t:
                 raise ConfigError(f"{p}{req}: required key is missing")
         name = _get(t, "name", p, str, None)
@@ -491,17 +566,20 @@ def _destinations(raw: dict[str, Any]) -> tuple[Destination, ...]:
         max_retries = _get(t, "max_retries", p, int, None)
         if max_retries is not None and max_retries < 0:
             raise _fail(p + "max_retries", max_retries, "must be >= 0")
+        if kind == "dimse":
+            where: dict[str, Any] = {"ae_title": _ae(t["ae_title"], p + "ae_title"),
+                                     "host": _get(t, "host", p, str, None), "port": _port(t["port"], p + "port")}
+        else:
+            where = _stow(t, p, base)
         out.append(
             Destination(
                 name=name,
-                ae_title=_ae(t["ae_title"], p + "ae_title"),
-                host=_get(t, "host", p, str, None),
-                port=_port(t["port"], p + "port"),
                 max_retries=max_retries,
                 backoff_base_s=float(_positive(_get(t, "backoff_base_s", p, (int, float), 10.0), p + "backoff_base_s")),
                 timeout_s=float(_positive(_get(t, "timeout_s", p, (int, float), 30.0), p + "timeout_s")),
                 retry_for_s=float(_positive(_get(t, "retry_for_s", p, (int, float), 86400.0), p + "retry_for_s", True)),
                 backoff_max_s=float(_positive(_get(t, "backoff_max_s", p, (int, float), 600.0), p + "backoff_max_s")),
+                **where,
             )
         )
     return tuple(out)
@@ -575,7 +653,7 @@ def parse_config(raw: dict[str, Any], base: Path = Path("."), source: Path | Non
     if tls.enabled:
         for k, why in check_tls(tls)[:1]:
             raise ConfigError(f"tls.{k}: {why}")
-    destinations = _destination_tls(raw, _destinations(raw), tls)
+    destinations = _destination_tls(raw, _destinations(raw, base), tls)
     return NodeConfig(
         **node,
         tls=tls,

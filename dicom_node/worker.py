@@ -36,7 +36,8 @@ from .completeness import SeriesProgress, completeness_reason
 from .config import NodeConfig
 from .logs import log_event
 from .rules import match_rule, series_attributes
-from .scu import PERMANENT, send_files
+from .scu import PERMANENT
+from .senders import sender_for
 from .spool import safe_name, write_atomic
 from .anomalies import SeriesCheck, check_series, spacing_refusal
 from .audit import audit_for
@@ -553,7 +554,7 @@ class Worker:
         if dest is None:
             outcome_error, failure, results = f"destination {name!r} is no longer configured", PERMANENT, []
         else:
-            outcome = send_files(dest, [self.config.output_dir / p for _, p in todo], self.config.ae_title,
+            outcome = sender_for(dest)(dest, [self.config.output_dir / p for _, p in todo], self.config.ae_title,
                                  self.config.max_pdu, on_result=commit_one)
             outcome_error, failure, results = outcome.error, outcome.failure, outcome.results
         now = db.utcnow()
