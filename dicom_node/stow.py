@@ -13,7 +13,6 @@ them. HTTP 200 means all stored, 202 stored with warnings or some failed, 409 so
 """
 from __future__ import annotations
 
-import json
 import logging
 import os
 import time
@@ -31,7 +30,7 @@ from urllib3.exceptions import SSLError as URLLibSSLError
 
 from .config import Destination
 from .logs import log_event
-from .scu import PERMANENT, TRANSIENT, InstanceResult, SendOutcome, classify_status, is_success
+from .scu import PERMANENT, TRANSIENT, InstanceResult, SendOutcome, classify_status
 
 log = logging.getLogger("dicom_node.stow")
 # dicomweb-client wraps each POST in the `retrying` package, which logs every failed try with a
@@ -91,10 +90,12 @@ def session_for(dest: Destination) -> requests.Session:
     return s
 
 
-def client_for(dest: Destination, session: requests.Session | None = None) -> DICOMwebClient:
-    """A DICOMweb client that makes one try per call: the node's delivery backoff owns retries."""
+def client_for(dest: Destination, on_response: Callable[..., None] | None = None) -> DICOMwebClient:
+    """A DICOMweb client that makes one try per call: the node's delivery backoff owns retries.
+    ``on_response(response)`` sees every HTTP response (the client returns only the dataset)."""
     assert dest.url is not None
-    client = DICOMwebClient(dest.url, session=session or session_for(dest), timeout=(dest.timeout_s, dest.timeout_s),
+    client = DICOMwebClient(dest.url, session=session_for(dest), timeout=(dest.timeout_s, dest.timeout_s),
+                            callback=on_response,
                             chunk_size=1 << 40)  # one Content-Length body, no chunked transfer encoding
     client.set_http_retry_params(retry=False)
     return client
@@ -147,12 +148,13 @@ def _parse_response(rsp: requests.Response) -> Dataset | None:
             from xml.etree.ElementTree import fromstring  # noqa: S405 - response of the configured server
 
             return _load_xml_dataset(fromstring(rsp.content))  # noqa: S314
-    except (ValueError, TypeError, KeyError, json.JSONDecodeError) as exc:
+    except (ValueError, TypeError, KeyError) as exc:
         log.debug("unreadable STOW-RS response: %s", exc)
     return None
 
 
-def instance_statuses(response: Dataset | None, uids: Sequence[str], http_status: int) -> list[tuple[int | None, str | None]]:
+def instance_statuses(response: Dataset | None, uids: Sequence[str],
+                      http_status: int) -> list[tuple[int | None, str | None]]:
     """(status, error) per SOP Instance UID from the response's ReferencedSOPSequence (stored;
     WarningReason if any) and FailedSOPSequence (FailureReason). An instance the response does not
     list is stored only under HTTP 200 ("all stored"); otherwise its fate is unknown (status None)."""
@@ -179,21 +181,18 @@ def instance_statuses(response: Dataset | None, uids: Sequence[str], http_status
     return out
 
 
-def _post(client: DICOMwebClient, datasets: list[Dataset]) -> tuple[int, Dataset | None]:
-    """POST one batch; returns (HTTP status, response dataset) for 2xx and 409, raises otherwise."""
-    seen: list[requests.Response] = []
-    hooks = client._session.hooks  # noqa: SLF001 - the client returns the dataset, not the status
-    hooks["response"] = [lambda r, *a, **k: seen.append(r)]
+def _post(client: DICOMwebClient, datasets: list[Dataset],
+          seen: list[requests.Response]) -> tuple[int, Dataset | None]:
+    """POST one batch; returns (HTTP status, response dataset) for 2xx and 409, raises otherwise.
+    ``seen`` is filled by the client's response callback (see :func:`client_for`)."""
+    seen.clear()
     try:
         ds = client.store_instances(datasets)
     except requests.HTTPError as exc:
         if exc.response is not None and exc.response.status_code == 409:
             return 409, _parse_response(exc.response)
         raise
-    finally:
-        hooks["response"] = []
-    status = seen[-1].status_code if seen else 200
-    return status, (ds if len(ds) else None)
+    return (seen[-1].status_code if seen else 200), (ds if len(ds) else None)
 
 
 def _uids(files: Sequence[Path]) -> list[str | None]:
@@ -247,8 +246,9 @@ def send_files_stow(dest: Destination, files: Sequence[Path], calling_ae: str = 
             results[k] = InstanceResult(files[k], uids[k] or "", None, msg)
 
     uids = _uids(files)
+    seen: list[requests.Response] = []
     try:
-        client = client_for(dest)
+        client = client_for(dest, on_response=lambda r, *a, **k: seen.append(r))
     except SecretError as exc:
         client = None
         note(PERMANENT, f"STOW-RS to {dest.url}: {exc}")
@@ -269,7 +269,7 @@ def send_files_stow(dest: Destination, files: Sequence[Path], calling_ae: str = 
             continue
         posts += 1
         try:
-            http_status, response = _post(client, datasets)
+            http_status, response = _post(client, datasets, seen)
         except (requests.RequestException, ValueError) as exc:
             kind, msg = (_request_failure(exc, dest) if isinstance(exc, requests.RequestException)
                          else (TRANSIENT, f"STOW-RS request to {dest.url} failed: {exc}"))
@@ -291,3 +291,14 @@ def send_files_stow(dest: Destination, files: Sequence[Path], calling_ae: str = 
               destination=dest.name, url=dest.url, sent=out.sent, total=len(files), requests=posts,
               failure=out.failure, error=out.error, seconds=round(out.seconds, 2))
     return out
+
+
+def qido_echo(dest: Destination) -> tuple[bool, str]:
+    """The DICOMweb counterpart of C-ECHO: one QIDO-RS study search (limit 1) with the
+    destination's credentials and trust; says whether the service answers and how."""
+    try:
+        client_for(dest).search_for_studies(limit=1)
+    except (requests.RequestException, SecretError, ValueError) as exc:
+        _, msg = _request_failure(exc, dest) if isinstance(exc, requests.RequestException) else (PERMANENT, str(exc))
+        return False, f"QIDO-RS {dest.url}: {msg}"
+    return True, f"QIDO-RS {dest.url}: the service answers"

@@ -22,17 +22,20 @@ from typing import Any
 
 import pydicom
 import pytest
+import test_net_tls
 from dicomweb_client import DICOMwebClient
 from sqlalchemy import select
-from test_net_tls import pki  # noqa: F401 - throw-away CA fixture (openssl)
 
 from dicom_node import db
 from dicom_node.config import parse_config
-from dicom_node.peers import LOOPBACK, free_port, make_ct_series, start_orthanc
+from dicom_node.cli import main as cli_main
+from dicom_node.peers import LOOPBACK, free_port, make_ct_series, start_orthanc, write_node_config
 from dicom_node.scu import PERMANENT, TRANSIENT
 from dicom_node.senders import sender_for
 from dicom_node.stow import batches, send_files_stow
 from dicom_node.worker import Worker
+
+pki = test_net_tls.pki  # the throw-away CA fixture (openssl), shared with the DICOM TLS tests
 
 
 # --------------------------------------------------------------------------- a scripted STOW-RS server
@@ -123,7 +126,8 @@ class _Handler(BaseHTTPRequestHandler):
             if i in a.failures:
                 failed.append({**item, "00081197": {"vr": "US", "Value": [a.failures[i]]}})
             else:
-                ref.append({**item, **({"00081196": {"vr": "US", "Value": [a.warnings[i]]}} if i in a.warnings else {})})
+                warning = {"00081196": {"vr": "US", "Value": [a.warnings[i]]}} if i in a.warnings else {}
+                ref.append({**item, **warning})
         doc = {"00081198": {"vr": "SQ", "Value": failed}, "00081199": {"vr": "SQ", "Value": ref}}
         self._reply(a.status, json.dumps(doc).encode(), "application/dicom+json", a.headers)
 
@@ -189,6 +193,17 @@ def test_series_arrives_by_stow_and_is_found_by_qido(tmp_path: Path, orthanc_web
     assert sorted(i["00080018"]["Value"][0] for i in found) == sorted(x.sop_instance_uid for x in sends)
 
 
+def test_echo_of_a_stow_rs_destination_is_a_qido_request(tmp_path: Path, orthanc_web: Any,
+                                                         capsys: pytest.CaptureFixture[str]) -> None:
+    url = orthanc_web.extra["dicomweb_url"]
+    conf = write_node_config(tmp_path / "node.toml", port=free_port(), data_dir=tmp_path / "data",
+                             destinations=[_dest(url), _dest(url.replace("/dicom-web", "/nope"), name="BAD")])
+    assert cli_main(["--config", str(conf), "echo", "--destination", "WEB"]) == 0
+    assert capsys.readouterr().out.strip() == f"QIDO-RS {url}: the service answers"
+    assert cli_main(["--config", str(conf), "echo", "--destination", "BAD"]) == 1
+    assert "HTTP 404 Not Found" in capsys.readouterr().out
+
+
 def test_wrong_root_is_a_permanent_404_with_the_reason(tmp_path: Path, orthanc_web: Any) -> None:
     url = orthanc_web.extra["dicomweb_url"].replace("/dicom-web", "/no-such-root")
     worker, _ = _worker_with_delivery(tmp_path, _dest(url))
@@ -202,7 +217,7 @@ def test_wrong_root_is_a_permanent_404_with_the_reason(tmp_path: Path, orthanc_w
     assert all(x.state != db.SENT and "HTTP 404" in x.error for x in sends)
 
 
-def test_https_verifies_the_server_against_the_configured_ca(tmp_path: Path, pki: Path,  # noqa: F811
+def test_https_verifies_the_server_against_the_configured_ca(tmp_path: Path, pki: Path,
                                                             monkeypatch: pytest.MonkeyPatch) -> None:
     """``ca_file`` is the trust anchor, even where REQUESTS_CA_BUNDLE names another bundle
     (requests lets that variable override ``Session.verify``)."""
