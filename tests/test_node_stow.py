@@ -29,7 +29,10 @@ from sqlalchemy import select
 from dicom_node import db
 from dicom_node.config import parse_config
 from dicom_node.cli import main as cli_main
-from dicom_node.peers import LOOPBACK, free_port, make_ct_series, start_orthanc, write_node_config
+from dicom_node.peers import (
+    LOOPBACK, free_port, make_ct_series, make_linear_checkpoint, node_status, start_node, start_orthanc, storescu,
+    wait_for, write_node_config,
+)
 from dicom_node.scu import PERMANENT, TRANSIENT
 from dicom_node.senders import sender_for
 from dicom_node.stow import batches, send_files_stow
@@ -191,6 +194,34 @@ def test_series_arrives_by_stow_and_is_found_by_qido(tmp_path: Path, orthanc_web
     series_uid = str(pydicom.dcmread(files[0]).SeriesInstanceUID)
     found = DICOMwebClient(url).search_for_instances(search_filters={"SeriesInstanceUID": series_uid})
     assert sorted(i["00080018"]["Value"][0] for i in found) == sorted(x.sop_instance_uid for x in sends)
+
+
+def test_standardized_series_from_a_running_node_is_found_by_qido(tmp_path: Path, orthanc_web: Any) -> None:
+    """`dicom-node serve` receives a Br40 series by C-STORE, standardizes it and STOW-RSes the
+    derived series; QIDO-RS for its new SeriesInstanceUID returns every instance."""
+    url = orthanc_web.extra["dicomweb_url"]
+    ckpt = make_linear_checkpoint(tmp_path / "linear.safetensors")
+    port = free_port()
+    conf = write_node_config(tmp_path / "node.toml", port=port, data_dir=tmp_path / "data",
+                             destinations=[_dest(url, max_instances_per_request=3)],
+                             rules=[{"name": "br40", "match": {"ConvolutionKernel": "Br40*"}, "model": str(ckpt),
+                                     "destinations": ["WEB"]}])
+    files = make_ct_series(tmp_path / "in", n=4, size=64)
+    with start_node(conf, port, tmp_path / "node.log") as node:
+        assert storescu(files, port, "LTDIFF").returncode == 0
+        st = wait_for(lambda: (lambda s: s if s["series"] and s["series"][0]["state"] in ("done", "failed") else None)(
+            node_status(conf)), 120, 0.5, "series sent")
+        series = st["series"][0]
+        assert series["state"] == "done", (series, node.log()[-3000:])
+    job = series["jobs"][0]
+    assert [(d["destination"], d["state"], d["sent"], d["total"]) for d in job["deliveries"]] == [("WEB", "sent", 4, 4)]
+    found = DICOMwebClient(url).search_for_instances(search_filters={"SeriesInstanceUID": job["output_series_uid"]})
+    assert len(found) == 4 and job["output_series_uid"] != str(pydicom.dcmread(files[0]).SeriesInstanceUID)
+    first = found[0]
+    ds = DICOMwebClient(url).retrieve_instance(first["0020000D"]["Value"][0], job["output_series_uid"],
+                                               first["00080018"]["Value"][0])  # WADO-RS: the stored object
+    assert ds.ImageType[0] == "DERIVED" and ds.pixel_array.shape == (64, 64)
+    assert "stow_rs_series" in node.log() and "requests=2" in node.log()
 
 
 def test_echo_of_a_stow_rs_destination_is_a_qido_request(tmp_path: Path, orthanc_web: Any,
