@@ -4,7 +4,8 @@ Same contract as the C-STORE sender (:func:`dicom_node.scu.send_files`): one
 :class:`~dicom_node.scu.SendOutcome` with an :class:`~dicom_node.scu.InstanceResult` per file, and
 the failure classified so the caller retries only what may succeed later. Transient: connection
 refused or reset, timeouts, HTTP 408/429/5xx, per-instance FailureReason 0xA7xx (out of resources).
-Permanent: other HTTP 4xx (the status and reason are recorded) and other FailureReasons.
+Permanent: other HTTP 4xx (the status and reason are recorded), redirects (not followed) and other
+FailureReasons.
 
 The series goes in batches (``max_instances_per_request`` instances, about ``max_request_mb`` per
 POST); each batch's per-instance results, read from the response's ReferencedSOPSequence and
@@ -79,6 +80,9 @@ def session_for(dest: Destination) -> requests.Session:
     """A requests session with the destination's credentials and TLS trust; secrets are read now
     (not kept in the configuration) and never logged."""
     s = requests.Session()
+    # A redirect is refused, not followed: requests turns a redirected POST into a GET (whose 200
+    # would read as "all stored") and would carry the credentials to another address.
+    s.max_redirects = 0
     if dest.ca_file is not None:
         s.mount("https://", _TrustAdapter(dest.ca_file))
     password = _secret(dest.password_env, dest.password_file, "password")
@@ -210,6 +214,10 @@ def _uids(files: Sequence[Path]) -> list[str | None]:
 def _request_failure(exc: requests.RequestException, dest: Destination) -> tuple[str, str]:
     """(TRANSIENT | PERMANENT, reason) for a POST that failed as a whole. "not established" marks
     a request that never reached the server (the caller does not count it as an instance attempt)."""
+    if isinstance(exc, requests.TooManyRedirects) and exc.response is not None:
+        where = exc.response.headers.get("Location", "?")
+        return PERMANENT, (f"STOW-RS HTTP {exc.response.status_code} {exc.response.reason or ''}".rstrip()
+                           + f" redirects to {where}; set url to the service's own address (permanent)")
     if isinstance(exc, requests.ConnectionError) and _never_connected(exc):
         return TRANSIENT, f"STOW-RS connection to {dest.url} not established ({type(exc).__name__}: {exc})"
     if isinstance(exc, requests.Timeout):

@@ -300,6 +300,16 @@ def test_http_status_classification_through_the_worker(tmp_path: Path, status: i
     assert all(r.path == "/dicom-web/studies" for r in server.requests)
 
 
+def test_a_redirect_is_permanent_and_not_followed(tmp_path: Path) -> None:
+    """requests would follow a 301 with a GET, whose 200 would read as "all stored"."""
+    files = make_ct_series(tmp_path / "out", n=2, size=32)
+    with StowServer(answers=[Answer(301, headers={"Location": "/elsewhere/studies"})]) as server:
+        out = send_files_stow(_stow_dest(server.url, tmp_path), files)
+    assert out.failure == PERMANENT and out.sent == 0 and len(server.requests) == 1
+    assert out.error == ("STOW-RS HTTP 301 Moved Permanently redirects to /elsewhere/studies; "
+                         "set url to the service's own address (permanent)")
+
+
 def test_per_instance_failure_reasons_and_warnings(tmp_path: Path) -> None:
     """409 with FailedSOPSequence: 0xA700 is retried, 0xC000 fails; 202 with WarningReason is stored."""
     with StowServer(answers=[Answer(409, failures={1: 0xA700}), Answer(200)]) as server:
