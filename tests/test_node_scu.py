@@ -20,17 +20,18 @@ def _dest(port: int, ae: str = "PACS", retries: int = 3, backoff: float = 0.5) -
 
 
 def _worker_with_delivery(tmp: Path, dest: dict, n: int = 3) -> tuple[Worker, list[Path]]:
-    """A node state with one processed series waiting to be sent (as after a model run)."""
+    """A node state with one processed series waiting to be sent to ``dest`` (as after a model run)."""
+    name = dest["name"]
     cfg = parse_config({"node": {"data_dir": str(tmp / "data"), "ae_title": "LTDIFF"},
-                        "destinations": [dest], "rules": [{"name": "r", "destinations": ["PACS"]}]}, tmp)
+                        "destinations": [dest], "rules": [{"name": "r", "destinations": [name]}]}, tmp)
     database = db.Database(cfg.db_url)
     database.create_all()
     files = make_ct_series(cfg.output_dir / "job-1", n=n, size=32)
     with database.session() as s:
         series = db.Series(series_uid="1.2.3.4", instance_count=n, state=db.SENDING)
-        job = db.Job(series=series, state=db.SENDING, rule_name="r", model="default", destinations=["PACS"],
+        job = db.Job(series=series, state=db.SENDING, rule_name="r", model="default", destinations=[name],
                      instance_count=n, output_count=n)
-        d = db.Delivery(destination="PACS")
+        d = db.Delivery(destination=name)
         d.sends = [db.InstanceSend(sop_instance_uid=str(pydicom.dcmread(f).SOPInstanceUID),
                                    path=f"job-1/{f.name}") for f in files]
         job.deliveries.append(d)

@@ -23,6 +23,7 @@ from typing import Any
 import pydicom
 import pytest
 import test_net_tls
+from test_node_scu import _worker_with_delivery
 from dicomweb_client import DICOMwebClient
 from sqlalchemy import select
 
@@ -139,25 +140,6 @@ class _Handler(BaseHTTPRequestHandler):
 def _dest(url: str, **over: Any) -> dict[str, Any]:
     return {"name": "WEB", "type": "stow-rs", "url": url, "max_retries": 3, "backoff_base_s": 0.2,
             "backoff_max_s": 0.2, "timeout_s": 5, **over}
-
-
-def _worker_with_delivery(tmp: Path, dest: dict[str, Any], n: int = 3) -> tuple[Worker, list[Path]]:
-    """A node state with one processed series waiting to be sent (as after a model run)."""
-    cfg = parse_config({"node": {"data_dir": str(tmp / "data"), "ae_title": "LTDIFF"},
-                        "destinations": [dest], "rules": [{"name": "r", "destinations": ["WEB"]}]}, tmp)
-    database = db.Database(cfg.db_url)
-    database.create_all()
-    files = make_ct_series(cfg.output_dir / "job-1", n=n, size=32)
-    with database.session() as s:
-        series = db.Series(series_uid="1.2.3.4", instance_count=n, state=db.SENDING)
-        job = db.Job(series=series, state=db.SENDING, rule_name="r", model="default", destinations=["WEB"],
-                     instance_count=n, output_count=n)
-        d = db.Delivery(destination="WEB")
-        d.sends = [db.InstanceSend(sop_instance_uid=str(pydicom.dcmread(f).SOPInstanceUID),
-                                   path=f"job-1/{f.name}") for f in files]
-        job.deliveries.append(d)
-        s.add(series)
-    return Worker(cfg, database), files
 
 
 def _delivery(worker: Worker) -> tuple[db.Delivery, list[db.InstanceSend], db.Job]:
