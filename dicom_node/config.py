@@ -16,21 +16,12 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from .attributes import MATCH_KEYS
 from .tls import DICOM_TLS_PORT, TLS_VERSIONS, ClientTLS, TLSConfig
 from .tls import check as check_tls
 
 DEFAULT_PORT = 11112
 DEFAULT_MAX_PDU = 131072  # 128 KB PDUs raise pynetdicom's receive rate ~25 % over 16 KB
-MATCH_KEYS = (
-    "Modality",
-    "ConvolutionKernel",
-    "Manufacturer",
-    "ManufacturerModelName",
-    "BodyPartExamined",
-    "SeriesDescription",
-    "StationName",
-    "calling_ae",
-)
 _AE_RE = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}$")  # DICOM AE: 16 chars, no backslash/control
 _UID_ROOT_RE = re.compile(r"^[0-9]+(\.[0-9]+)*\.?$")
 _NAME_RE = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")

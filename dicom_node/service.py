@@ -18,9 +18,9 @@ from . import db
 from .config import NodeConfig
 from .logs import log_event
 from .scheduler import build_scheduler
-from .scp import StorageSCP
+from .receive import StorageSCP
 from .spool import write_atomic
-from .worker import Worker
+from .pipeline import Pipeline
 
 log = logging.getLogger("dicom_node.service")
 
@@ -40,7 +40,7 @@ class NodeService:
         self.config = config
         self.stop_event = threading.Event()
         self.db = db.Database(config.db_url)
-        self.worker = Worker(config, self.db, self.stop_event)
+        self.pipeline = Pipeline(config, self.db, self.stop_event)
         self.scp: StorageSCP | None = None
         self.scheduler: Any = None
         self.port: int | None = None
@@ -62,12 +62,12 @@ class NodeService:
             d.mkdir(parents=True, exist_ok=True)
         self._check_pidfile()
         self.db.create_all()
-        self.worker.recover()
+        self.pipeline.recover()
         write_atomic(c.pid_file, f"{os.getpid()}\n".encode())
         self.scp = StorageSCP(c, self.db)
         self.port = self.scp.start()
         self.heartbeat(started=True)
-        self.scheduler = build_scheduler(c, self.worker, self.heartbeat)
+        self.scheduler = build_scheduler(c, self.pipeline, self.heartbeat)
         self.scheduler.start()
         log_event(log, "node_started", ae_title=c.ae_title, port=self.port, pid=os.getpid(), data_dir=str(c.data_dir),
                   database=c.db_url.split("://")[0], destinations=",".join(d.name for d in c.destinations),
@@ -77,7 +77,7 @@ class NodeService:
     def heartbeat(self, started: bool = False, stopped: bool = False) -> None:
         """Liveness for ``dicom-node status``: PID, AE, port, model and device in use."""
         now = db.utcnow()
-        lm = self.worker.last_model
+        lm = self.pipeline.last_model
         with self.db.session() as s:
             row = s.get(db.NodeHeartbeat, self.config.ae_title)
             if row is None:

@@ -10,8 +10,9 @@ from sqlalchemy import select
 
 from dicom_node import db
 from dicom_node.config import Destination, parse_config
-from dicom_node.scu import PERMANENT, TRANSIENT, classify_status, send_files
-from dicom_node.worker import Worker
+from dicom_node.negotiation import PERMANENT, TRANSIENT, classify_status
+from dicom_node.scu import send_files
+from dicom_node.pipeline import Pipeline
 
 
 def _dest(port: int, ae: str = "PACS", retries: int = 3, backoff: float = 0.5) -> dict:
@@ -19,7 +20,7 @@ def _dest(port: int, ae: str = "PACS", retries: int = 3, backoff: float = 0.5) -
             "backoff_base_s": backoff, "timeout_s": 5}
 
 
-def _worker_with_delivery(tmp: Path, dest: dict, n: int = 3) -> tuple[Worker, list[Path]]:
+def _worker_with_delivery(tmp: Path, dest: dict, n: int = 3) -> tuple[Pipeline, list[Path]]:
     """A node state with one processed series waiting to be sent (as after a model run)."""
     cfg = parse_config({"node": {"data_dir": str(tmp / "data"), "ae_title": "LTDIFF"},
                         "destinations": [dest], "rules": [{"name": "r", "destinations": ["PACS"]}]}, tmp)
@@ -35,7 +36,7 @@ def _worker_with_delivery(tmp: Path, dest: dict, n: int = 3) -> tuple[Worker, li
                                    path=f"job-1/{f.name}") for f in files]
         job.deliveries.append(d)
         s.add(series)
-    return Worker(cfg, database), files
+    return Pipeline(cfg, database), files
 
 
 def test_status_classification() -> None:

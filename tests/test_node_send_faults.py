@@ -15,7 +15,7 @@ from dicom_node import db
 from dicom_node.config import Destination, parse_config
 from dicom_node.peers import LOOPBACK, free_port, make_ct_series, node_cmd, start_storescp, storescu, wait_for
 from dicom_node.scu import PERMANENT, send_files
-from dicom_node.worker import Worker
+from dicom_node.pipeline import Pipeline
 
 MR_ONLY = """[[TransferSyntaxes]]
 [Uncompressed]
@@ -33,7 +33,7 @@ PresentationContexts = MROnly
 """
 
 
-def _worker(tmp: Path, dest: dict, n: int = 3) -> tuple[Worker, list[Path]]:
+def _worker(tmp: Path, dest: dict, n: int = 3) -> tuple[Pipeline, list[Path]]:
     """Node state with one processed series (output on disk) waiting to be sent."""
     cfg = parse_config({"node": {"data_dir": str(tmp / "data"), "ae_title": "LTDIFF"},
                         "destinations": [dest], "rules": [{"name": "r", "destinations": ["PACS"]}]}, tmp)
@@ -49,10 +49,10 @@ def _worker(tmp: Path, dest: dict, n: int = 3) -> tuple[Worker, list[Path]]:
                                    path=f"job-1/{f.name}") for f in files]
         job.deliveries.append(d)
         s.add(series)
-    return Worker(cfg, database), files
+    return Pipeline(cfg, database), files
 
 
-def _delivery(worker: Worker) -> db.Delivery:
+def _delivery(worker: Pipeline) -> db.Delivery:
     with worker.db.session() as s:
         d = s.scalars(select(db.Delivery)).one()
         _ = d.job.series.state, d.sends
