@@ -84,7 +84,8 @@ def test_example_config_documents_every_key() -> None:
         # unknown keys, at every level, are named with the keys that level accepts
         ({"colour": "red"}, "colour: unknown key; expected one of ['audit', 'completeness', 'destinations'"),
         ({"tls": {"certfile": "x.pem"}}, "tls.certfile: unknown key; expected one of ['ca_file', 'certificate'"),
-        ({"http": {"bind": "0.0.0.0"}}, "http.bind: unknown key; expected one of ['enabled', 'host', 'port'] (got '0.0.0.0')"),
+        ({"http": {"bind": "0.0.0.0"}},
+         "http.bind: unknown key; expected one of ['enabled', 'host', 'port'] (got '0.0.0.0')"),
         ({"destinations": [{"name": "P", "ae_title": "P", "host": "h", "port": 104, "retries": 3}]},
          "destinations[0].retries: unknown key"),
         ({"rules": [{"name": "r", "destination": ["P"]}]}, "rules[0].destination: unknown key"),
@@ -164,3 +165,12 @@ def test_loopback_configs_carry_a_scratch_watermark_and_can_leave_it_out(tmp_pat
     assert cfg.disk.min_free_mb == SCRATCH_DISK["min_free_mb"] and cfg.disk.min_free_percent == 0.0
     default = load_config(write_node_config(tmp_path / "b.toml", port=11112, data_dir=tmp_path / "d", disk=None))
     assert default.disk.min_free_mb == 2048.0 and default.disk.min_free_percent == 5.0
+
+
+def test_tls_versions_accepted_are_those_the_tls_module_can_set() -> None:
+    from typing import get_args
+
+    from dicom_node.config import TLSConfig
+    from dicom_node.tls import TLS_VERSIONS
+
+    assert get_args(TLSConfig.model_fields["min_version"].annotation) == tuple(TLS_VERSIONS)
