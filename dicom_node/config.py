@@ -74,8 +74,7 @@ def _path(value: Any, info: ValidationInfo) -> Path:
     return p if p.is_absolute() else (base / p).resolve()
 
 
-Float = Annotated[float, Strict()]  # an int is a float too; a string or a bool is not
-Positive = Annotated[float, Strict(), Field(gt=0)]
+Positive = Annotated[float, Strict(), Field(gt=0)]  # strict: an int is a float too; a string or a bool is not
 NonNegative = Annotated[float, Strict(), Field(ge=0)]
 Count = Annotated[int, Strict(), Field(gt=0)]
 AETitle = Annotated[str, BeforeValidator(_ae_title)]
