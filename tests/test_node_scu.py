@@ -48,7 +48,7 @@ def test_status_classification() -> None:
 def test_send_series_to_storescp(tmp_path: Path) -> None:
     files = make_ct_series(tmp_path / "out", n=3, size=32)
     with start_storescp(tmp_path / "pacs", "PACS") as pacs:
-        dest = Destination("PACS", "PACS", LOOPBACK, pacs.port, timeout_s=5)
+        dest = Destination(name="PACS", ae_title="PACS", host=LOOPBACK, port=pacs.port, timeout_s=5)
         out = send_files(dest, files, "LTDIFF")
         assert out.failure is None and out.sent == 3
         assert all(r.status == 0 for r in out.results)

@@ -65,7 +65,7 @@ def test_destination_accepting_no_ct_context_fails_at_once_with_the_reason(tmp_p
     cfg.write_text(MR_ONLY)
     files = make_ct_series(tmp_path / "out", n=2, size=32)
     with start_storescp(tmp_path / "pacs", "PACS", extra=["-xf", str(cfg), "MR"]) as pacs:
-        out = send_files(Destination("PACS", "PACS", LOOPBACK, pacs.port, timeout_s=5), files, "LTDIFF")
+        out = send_files(Destination(name="PACS", ae_title="PACS", host=LOOPBACK, port=pacs.port, timeout_s=5), files, "LTDIFF")
         assert out.failure == PERMANENT, out.error
         assert "no presentation context accepted" in out.error and "abstract syntax not supported" in out.error
         assert "1.2.840.10008.5.1.4.1.1.2" in out.error
