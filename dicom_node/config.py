@@ -125,6 +125,16 @@ class Logging:
 
 
 @dataclass(frozen=True)
+class Http:
+    """Observation endpoint (``/metrics``, ``/healthz``, status page): off by default, loopback
+    unless the admin names another address; ``port = 0`` takes any free port."""
+
+    enabled: bool = False
+    host: str = "127.0.0.1"
+    port: int = 9400
+
+
+@dataclass(frozen=True)
 class NodeConfig:
     """Validated configuration. Attribute names follow the conformance statement's protocol."""
 
@@ -151,6 +161,7 @@ class NodeConfig:
     logging: Logging = field(default_factory=Logging)
     disk: Disk = field(default_factory=Disk)
     audit: Audit = field(default_factory=Audit)
+    http: Http = field(default_factory=Http)
     destinations: tuple[Destination, ...] = ()
     rules: tuple[Rule, ...] = ()
     source: Path | None = None  # the file this was read from, for messages
@@ -435,6 +446,17 @@ def _audit(raw: dict[str, Any], base: Path) -> Audit:
     return Audit(enabled=_get(t, "enabled", p, bool, True), path=_resolve(path, base) if path else None)
 
 
+def _http(raw: dict[str, Any]) -> Http:
+    t = _table(raw, "http", "")
+    p = "http."
+    _reject_unknown(t, {"enabled", "host", "port"}, p)
+    host = _get(t, "host", p, str, "127.0.0.1").strip()
+    if not host:
+        raise _fail(p + "host", host, "must be an address or host name (default 127.0.0.1)")
+    return Http(enabled=_get(t, "enabled", p, bool, False), host=host,
+                port=_port(t.get("port", 9400), p + "port", allow_zero=True))
+
+
 def _retention(raw: dict[str, Any]) -> Retention:
     t = _table(raw, "retention", "")
     p = "retention."
@@ -559,7 +581,7 @@ def parse_config(raw: dict[str, Any], base: Path = Path("."), source: Path | Non
     """Validate a TOML-shaped dict; raises :class:`ConfigError` naming the bad key and value."""
     _reject_unknown(
         raw, {"node", "completeness", "processing", "retention", "logging", "destinations", "rules",
-              "tls", "disk", "audit"}, ""
+              "tls", "disk", "audit", "http"}, ""
     )
     node = _node(raw, base)
     tls = _tls(raw, base, node)
@@ -576,6 +598,7 @@ def parse_config(raw: dict[str, Any], base: Path = Path("."), source: Path | Non
         logging=_logging(raw),
         disk=_disk(raw),
         audit=_audit(raw, base),
+        http=_http(raw),
         destinations=destinations,
         rules=_rules(raw, destinations, base),
         source=source,

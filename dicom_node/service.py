@@ -44,6 +44,7 @@ class NodeService:
         self.scp: StorageSCP | None = None
         self.scheduler: Any = None
         self.port: int | None = None
+        self.http: Any = None  # observe.server.ObserveServer when [http] enabled
 
     def _check_pidfile(self) -> None:
         """Refuse to start a second node on the same data directory (one pidfile, one queue)."""
@@ -72,6 +73,11 @@ class NodeService:
         log_event(log, "node_started", ae_title=c.ae_title, port=self.port, pid=os.getpid(), data_dir=str(c.data_dir),
                   database=c.db_url.split("://")[0], destinations=",".join(d.name for d in c.destinations),
                   rules=",".join(r.name for r in c.rules), version=software_version())
+        if c.http.enabled:
+            from .observe.server import ObserveServer  # imports status, which imports this module
+
+            self.http = ObserveServer(c, self.db)
+            self.http.start()
         return self.port
 
     def heartbeat(self, started: bool = False, stopped: bool = False) -> None:
@@ -106,6 +112,8 @@ class NodeService:
     def stop(self) -> None:
         """Clean shutdown: no new associations, finish open ones and the running job."""
         self.stop_event.set()
+        if self.http is not None:
+            self.http.stop()
         if self.scp is not None:
             self.scp.stop()
         if self.scheduler is not None:
