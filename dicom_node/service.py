@@ -64,6 +64,11 @@ class NodeService:
         self._check_pidfile()
         self.db.create_all()
         self.pipeline.recover()
+        if c.http.enabled:  # before the DICOM listener: a port already taken stops the start here
+            from .observe.server import ObserveServer  # imports status, which imports this module
+
+            self.http = ObserveServer(c, self.db)
+            self.http.start()
         write_atomic(c.pid_file, f"{os.getpid()}\n".encode())
         self.scp = StorageSCP(c, self.db)
         self.port = self.scp.start()
@@ -73,11 +78,6 @@ class NodeService:
         log_event(log, "node_started", ae_title=c.ae_title, port=self.port, pid=os.getpid(), data_dir=str(c.data_dir),
                   database=c.db_url.split("://")[0], destinations=",".join(d.name for d in c.destinations),
                   rules=",".join(r.name for r in c.rules), version=software_version())
-        if c.http.enabled:
-            from .observe.server import ObserveServer  # imports status, which imports this module
-
-            self.http = ObserveServer(c, self.db)
-            self.http.start()
         return self.port
 
     def heartbeat(self, started: bool = False, stopped: bool = False) -> None:

@@ -13,6 +13,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import urllib.error
 import urllib.request
@@ -67,12 +68,17 @@ def test_http_section_defaults_to_off_on_loopback() -> None:
 
 
 # --------------------------------------------------------------------------- without a node
+def node_config(tmp_path: Path, http: str = "enabled = true\nport = 0") -> Any:
+    """A loopback node configuration with an ``[http]`` section (its node is not started)."""
+    cfg_path = write_node_config(tmp_path / "node.toml", port=free_port(), data_dir=tmp_path / "data")
+    cfg_path.write_text(cfg_path.read_text() + f"\n[http]\n{http}\n")
+    return load_config(cfg_path)
+
+
 @pytest.fixture
 def idle(tmp_path: Path) -> Iterator[tuple[ObserveServer, Any]]:
     """The endpoint over a node database whose node is not running (no heartbeat yet)."""
-    cfg_path = write_node_config(tmp_path / "node.toml", port=free_port(), data_dir=tmp_path / "data")
-    cfg_path.write_text(cfg_path.read_text() + "\n[http]\nenabled = true\nport = 0\n")
-    cfg = load_config(cfg_path)
+    cfg = node_config(tmp_path)
     cfg.spool_dir.mkdir(parents=True)
     database = db.Database(cfg.db_url)
     database.create_all()
@@ -83,6 +89,38 @@ def idle(tmp_path: Path) -> Iterator[tuple[ObserveServer, Any]]:
     finally:
         server.stop()
         database.dispose()
+
+
+def test_ipv6_loopback(tmp_path: Path) -> None:
+    cfg = node_config(tmp_path, 'enabled = true\nhost = "::1"\nport = 0')
+    server = ObserveServer(cfg)
+    port = server.start()
+    try:
+        with urllib.request.urlopen(f"http://[::1]:{port}/healthz", timeout=10) as r:  # noqa: S310 - loopback
+            pytest.fail(f"expected 503 without a node, got {r.status}")
+    except urllib.error.HTTPError as exc:
+        assert exc.code == 503 and "checks" in json.loads(exc.read())
+    finally:
+        server.stop()
+        server.db.dispose()
+
+
+def test_a_taken_http_port_stops_the_start_before_the_dicom_listener(tmp_path: Path) -> None:
+    from dicom_node.service import NodeService
+
+    with socket.socket() as taken:
+        taken.bind((LOOPBACK, 0))
+        taken.listen()
+        cfg = node_config(tmp_path, f"enabled = true\nport = {taken.getsockname()[1]}")
+        service = NodeService(cfg)
+        try:
+            with pytest.raises(OSError):
+                service.start()
+        finally:
+            service.db.dispose()
+    assert not cfg.pid_file.exists() and service.scp is None and service.scheduler is None
+    with socket.socket() as probe:
+        assert probe.connect_ex((LOOPBACK, cfg.port)) != 0  # the DICOM port was never opened
 
 
 def test_healthz_names_the_failed_check(idle: tuple[ObserveServer, Any]) -> None:
@@ -147,7 +185,7 @@ def processed(node: tuple[NodeRig, int], tmp_path_factory: pytest.TempPathFactor
     and one instance refused at receive (SOPInstanceUID missing -> 0xA900)."""
     rig, _ = node
     tmp = tmp_path_factory.mktemp("series")
-    files = make_ct_series(tmp / "in", n=4, size=64, description="OBSERVE chest",
+    files = make_ct_series(tmp / "in", n=4, size=64, description="OBSERVE <b>chest</b>",
                            modality_extra={"PatientName": PATIENT_NAME, "PatientID": PATIENT_ID,
                                            "PatientBirthDate": BIRTH_DATE})
     r = storescu(files, rig.port, "LTDIFF", timeout=60)
@@ -190,6 +228,9 @@ def test_healthz_is_ok_on_a_running_node(node: tuple[NodeRig, int], processed: d
     report = json.loads(body)
     assert status == 200 and report["ok"], report
     assert set(report["checks"]) == {"database", "spool", "scheduler"}
+    for path in ("/metrics", "/healthz"):
+        body = get(node[1], path)[2].decode()
+        assert PATIENT_ID not in body and "Zyxquorth" not in body
 
 
 def chromium(args: list[str], profile: Path, timeout: float = 45) -> str:
@@ -220,6 +261,7 @@ def test_status_page_in_a_headless_browser(node: tuple[NodeRig, int], processed:
     row = dom.split(f'data-series-uid="{uid}"', 1)[1].split("</tr>", 1)[0]
     assert 'class="done">done<' in row and processed["job"]["output_series_uid"] in row
     assert "SOPInstanceUID missing" in dom  # the refusal, with its reason
+    assert "OBSERVE &lt;b&gt;chest&lt;/b&gt;" in row and "<b>" not in dom  # network text is escaped
     for phi in (PATIENT_NAME, PATIENT_NAME.replace("^", " "), "Zyxquorth", "Ambrosine", PATIENT_ID, BIRTH_DATE):
         assert phi not in dom, phi
     for which in ("before", "after"):
