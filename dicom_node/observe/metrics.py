@@ -65,7 +65,7 @@ class NodeCollector(Collector):
         p = PREFIX
         now = db.utcnow()
         with self.db.session() as s:
-            received = s.scalar(select(func.count(db.Instance.id))) or 0
+            received = s.scalar(select(func.count()).select_from(db.Instance)) or 0
             c = CounterMetricFamily(f"{p}_instances_received", "Instances received and stored (rows in the database).")
             c.add_metric([], float(received))
             yield c
@@ -101,7 +101,7 @@ class NodeCollector(Collector):
                 h.add_metric([k], histogram_buckets(durations[k]), sum_value=float(sum(durations[k])))
             yield h
 
-            queued = s.scalar(select(func.count(db.Job.id)).where(db.Job.state == db.QUEUED)) or 0
+            queued = s.scalar(select(func.count()).select_from(db.Job).where(db.Job.state == db.QUEUED)) or 0
             g = GaugeMetricFamily(f"{p}_jobs_queued", "Processing jobs waiting for a worker.")
             g.add_metric([], float(queued))
             yield g
@@ -109,7 +109,7 @@ class NodeCollector(Collector):
             g.add_metric([], float(pending_deliveries(s)))
             yield g
 
-            failed = s.scalar(select(func.count(db.Delivery.id)).where(db.Delivery.state == db.FAILED)) or 0
+            failed = s.scalar(select(func.count()).select_from(db.Delivery).where(db.Delivery.state == db.FAILED)) or 0
             c = CounterMetricFamily(f"{p}_deliveries_failed", "Deliveries given up (permanent rejection or retry "
                                     "budget spent).")
             c.add_metric([], float(failed))
