@@ -14,6 +14,7 @@ import json
 import statistics
 import tempfile
 import time
+from collections.abc import Callable
 from datetime import timedelta
 from pathlib import Path
 
@@ -51,7 +52,7 @@ def fill(database: db.Database, n_series: int, n_instances: int) -> None:
              "model": "ltdiff 1.0", "device": "cpu"}])
 
 
-def timed(fn, repeat: int) -> float:  # type: ignore[no-untyped-def]
+def timed(fn: Callable[[], object], repeat: int) -> float:
     runs = []
     for _ in range(repeat):
         t0 = time.perf_counter()

@@ -12,7 +12,6 @@ import re
 import socket
 import socketserver
 import threading
-from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
