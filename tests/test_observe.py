@@ -150,6 +150,26 @@ def test_healthz_names_the_failed_check(idle: tuple[ObserveServer, Any]) -> None
     assert not json.loads(get(server.port, "/healthz")[2])["checks"]["scheduler"]["ok"]
 
 
+def test_an_unreadable_database_gives_500_and_503(tmp_path: Path) -> None:
+    (tmp_path / "db-is-a-directory").mkdir()
+    cfg_path = write_node_config(tmp_path / "node.toml", port=free_port(), data_dir=tmp_path / "data",
+                                 extra_node={"database_url": f"sqlite:///{tmp_path / 'db-is-a-directory'}"})
+    cfg_path.write_text(cfg_path.read_text() + "\n[http]\nenabled = true\nport = 0\n")
+    cfg = load_config(cfg_path)
+    cfg.spool_dir.mkdir(parents=True)
+    server = ObserveServer(cfg)
+    port = server.start()
+    try:
+        assert get(port, "/metrics")[0] == 500
+        status, _, body = get(port, "/healthz")
+        checks = json.loads(body)["checks"]
+        assert status == 503 and not checks["database"]["ok"] and checks["spool"]["ok"]
+        assert get(port, "/healthz")[0] == 503  # the server thread survived the errors
+    finally:
+        server.stop()
+        server.db.dispose()
+
+
 def test_refusals_are_counted_in_a_fixed_set_of_classes(idle: tuple[ObserveServer, Any]) -> None:
     server, _ = idle
     statuses = [0xA700, 0xA701, 0x0122, 0xA900, 0xC000, 0xC123, 0x0110]
