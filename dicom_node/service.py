@@ -44,6 +44,7 @@ class NodeService:
         self.scp: StorageSCP | None = None
         self.scheduler: Any = None
         self.port: int | None = None
+        self.http: Any = None  # observe.server.ObserveServer when [http] enabled
 
     def _check_pidfile(self) -> None:
         """Refuse to start a second node on the same data directory (one pidfile, one queue)."""
@@ -63,6 +64,11 @@ class NodeService:
         self._check_pidfile()
         self.db.create_all()
         self.pipeline.recover()
+        if c.http.enabled:  # before the DICOM listener: a port already taken stops the start here
+            from .observe.server import ObserveServer  # imports status, which imports this module
+
+            self.http = ObserveServer(c, self.db)
+            self.http.start()
         write_atomic(c.pid_file, f"{os.getpid()}\n".encode())
         self.scp = StorageSCP(c, self.db)
         self.port = self.scp.start()
@@ -106,6 +112,8 @@ class NodeService:
     def stop(self) -> None:
         """Clean shutdown: no new associations, finish open ones and the running job."""
         self.stop_event.set()
+        if self.http is not None:
+            self.http.stop()
         if self.scp is not None:
             self.scp.stop()
         if self.scheduler is not None:

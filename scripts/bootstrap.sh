@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Bootstrap the project environment: a local .venv with the package installed
 # (reused when present and up to date) and the Debian DICOM peers used by the
-# tests and the demo (dcmtk, dicom3tools, orthanc). Sourced by main.sh and test.sh.
+# tests and the demo (dcmtk, dicom3tools, orthanc, chromium). Sourced by main.sh and test.sh.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 VENV="$ROOT/.venv"
@@ -12,6 +12,7 @@ command -v storescp  >/dev/null 2>&1 || need_apt+=(dcmtk)
 command -v dciodvfy  >/dev/null 2>&1 || need_apt+=(dicom3tools)
 command -v Orthanc   >/dev/null 2>&1 || need_apt+=(orthanc)
 command -v openssl   >/dev/null 2>&1 || need_apt+=(openssl)    # throw-away CA for the DICOM TLS tests
+command -v chromium  >/dev/null 2>&1 || need_apt+=(chromium)   # headless browser for the status page test
 if [ ${#need_apt[@]} -gt 0 ]; then
   echo "[bootstrap] installing Debian packages: ${need_apt[*]}"
   SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO="sudo"
