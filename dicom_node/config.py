@@ -269,7 +269,7 @@ class Http(Section):
     """``[http]``: the metrics and status endpoint (off by default; loopback unless configured)."""
 
     enabled: StrictBool = False
-    host: StrictStr = "127.0.0.1"
+    host: Annotated[StrictStr, Field(pattern=r"\S")] = "127.0.0.1"  # an explicit address is the admin's choice
     port: Port = 9400
 
 

@@ -60,7 +60,7 @@ def metrics(port: int) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
 def test_http_section_defaults_to_off_on_loopback() -> None:
     assert load_config(None).http == Http(enabled=False, host="127.0.0.1", port=9400)
     cfg = parse_config({"http": {"enabled": True, "host": "0.0.0.0", "port": 0}})
-    assert cfg.http == Http(True, "0.0.0.0", 0)  # an explicit address is the admin's choice
+    assert cfg.http == Http(enabled=True, host="0.0.0.0", port=0)  # an explicit address is the admin's choice
     for raw, key in (({"port": 70000}, "http.port"), ({"enabled": "yes"}, "http.enabled"),
                      ({"hots": "x"}, "http.hots"), ({"host": " "}, "http.host")):
         with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
