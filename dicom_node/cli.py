@@ -80,15 +80,15 @@ def cmd_jobs(args: argparse.Namespace) -> int:
 
 def cmd_retry(args: argparse.Namespace) -> int:
     from . import db
-    from .worker import Worker
+    from .pipeline import Pipeline
 
     cfg = _config(args)
     database = db.Database(cfg.db_url)
     database.create_all()
-    worker = Worker(cfg, database)
-    n = worker.retry(series_uid=args.series_uid, failed=args.failed, force=args.force)
+    pipeline = Pipeline(cfg, database)
+    n = pipeline.retry(series_uid=args.series_uid, failed=args.failed, force=args.force)
     database.dispose()
-    resent = len(getattr(worker, "resent", []))
+    resent = len(pipeline.resent)
     print(f"{n - resent} series queued for reprocessing"
           + (" (QA gate: flag, forced)" if n - resent and args.force else "")
           + f", {resent} re-sent from their existing output"
@@ -117,12 +117,12 @@ def cmd_resend(args: argparse.Namespace) -> int:
 
 def cmd_purge(args: argparse.Namespace) -> int:
     from . import db
-    from .worker import Worker
+    from .pipeline import Pipeline
 
     cfg = _config(args)
     database = db.Database(cfg.db_url)
     database.create_all()
-    n = Worker(cfg, database).purge(args.older_than, [args.state] if args.state else None)
+    n = Pipeline(cfg, database).purge(args.older_than, [args.state] if args.state else None)
     database.dispose()
     print(f"purged {n} series")
     return 0

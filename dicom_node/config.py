@@ -1,8 +1,12 @@
-"""The node's configuration: one TOML file, validated once at start-up.
+"""The node's configuration: one TOML file, validated once at start-up by pydantic models.
 
 Every later component reads typed attributes from :class:`NodeConfig`, so a typo in the file is
 reported before the node accepts its first association, with the key path and the bad value
 (``rules[1].destinations: unknown destination 'PACSX'``), never as a failure hours later.
+Each section of the file is one model below; a field's default is the only place that default
+lives (``conf/dicom-node.toml`` documents them, and a test keeps the two in step). Every model
+forbids unknown keys, and scalars are strict (``"30"`` is not a number, ``1`` is not ``true``),
+because TOML already gives typed values and a quoted number is a mistake worth naming.
 Relative paths in the file are resolved against the directory of the file itself, so a
 configuration keeps working whatever the current directory of the process is.
 """
@@ -13,173 +17,580 @@ import os
 import re
 import socket
 import tomllib
-from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal, get_args
 from urllib.parse import urlsplit
 
-from .tls import DICOM_TLS_PORT, TLS_VERSIONS, ClientTLS, TLSConfig
+from pydantic import (
+    BaseModel, BeforeValidator, ConfigDict, Field, PrivateAttr, Strict, StrictBool, StrictInt, StrictStr,
+    ValidationError, ValidationInfo, field_validator, model_validator,
+)
+from pydantic_core import ErrorDetails, PydanticCustomError
+
+from .attributes import MATCH_KEYS
+from .tls import DICOM_TLS_PORT, ClientTLS
 from .tls import check as check_tls
 
-DEFAULT_PORT = 11112
-DEFAULT_MAX_PDU = 131072  # 128 KB PDUs raise pynetdicom's receive rate ~25 % over 16 KB
-MATCH_KEYS = (
-    "Modality",
-    "ConvolutionKernel",
-    "Manufacturer",
-    "ManufacturerModelName",
-    "BodyPartExamined",
-    "SeriesDescription",
-    "StationName",
-    "calling_ae",
-)
+QAMode = Literal["refuse", "flag", "off"]  # physics QA gate, see dicom_node.qa_gate
+QA_MODES: tuple[str, ...] = get_args(QAMode)
 _AE_RE = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}$")  # DICOM AE: 16 chars, no backslash/control
 _UID_ROOT_RE = re.compile(r"^[0-9]+(\.[0-9]+)*\.?$")
 _NAME_RE = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
-QA_MODES = ("refuse", "flag", "off")
+_DEVICE_RE = re.compile(r"^(auto|cpu|cuda(:\d+)?|mps)$")
+_INPUT = object()  # an error's value is the validated input unless the check names another one
+_NO_VALUE = object()  # ... or none at all (a message that already says what is wrong)
 
 
 class ConfigError(ValueError):
     """Invalid configuration; the message names the key path and the bad value."""
 
 
-@dataclass(frozen=True)
-class AllowedAE:
+# --------------------------------------------------------------------------- field types
+def _invalid(why: str, value: Any = _INPUT, key: str = "") -> PydanticCustomError:
+    """A failure with the house message; ``key`` extends the location (``match.Kernel``)."""
+    return PydanticCustomError("config", "{why}", {"why": why, "key": key, "value": value})
+
+
+def _ae_title(value: Any) -> str:
+    if not isinstance(value, str) or not _AE_RE.match(value) or not value.strip():
+        raise _invalid("must be a DICOM AE title (1-16 characters, no backslash)")
+    return value.strip()
+
+
+def _port(lowest: int) -> BeforeValidator:
+    def check(value: Any) -> int:
+        if not isinstance(value, int) or isinstance(value, bool) or not lowest <= value <= 65535:
+            raise _invalid(f"must be a TCP port {lowest}-65535")
+        return value
+    return BeforeValidator(check)
+
+
+def _path(value: Any, info: ValidationInfo) -> Path:
+    """A path relative to the configuration file's directory (``base`` in the validation context)."""
+    if not isinstance(value, (str, Path)) or value == "":
+        raise _invalid("must be a path (str)")
+    base = Path((info.context or {}).get("base", "."))
+    p = Path(value).expanduser()
+    return p if p.is_absolute() else (base / p).resolve()
+
+
+Positive = Annotated[float, Strict(), Field(gt=0)]  # strict: an int is a float too; a string or a bool is not
+NonNegative = Annotated[float, Strict(), Field(ge=0)]
+Count = Annotated[int, Strict(), Field(gt=0)]
+AETitle = Annotated[str, BeforeValidator(_ae_title)]
+Port = Annotated[int, _port(0)]  # 0: any free port (tests)
+RemotePort = Annotated[int, _port(1)]
+ConfigPath = Annotated[Path, BeforeValidator(_path)]
+OptionalPath = Annotated[Path | None, BeforeValidator(lambda v, info: None if v in (None, "") else _path(v, info))]
+Steps = Annotated[int, Strict(), Field(ge=1)]
+
+
+def _existing_file(value: Any, info: ValidationInfo) -> Path | None:
+    """A path (as :func:`_path`) that must name a readable file now, not at the first use."""
+    if value in (None, ""):
+        return None
+    p = _path(value, info)
+    if not p.is_file():
+        raise _invalid(f"file not found at {p}")
+    return p
+
+
+ExistingFile = Annotated[Path | None, BeforeValidator(_existing_file)]
+
+
+class Section(BaseModel):
+    """One table of the file: unknown keys are errors, values are immutable once loaded."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+# --------------------------------------------------------------------------- sections
+class AllowedAE(Section):
     """A calling AE title allowed to associate; ``host`` pins it to one peer address.
 
     ``addresses`` are what ``host`` resolved to when the configuration was loaded (a host name
-    is resolved once; the peer address of an association is always numeric)."""
+    is resolved once; the peer address of an association is always numeric). In the file an
+    entry is either the AE title or a table ``{ae_title, host}``."""
 
-    ae_title: str
-    host: str | None = None
-    addresses: tuple[str, ...] = ()
+    ae_title: AETitle
+    host: StrictStr | None = None
+    _addresses: tuple[str, ...] = PrivateAttr(())
+
+    @model_validator(mode="before")
+    @classmethod
+    def _title_or_table(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            return {"ae_title": value}
+        if not isinstance(value, (dict, AllowedAE)):
+            raise _invalid("must be an AE title or a table {ae_title, host}")
+        return value
+
+    @model_validator(mode="after")
+    def _resolve_host(self) -> AllowedAE:
+        if self.host is not None:
+            self._addresses = _addresses(self.host)
+        return self
+
+    @property
+    def addresses(self) -> tuple[str, ...]:
+        return self._addresses
 
     def __str__(self) -> str:
         return self.ae_title if self.host is None else f"{self.ae_title}@{self.host}"
 
 
-DESTINATION_TYPES = ("dimse", "stow-rs")
+def _addresses(host: str) -> tuple[str, ...]:
+    """The numeric addresses of an allow-list pin; a name that does not resolve is an error now,
+    not a pin that silently never matches."""
+    try:
+        return (str(ipaddress.ip_address(host)),)
+    except ValueError:
+        pass
+    try:
+        infos = socket.getaddrinfo(host, None, proto=socket.IPPROTO_TCP)
+    except (socket.gaierror, UnicodeError) as exc:
+        raise _invalid(f"host name does not resolve ({exc})", host, key="host") from None
+    return tuple(sorted({str(info[4][0]) for info in infos}))
 
 
-@dataclass(frozen=True)
-class Destination:
-    """A receiver of standardized series (a PACS, a router): a C-STORE SCP (``type = "dimse"``)
-    or a DICOMweb STOW-RS service (``type = "stow-rs"``, ``url``; ``host``/``port`` are then
-    taken from the URL and ``ae_title`` is empty)."""
+class Node(Section):
+    """``[node]``: the listener, its limits and the local storage."""
 
-    name: str
-    ae_title: str
-    host: str
-    port: int
-    max_retries: int | None = None  # None: limited by retry_for_s only
-    backoff_base_s: float = 10.0
-    timeout_s: float = 30.0
-    retry_for_s: float = 86400.0  # keep retrying transient failures this long, then `failed`
-    backoff_max_s: float = 600.0  # cap of the exponential backoff
-    tls: ClientTLS | None = None  # DICOM TLS to this destination ([tls] credentials)
-    type: str = "dimse"  # "dimse" | "stow-rs"
-    url: str | None = None  # stow-rs: DICOMweb base URL, e.g. http://pacs:8042/dicom-web
-    max_instances_per_request: int = 50  # stow-rs: one POST carries at most this many instances ...
-    max_request_mb: float = 64.0  # ... and about this many MB (a larger single instance goes alone)
-    username: str | None = None  # stow-rs: HTTP basic auth, password from password_env or password_file
-    password_env: str | None = None
-    password_file: Path | None = None
-    token_env: str | None = None  # stow-rs: bearer token from an environment variable or a file
-    token_file: Path | None = None
-    ca_file: Path | None = None  # stow-rs over https: CA bundle to verify the server (default: system CAs)
-
-
-@dataclass(frozen=True)
-class Rule:
-    """First matching rule decides what happens to a complete series."""
-
-    name: str
-    match: dict[str, tuple[str, ...]]
-    action: str  # "standardize" | "ignore"
-    model: str = "default"
-    destinations: tuple[str, ...] = ()
-    steps: int | None = None
-    seed: int = 0
-    qa: str = "refuse"  # physics QA gate: "refuse" | "flag" | "off" (see dicom_node.qa_gate)
-
-
-@dataclass(frozen=True)
-class Completeness:
-    stable_age_s: float = 30.0
-    use_expected_count: bool = True
-    scan_interval_s: float = 2.0
-
-
-@dataclass(frozen=True)
-class Processing:
-    device: str = "auto"
-    max_batch_slices: int = 256
-    poll_interval_s: float = 2.0
-    steps: int | None = None
-    seed: int = 0
-    max_matrix: int = 1024  # Rows/Columns above this are refused (memory, tiling)
-
-
-@dataclass(frozen=True)
-class Retention:
-    days: float = 30.0
-    purge_interval_s: float = 3600.0
-
-
-@dataclass(frozen=True)
-class Disk:
-    """Free-space watermark of the data directory: below ``max(min_free_percent, min_free_mb)``
-    (after reserving room for the outputs of accepted work) new instances get 0xA700."""
-
-    min_free_percent: float = 5.0
-    min_free_mb: float = 2048.0
-    output_reserve_factor: float = 1.0  # expected output bytes per accepted input byte
-
-
-@dataclass(frozen=True)
-class Audit:
-    """Audit trail: one JSON line per association and per series event (IHE ATNA / RFC 3881 shape)."""
-
-    enabled: bool = True
-    path: Path | None = None  # None: <data_dir>/audit.jsonl
-
-
-@dataclass(frozen=True)
-class Logging:
-    level: str = "INFO"
-    format: str = "kv"  # "kv" (key=value) or "json"
-
-
-@dataclass(frozen=True)
-class NodeConfig:
-    """Validated configuration. Attribute names follow the conformance statement's protocol."""
-
-    ae_title: str = "LTDIFF"
-    bind_address: str = "0.0.0.0"
-    port: int = DEFAULT_PORT
-    data_dir: Path = Path("data")
-    database_url: str = ""
-    max_pdu: int = DEFAULT_MAX_PDU
-    max_associations: int = 10
+    ae_title: AETitle = "LTDIFF"
+    bind_address: StrictStr = "0.0.0.0"
+    port: Port = 11112
+    data_dir: ConfigPath = Field("data", validate_default=True)  # resolved like any other path
+    database_url: StrictStr = ""  # "": SQLite in data_dir
+    max_pdu: StrictInt = 131072  # 128 KB PDUs raise pynetdicom's receive rate ~25 % over 16 KB
+    max_associations: Count = 10
     allowed_calling_aes: tuple[AllowedAE, ...] = ()
-    check_called_ae: bool = True
-    accept_enhanced_ct: bool = False
-    uid_root: str = "2.25."
-    acse_timeout_s: float = 5.0
-    dimse_timeout_s: float = 30.0
-    network_timeout_s: float = 60.0
-    max_connections_per_address: int = 4
-    max_pending_connections: int = 32
-    tls: TLSConfig = field(default_factory=TLSConfig)
-    completeness: Completeness = field(default_factory=Completeness)
-    processing: Processing = field(default_factory=Processing)
-    retention: Retention = field(default_factory=Retention)
-    logging: Logging = field(default_factory=Logging)
-    disk: Disk = field(default_factory=Disk)
-    audit: Audit = field(default_factory=Audit)
+    check_called_ae: StrictBool = True
+    accept_enhanced_ct: StrictBool = False
+    uid_root: StrictStr = "2.25."
+    acse_timeout_s: Positive = 5.0
+    dimse_timeout_s: Positive = 30.0
+    network_timeout_s: Positive = 60.0
+    max_connections_per_address: Count = 4
+    max_pending_connections: Count = 32
+
+    @field_validator("database_url")
+    @classmethod
+    def _url(cls, url: str) -> str:
+        if url and "://" not in url:
+            raise _invalid("must be an SQLAlchemy URL such as sqlite:///path or postgresql://...")
+        return url
+
+    @field_validator("max_pdu")
+    @classmethod
+    def _pdu(cls, size: int) -> int:
+        if size != 0 and not 4096 <= size <= 2**26:
+            raise _invalid("must be 0 (unlimited) or 4096..67108864 bytes")
+        return size
+
+    @field_validator("uid_root")
+    @classmethod
+    def _root(cls, root: str) -> str:
+        if not _UID_ROOT_RE.match(root) or len(root) > 40:
+            raise _invalid("must be a numeric UID root such as '1.2.826.0.1.3680043.10.999.' (max 40 chars)")
+        return root if root.endswith(".") else root + "."
+
+
+class TLSConfig(Section):
+    """``[tls]``: one certificate for the node, used when listening and when sending (see ``tls.py``)."""
+
+    enabled: StrictBool = False
+    port: Port = DICOM_TLS_PORT
+    plain_tcp: StrictBool = True  # keep the plain listener on node.port as well
+    certificate: OptionalPath = None
+    private_key: OptionalPath = None
+    ca_file: OptionalPath = None
+    require_client_certificate: StrictBool = True
+    min_version: Literal["TLSv1.2", "TLSv1.3"] = "TLSv1.2"  # the keys of tls.TLS_VERSIONS
+    ciphers: StrictStr = ""  # "" = tls.BCP195_CIPHERS
+
+    @model_validator(mode="after")
+    def _usable(self) -> TLSConfig:
+        if not self.plain_tcp and not self.enabled:
+            raise _invalid("the node needs a listener: set tls.enabled = true or keep plain_tcp", False,
+                           key="plain_tcp")
+        if self.enabled:
+            for key, why in check_tls(self)[:1]:
+                raise _invalid(why, _NO_VALUE, key=key)
+        return self
+
+
+class Completeness(Section):
+    """``[completeness]``: when a series counts as complete (DICOM has no end-of-series message)."""
+
+    stable_age_s: NonNegative = 30.0
+    use_expected_count: StrictBool = True
+    scan_interval_s: Positive = 2.0
+
+
+class Processing(Section):
+    """``[processing]``: where and how the model runs."""
+
+    device: StrictStr = "auto"
+    max_batch_slices: Count = 256
+    poll_interval_s: Positive = 2.0
+    steps: Steps | None = None  # None: the model's default
+    seed: StrictInt = 0
+    max_matrix: Count = 1024  # Rows/Columns above this are refused (memory, tiling)
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, device: str) -> str:
+        if not _DEVICE_RE.match(device):
+            raise _invalid("must be auto, cpu, cuda, cuda:N or mps")
+        return device
+
+
+class Retention(Section):
+    """``[retention]``: how long finished series are kept."""
+
+    days: Positive = 30.0
+    purge_interval_s: Positive = 3600.0
+
+
+class Disk(Section):
+    """``[disk]``: free-space watermark of the data directory: below ``max(min_free_percent,
+    min_free_mb)`` (after reserving room for the outputs of accepted work) new instances get 0xA700."""
+
+    min_free_percent: Annotated[float, Strict(), Field(ge=0, lt=100)] = 5.0
+    min_free_mb: NonNegative = 2048.0
+    output_reserve_factor: NonNegative = 1.0  # expected output bytes per accepted input byte
+
+
+class Audit(Section):
+    """``[audit]``: one JSON line per association and per series event (IHE ATNA / RFC 3881 shape)."""
+
+    enabled: StrictBool = True
+    path: OptionalPath = None  # None: <data_dir>/audit.jsonl
+
+
+class Logging(Section):
+    """``[logging]``."""
+
+    level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    format: Literal["kv", "json"] = "kv"  # key=value or one JSON object per line
+
+    @field_validator("level", mode="before")
+    @classmethod
+    def _upper(cls, level: Any) -> Any:
+        return level.upper() if isinstance(level, str) else level
+
+
+class Http(Section):
+    """``[http]``: the metrics and status endpoint (off by default; loopback unless configured)."""
+
+    enabled: StrictBool = False
+    host: Annotated[StrictStr, Field(pattern=r"\S")] = "127.0.0.1"  # an explicit address is the admin's choice
+    port: Port = 9400
+
+
+DestinationType = Literal["dimse", "stow-rs"]
+DESTINATION_TYPES: tuple[str, ...] = get_args(DestinationType)
+DIMSE_KEYS = frozenset({"ae_title", "host", "port", "tls", "tls_server_name", "tls_check_hostname"})
+STOW_KEYS = frozenset({"url", "max_instances_per_request", "max_request_mb", "username", "password_env",
+                       "password_file", "token_env", "token_file", "ca_file"})
+
+
+def _stow_address(url: str) -> tuple[str, int]:
+    """Host and port of a DICOMweb base URL; raises the house error naming what is wrong with it."""
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise _invalid("must be an http:// or https:// DICOMweb base URL")
+    if parts.username is not None or parts.password is not None:
+        raise _invalid("must not carry credentials; use username with password_env or password_file")
+    if parts.query or parts.fragment:
+        raise _invalid("must be a base URL without query or fragment")
+    try:
+        port = parts.port or (443 if parts.scheme == "https" else 80)
+    except ValueError:
+        raise _invalid("has an invalid port") from None
+    return parts.hostname, port
+
+
+class Destination(Section):
+    """``[[destinations]]``: a receiver of standardized series (a PACS, a router): a C-STORE SCP
+    (``type = "dimse"``) or a DICOMweb STOW-RS service (``type = "stow-rs"``, ``url``; ``host`` and
+    ``port`` are then taken from the URL and ``ae_title`` is empty). Secrets of a STOW-RS
+    destination are named (an environment variable or a file), never written in the file, and
+    must be readable when the configuration is loaded."""
+
+    name: StrictStr
+    type: DestinationType = "dimse"
+    ae_title: AETitle = ""  # required for dimse (checked in _required_keys)
+    host: StrictStr = ""  # dimse: required; stow-rs: from url
+    port: RemotePort = 0  # dimse: required; stow-rs: from url (default 80/443)
+    max_retries: Annotated[int, Strict(), Field(ge=0)] | None = None  # None: limited by retry_for_s only
+    backoff_base_s: Positive = 10.0
+    timeout_s: Positive = 30.0
+    retry_for_s: NonNegative = 86400.0  # keep retrying transient failures this long, then `failed`
+    backoff_max_s: Positive = 600.0  # cap of the exponential backoff
+    use_tls: StrictBool = Field(False, alias="tls")  # `tls = true` in the file: DICOM TLS ([tls] credentials)
+    tls_server_name: StrictStr | None = None  # None: host
+    tls_check_hostname: StrictBool = True
+    url: StrictStr | None = None  # stow-rs: DICOMweb base URL, e.g. http://pacs:8042/dicom-web
+    max_instances_per_request: Count = 50  # stow-rs: one POST carries at most this many instances ...
+    max_request_mb: Positive = 64.0  # ... and about this many MB (a larger single instance goes alone)
+    username: StrictStr | None = None  # stow-rs: HTTP basic auth, password from password_env or password_file
+    password_env: StrictStr | None = None
+    password_file: ExistingFile = None
+    token_env: StrictStr | None = None  # stow-rs: bearer token from an environment variable or a file
+    token_file: ExistingFile = None
+    ca_file: ExistingFile = None  # stow-rs over https: CA bundle to verify the server (default: system CAs)
+    _client_tls: ClientTLS | None = PrivateAttr(None)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _keys_of_type(cls, value: Any) -> Any:
+        """Refuse the other type's keys; a STOW-RS destination's address is its URL's."""
+        if not isinstance(value, dict) or value.get("type", "dimse") not in DESTINATION_TYPES:
+            return value
+        kind = value.get("type", "dimse")
+        for key in sorted(set(value) & (STOW_KEYS if kind == "dimse" else DIMSE_KEYS)):
+            raise _invalid(f"not a key of a type = {kind!r} destination", value[key], key=key)
+        if kind == "stow-rs" and isinstance(value.get("url"), str):
+            try:
+                host, port = _stow_address(value["url"])
+            except PydanticCustomError:
+                return value  # reported by _url
+            return {**value, "host": host, "port": port}
+        return value
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, name: str) -> str:
+        if not _NAME_RE.match(name):
+            raise _invalid("must be 1-64 letters, digits, '_', '-' or '.'")
+        return name
+
+    @field_validator("url")
+    @classmethod
+    def _url(cls, url: str | None) -> str | None:
+        if url is None:
+            return None
+        _stow_address(url)
+        return url.rstrip("/")
+
+    @field_validator("password_env", "token_env")
+    @classmethod
+    def _env_set(cls, name: str | None) -> str | None:
+        if name is not None and not os.environ.get(name):
+            raise _invalid("environment variable is not set or empty")
+        return name
+
+    @model_validator(mode="after")
+    def _required_keys(self) -> Destination:
+        if self.type == "dimse":
+            for key in ("ae_title", "host", "port"):
+                if key not in self.model_fields_set:
+                    raise _invalid("required key is missing", _NO_VALUE, key=key)
+            return self
+        if self.url is None:
+            raise _invalid("required key is missing (type = 'stow-rs')", _NO_VALUE, key="url")
+        if self.password_env and self.password_file:
+            raise _invalid("give password_env or password_file, not both", str(self.password_file),
+                           key="password_file")
+        if self.token_env and self.token_file:
+            raise _invalid("give token_env or token_file, not both", str(self.token_file), key="token_file")
+        has_password = bool(self.password_env or self.password_file)
+        if self.username is not None and not has_password:
+            raise _invalid("required with username (or password_file)", _NO_VALUE, key="password_env")
+        if has_password and self.username is None:
+            raise _invalid("required with a password", _NO_VALUE, key="username")
+        if self.username is not None and (self.token_env or self.token_file):
+            raise _invalid("basic auth and a bearer token are exclusive", self.username, key="username")
+        if self.ca_file is not None and urlsplit(self.url).scheme != "https":
+            raise _invalid("only meaningful with an https:// url", str(self.ca_file), key="ca_file")
+        return self
+
+    @model_validator(mode="after")
+    def _tls_keys_need_tls(self) -> Destination:
+        if not self.use_tls:
+            for key in ("tls_server_name", "tls_check_hostname"):
+                if key in self.model_fields_set:
+                    raise _invalid("only meaningful with tls = true", getattr(self, key), key=key)
+        return self
+
+    @property
+    def tls(self) -> ClientTLS | None:
+        """The TLS settings to send with, or ``None`` for plain TCP (set when the file is loaded)."""
+        return self._client_tls
+
+
+class Rule(Section):
+    """``[[rules]]``: the first matching rule decides what happens to a complete series."""
+
+    name: StrictStr  # in the file: rule-<index> when left out
+    match: dict[str, tuple[str, ...]] = Field(default_factory=dict)  # MATCH_KEYS -> patterns
+    action: Literal["standardize", "ignore"] = "standardize"
+    model: StrictStr = "default"  # or the resolved path of a .safetensors checkpoint
+    destinations: tuple[StrictStr, ...] = ()
+    steps: Steps | None = None
+    seed: StrictInt = 0
+    qa: QAMode = "refuse"
+
+    @field_validator("match", mode="before")
+    @classmethod
+    def _match(cls, raw: Any) -> Any:
+        if not isinstance(raw, dict):
+            return raw
+        match: dict[str, tuple[str, ...]] = {}
+        for key, value in raw.items():
+            if key not in MATCH_KEYS:
+                raise _invalid(f"unknown attribute; expected one of {list(MATCH_KEYS)}", value, key=key)
+            values = [value] if isinstance(value, str) else value
+            if not isinstance(values, (list, tuple)) or not values or not all(isinstance(x, str) for x in values):
+                raise _invalid("must be a string or a non-empty list of strings", value, key=key)
+            if key == "SeriesDescription":
+                for x in values:
+                    try:
+                        re.compile(x)
+                    except re.error as exc:
+                        raise _invalid(f"invalid regular expression: {exc}", x, key=key) from None
+            match[key] = tuple(values)
+        return match
+
+    @field_validator("model")
+    @classmethod
+    def _checkpoint(cls, model: str, info: ValidationInfo) -> str:
+        if model == "default":
+            return model
+        if "/" not in model and not model.endswith(".safetensors"):
+            raise _invalid("must be 'default' or a path to a .safetensors checkpoint")
+        resolved = _path(model, info)
+        if not resolved.is_file():
+            raise _invalid(f"checkpoint not found at {resolved}")
+        return str(resolved)
+
+
+DEFAULT_RULES = (
+    Rule(name="br40-to-bl64", match={"Modality": ("CT",), "ConvolutionKernel": ("Br40*",)}),
+)
+
+
+# --------------------------------------------------------------------------- the file
+class NodeConfig(Section):
+    """The validated file. The ``[node]`` keys are also attributes of the configuration itself
+    (``config.port``), the names the conformance statement uses."""
+
+    node: Node = Field(default_factory=dict, validate_default=True)  # validated: data_dir resolved against base
+    tls: TLSConfig = TLSConfig()
+    completeness: Completeness = Completeness()
+    processing: Processing = Processing()
+    retention: Retention = Retention()
+    logging: Logging = Logging()
+    disk: Disk = Disk()
+    audit: Audit = Audit()
+    http: Http = Http()
     destinations: tuple[Destination, ...] = ()
-    rules: tuple[Rule, ...] = ()
-    source: Path | None = None  # the file this was read from, for messages
+    rules: tuple[Rule, ...] = DEFAULT_RULES
+    _source: Path | None = PrivateAttr(None)
+
+    @field_validator("rules", mode="before")
+    @classmethod
+    def _rule_names(cls, rules: Any) -> Any:
+        if not isinstance(rules, list):
+            return rules
+        return [{"name": f"rule-{i}", **r} if isinstance(r, dict) and "name" not in r else r
+                for i, r in enumerate(rules)]
+
+    @model_validator(mode="after")
+    def _cross_checks(self) -> NodeConfig:
+        node, tls = self.node, self.tls
+        if tls.enabled and tls.port == node.port and tls.port != 0:
+            raise _invalid("must differ from node.port (the plain TCP listener)", tls.port, key="tls.port")
+        listening = {node.port} | ({tls.port} if tls.enabled else set())
+        if self.http.enabled and self.http.port != 0 and self.http.port in listening:
+            raise _invalid("must differ from the DICOM ports", self.http.port, key="http.port")
+        seen: set[str] = set()
+        for i, d in enumerate(self.destinations):
+            if d.name in seen:
+                raise _invalid("duplicate destination name", d.name, key=f"destinations[{i}].name")
+            seen.add(d.name)
+            if d.use_tls:  # the SCU needs certificate/key, not the listener's client-certificate policy
+                for key, why in check_tls(tls.model_copy(update={"enabled": False}))[:1]:
+                    raise _invalid(f"{why} (destinations[{i}] uses tls)", _NO_VALUE, key=f"tls.{key}")
+                d._client_tls = ClientTLS(tls, d.tls_server_name or d.host, d.tls_check_hostname)
+        for i, rule in enumerate(self.rules):
+            for name in rule.destinations:
+                if name not in seen:
+                    raise _invalid(f"unknown destination {name!r} (defined: {sorted(seen)})", _NO_VALUE,
+                                   key=f"rules[{i}].destinations")
+        return self
+
+    # the [node] keys, read where the protocol needs them
+    @property
+    def ae_title(self) -> str:
+        return self.node.ae_title
+
+    @property
+    def bind_address(self) -> str:
+        return self.node.bind_address
+
+    @property
+    def port(self) -> int:
+        return self.node.port
+
+    @property
+    def data_dir(self) -> Path:
+        return self.node.data_dir
+
+    @property
+    def database_url(self) -> str:
+        return self.node.database_url
+
+    @property
+    def max_pdu(self) -> int:
+        return self.node.max_pdu
+
+    @property
+    def max_associations(self) -> int:
+        return self.node.max_associations
+
+    @property
+    def allowed_calling_aes(self) -> tuple[AllowedAE, ...]:
+        return self.node.allowed_calling_aes
+
+    @property
+    def check_called_ae(self) -> bool:
+        return self.node.check_called_ae
+
+    @property
+    def accept_enhanced_ct(self) -> bool:
+        return self.node.accept_enhanced_ct
+
+    @property
+    def uid_root(self) -> str:
+        return self.node.uid_root
+
+    @property
+    def acse_timeout_s(self) -> float:
+        return self.node.acse_timeout_s
+
+    @property
+    def dimse_timeout_s(self) -> float:
+        return self.node.dimse_timeout_s
+
+    @property
+    def network_timeout_s(self) -> float:
+        return self.node.network_timeout_s
+
+    @property
+    def max_connections_per_address(self) -> int:
+        return self.node.max_connections_per_address
+
+    @property
+    def max_pending_connections(self) -> int:
+        return self.node.max_pending_connections
+
+    # derived places
+    @property
+    def source(self) -> Path | None:
+        """The file this was read from, for messages."""
+        return self._source
 
     @property
     def spool_dir(self) -> Path:
@@ -216,457 +627,92 @@ class NodeConfig:
         raise KeyError(name)
 
 
-DEFAULT_RULES = (
-    Rule(
-        name="br40-to-bl64",
-        match={"Modality": ("CT",), "ConvolutionKernel": ("Br40*",)},
-        action="standardize",
-        model="default",
-        destinations=(),
-    ),
-)
+# --------------------------------------------------------------------------- messages
+_MUST_BE = {
+    "int_type": "int", "int_parsing": "int", "int_from_float": "int",
+    "float_type": "int or float", "float_parsing": "int or float",
+    "bool_type": "bool", "bool_parsing": "bool", "string_type": "str",
+    "tuple_type": "an array", "list_type": "an array",
+    "dict_type": "a table", "model_type": "a table", "model_attributes_type": "a table",
+}
 
 
-# --------------------------------------------------------------------------- validation
-def _fail(key: str, value: Any, why: str) -> ConfigError:
-    return ConfigError(f"{key}: {why} (got {value!r})")
+def _number(v: Any) -> str:
+    return f"{v:g}" if isinstance(v, float) else str(v)
 
 
-def _table(raw: dict[str, Any], key: str, path: str) -> dict[str, Any]:
-    value = raw.get(key, {})
-    if not isinstance(value, dict):
-        raise _fail(f"{path}{key}", value, "must be a table")
-    return value
-
-
-def _reject_unknown(table: dict[str, Any], allowed: set[str], path: str) -> None:
-    for k, v in table.items():
-        if k not in allowed:
-            raise _fail(f"{path}{k}", v, f"unknown key; expected one of {sorted(allowed)}")
-
-
-def _get(table: dict[str, Any], key: str, path: str, typ: type | tuple[type, ...], default: Any) -> Any:
-    if key not in table:
-        return default
-    value = table[key]
-    ok = isinstance(value, typ) and not (isinstance(value, bool) and typ in (int, float, (int, float)))
-    if not ok:
-        names = " or ".join(t.__name__ for t in (typ if isinstance(typ, tuple) else (typ,)))
-        raise _fail(f"{path}{key}", value, f"must be {names}")
-    return value
-
-
-def _positive(value: float, key: str, allow_zero: bool = False) -> float:
-    if value < 0 or (value == 0 and not allow_zero):
-        raise _fail(key, value, "must be positive" if not allow_zero else "must be >= 0")
-    return value
-
-
-def _ae(value: Any, key: str) -> str:
-    if not isinstance(value, str) or not _AE_RE.match(value) or not value.strip():
-        raise _fail(key, value, "must be a DICOM AE title (1-16 characters, no backslash)")
-    return value.strip()
-
-
-def _port(value: Any, key: str, allow_zero: bool = False) -> int:
-    lo = 0 if allow_zero else 1
-    if not isinstance(value, int) or isinstance(value, bool) or not lo <= value <= 65535:
-        raise _fail(key, value, f"must be a TCP port {lo}-65535")
-    return value
-
-
-def _resolve(path: str, base: Path) -> Path:
-    p = Path(path).expanduser()
-    return p if p.is_absolute() else (base / p).resolve()
-
-
-# --------------------------------------------------------------------------- sections
-def _node(raw: dict[str, Any], base: Path) -> dict[str, Any]:
-    t = _table(raw, "node", "")
-    p = "node."
-    _reject_unknown(
-        t,
-        {
-            "ae_title", "bind_address", "port", "data_dir", "database_url", "max_pdu",
-            "max_associations", "allowed_calling_aes", "check_called_ae", "accept_enhanced_ct",
-            "uid_root", "acse_timeout_s", "dimse_timeout_s", "network_timeout_s",
-            "max_connections_per_address", "max_pending_connections",
-        },
-        p,
-    )
-    out: dict[str, Any] = {}
-    out["ae_title"] = _ae(t.get("ae_title", "LTDIFF"), p + "ae_title")
-    out["bind_address"] = _get(t, "bind_address", p, str, "0.0.0.0")
-    out["port"] = _port(t.get("port", DEFAULT_PORT), p + "port", allow_zero=True)
-    out["data_dir"] = _resolve(_get(t, "data_dir", p, str, "data"), base)
-    url = _get(t, "database_url", p, str, "")
-    if url and "://" not in url:
-        raise _fail(p + "database_url", url, "must be an SQLAlchemy URL such as sqlite:///path or postgresql://...")
-    out["database_url"] = url
-    max_pdu = _get(t, "max_pdu", p, int, DEFAULT_MAX_PDU)
-    if max_pdu != 0 and not 4096 <= max_pdu <= 2**26:
-        raise _fail(p + "max_pdu", max_pdu, "must be 0 (unlimited) or 4096..67108864 bytes")
-    out["max_pdu"] = max_pdu
-    out["max_associations"] = int(_positive(_get(t, "max_associations", p, int, 10), p + "max_associations"))
-    allowed = _get(t, "allowed_calling_aes", p, list, [])
-    aes = []
-    for i, item in enumerate(allowed):
-        key = f"{p}allowed_calling_aes[{i}]"
-        if isinstance(item, str):
-            aes.append(AllowedAE(_ae(item, key)))
-        elif isinstance(item, dict):
-            _reject_unknown(item, {"ae_title", "host"}, key + ".")
-            host = _get(item, "host", key + ".", str, None)
-            addresses = _addresses(host, key + ".host") if host is not None else ()
-            aes.append(AllowedAE(_ae(item.get("ae_title"), key + ".ae_title"), host, addresses))
-        else:
-            raise _fail(key, item, "must be an AE title or a table {ae_title, host}")
-    out["allowed_calling_aes"] = tuple(aes)
-    out["check_called_ae"] = _get(t, "check_called_ae", p, bool, True)
-    out["accept_enhanced_ct"] = _get(t, "accept_enhanced_ct", p, bool, False)
-    root = _get(t, "uid_root", p, str, "2.25.")
-    if not _UID_ROOT_RE.match(root) or len(root) > 40:
-        raise _fail(p + "uid_root", root, "must be a numeric UID root such as '1.2.826.0.1.3680043.10.999.' (max 40 chars)")
-    out["uid_root"] = root if root.endswith(".") else root + "."
-    for k, d in (("acse_timeout_s", 5.0), ("dimse_timeout_s", 30.0), ("network_timeout_s", 60.0)):
-        out[k] = float(_positive(_get(t, k, p, (int, float), d), p + k))
-    for k, n in (("max_connections_per_address", 4), ("max_pending_connections", 32)):
-        out[k] = int(_positive(_get(t, k, p, int, n), p + k))
-    return out
-
-
-def _addresses(host: str, key: str) -> tuple[str, ...]:
-    """The numeric addresses of an allow-list pin; a name that does not resolve is an error now,
-    not a pin that silently never matches."""
-    try:
-        return (str(ipaddress.ip_address(host)),)
-    except ValueError:
-        pass
-    try:
-        infos = socket.getaddrinfo(host, None, proto=socket.IPPROTO_TCP)
-    except (socket.gaierror, UnicodeError) as exc:
-        raise _fail(key, host, f"host name does not resolve ({exc})") from None
-    return tuple(sorted({str(info[4][0]) for info in infos}))
-
-
-TLS_KEYS = {"enabled", "port", "plain_tcp", "certificate", "private_key", "ca_file", "require_client_certificate",
-            "min_version", "ciphers"}
-DESTINATION_TLS_KEYS = {"tls", "tls_server_name", "tls_check_hostname"}
-
-
-def _tls(raw: dict[str, Any], base: Path, node: dict[str, Any]) -> TLSConfig:
-    t = _table(raw, "tls", "")
-    p = "tls."
-    _reject_unknown(t, TLS_KEYS, p)
-    paths = {}
-    for k in ("certificate", "private_key", "ca_file"):
-        v = _get(t, k, p, str, None)
-        paths[k] = _resolve(v, base) if v else None
-    version = _get(t, "min_version", p, str, "TLSv1.2")
-    if version not in TLS_VERSIONS:
-        raise _fail(p + "min_version", version, f"must be one of {sorted(TLS_VERSIONS)}")
-    tls = TLSConfig(
-        enabled=_get(t, "enabled", p, bool, False),
-        port=_port(t.get("port", DICOM_TLS_PORT), p + "port", allow_zero=True),
-        plain_tcp=_get(t, "plain_tcp", p, bool, True),
-        require_client_certificate=_get(t, "require_client_certificate", p, bool, True),
-        min_version=version,
-        ciphers=_get(t, "ciphers", p, str, ""),
-        **paths,
-    )
-    if not tls.plain_tcp and not tls.enabled:
-        raise _fail(p + "plain_tcp", False, "the node needs a listener: set tls.enabled = true or keep plain_tcp")
-    if tls.enabled and tls.port == node["port"] and tls.port != 0:
-        raise _fail(p + "port", tls.port, "must differ from node.port (the plain TCP listener)")
-    return tls
-
-
-def _destination_tls(raw: dict[str, Any], destinations: tuple[Destination, ...],
-                     tls: TLSConfig) -> tuple[Destination, ...]:
-    """Per-destination ``tls = true`` (with optional ``tls_server_name``/``tls_check_hostname``)."""
-    out = []
-    for i, d in enumerate(destinations):
-        t = raw["destinations"][i]
-        p = f"destinations[{i}]."
-        if not _get(t, "tls", p, bool, False):
-            for k in ("tls_server_name", "tls_check_hostname"):
-                if k in t:
-                    raise _fail(p + k, t[k], "only meaningful with tls = true")
-            out.append(d)
+def _model_at(loc: tuple[int | str, ...]) -> type[BaseModel] | None:
+    """The model whose keys the location ``loc`` indexes (``("rules", 0)`` -> :class:`Rule`)."""
+    model: type[BaseModel] | None = NodeConfig
+    for part in loc:
+        if isinstance(part, int) or model is None:
             continue
-        problems = check_tls(replace(tls, enabled=False))  # the SCU needs certificate/key, not client-cert policy
-        if problems:
-            k, why = problems[0]
-            raise ConfigError(f"tls.{k}: {why} (destinations[{i}] uses tls)")
-        name = _get(t, "tls_server_name", p, str, d.host)
-        out.append(replace(d, tls=ClientTLS(tls, name, _get(t, "tls_check_hostname", p, bool, True))))
-    return tuple(out)
+        field = next((f for n, f in model.model_fields.items() if (f.alias or n) == part), None)
+        model = _model_in(field.annotation) if field is not None else None
+    return model
 
 
-def _completeness(raw: dict[str, Any]) -> Completeness:
-    t = _table(raw, "completeness", "")
-    p = "completeness."
-    _reject_unknown(t, {"stable_age_s", "use_expected_count", "scan_interval_s"}, p)
-    return Completeness(
-        stable_age_s=float(_positive(_get(t, "stable_age_s", p, (int, float), 30.0), p + "stable_age_s", True)),
-        use_expected_count=_get(t, "use_expected_count", p, bool, True),
-        scan_interval_s=float(_positive(_get(t, "scan_interval_s", p, (int, float), 2.0), p + "scan_interval_s")),
-    )
+def _model_in(tp: Any) -> type[BaseModel] | None:
+    if isinstance(tp, type) and issubclass(tp, BaseModel):
+        return tp
+    for arg in get_args(tp):
+        if (found := _model_in(arg)) is not None:
+            return found
+    return None
 
 
-def _steps(t: dict[str, Any], p: str) -> int | None:
-    steps = _get(t, "steps", p, int, None)
-    if steps is not None and steps < 1:
-        raise _fail(p + "steps", steps, "must be >= 1 (leave it out for the model's default)")
-    return steps
+def _path_text(loc: tuple[int | str, ...]) -> str:
+    text = ""
+    for part in loc:
+        if isinstance(part, int):
+            text += f"[{part}]"
+        elif "[" not in part:  # pydantic's tags of validator functions are not keys
+            text += f".{part}" if text else part
+    return text
 
 
-def _processing(raw: dict[str, Any]) -> Processing:
-    t = _table(raw, "processing", "")
-    p = "processing."
-    _reject_unknown(t, {"device", "max_batch_slices", "poll_interval_s", "steps", "seed", "max_matrix"}, p)
-    device = _get(t, "device", p, str, "auto")
-    if not re.match(r"^(auto|cpu|cuda(:\d+)?|mps)$", device):
-        raise _fail(p + "device", device, "must be auto, cpu, cuda, cuda:N or mps")
-    return Processing(
-        device=device,
-        max_batch_slices=int(_positive(_get(t, "max_batch_slices", p, int, 256), p + "max_batch_slices")),
-        poll_interval_s=float(_positive(_get(t, "poll_interval_s", p, (int, float), 2.0), p + "poll_interval_s")),
-        steps=_steps(t, p),
-        seed=_get(t, "seed", p, int, 0),
-        max_matrix=int(_positive(_get(t, "max_matrix", p, int, 1024), p + "max_matrix")),
-    )
-
-
-def _disk(raw: dict[str, Any]) -> Disk:
-    t = _table(raw, "disk", "")
-    p = "disk."
-    _reject_unknown(t, {"min_free_percent", "min_free_mb", "output_reserve_factor"}, p)
-    pct = float(_positive(_get(t, "min_free_percent", p, (int, float), 5.0), p + "min_free_percent", True))
-    if pct >= 100:
-        raise _fail(p + "min_free_percent", pct, "must be below 100")
-    return Disk(
-        min_free_percent=pct,
-        min_free_mb=float(_positive(_get(t, "min_free_mb", p, (int, float), 2048.0), p + "min_free_mb", True)),
-        output_reserve_factor=float(_positive(_get(t, "output_reserve_factor", p, (int, float), 1.0),
-                                              p + "output_reserve_factor", True)),
-    )
-
-
-def _audit(raw: dict[str, Any], base: Path) -> Audit:
-    t = _table(raw, "audit", "")
-    p = "audit."
-    _reject_unknown(t, {"enabled", "path"}, p)
-    path = _get(t, "path", p, str, "")
-    return Audit(enabled=_get(t, "enabled", p, bool, True), path=_resolve(path, base) if path else None)
-
-
-def _retention(raw: dict[str, Any]) -> Retention:
-    t = _table(raw, "retention", "")
-    p = "retention."
-    _reject_unknown(t, {"days", "purge_interval_s"}, p)
-    return Retention(
-        days=float(_positive(_get(t, "days", p, (int, float), 30.0), p + "days")),
-        purge_interval_s=float(_positive(_get(t, "purge_interval_s", p, (int, float), 3600.0), p + "purge_interval_s")),
-    )
-
-
-def _logging(raw: dict[str, Any]) -> Logging:
-    t = _table(raw, "logging", "")
-    p = "logging."
-    _reject_unknown(t, {"level", "format"}, p)
-    level = _get(t, "level", p, str, "INFO").upper()
-    if level not in {"DEBUG", "INFO", "WARNING", "ERROR"}:
-        raise _fail(p + "level", level, "must be DEBUG, INFO, WARNING or ERROR")
-    fmt = _get(t, "format", p, str, "kv")
-    if fmt not in {"kv", "json"}:
-        raise _fail(p + "format", fmt, "must be 'kv' or 'json'")
-    return Logging(level=level, format=fmt)
-
-
-DIMSE_KEYS = {"ae_title", "host", "port"} | DESTINATION_TLS_KEYS
-STOW_KEYS = {"url", "max_instances_per_request", "max_request_mb", "username", "password_env", "password_file",
-             "token_env", "token_file", "ca_file"}
-
-
-def _stow(t: dict[str, Any], p: str, base: Path) -> dict[str, Any]:
-    """The STOW-RS keys of one destination. Secrets are named (environment variable or file),
-    never written in the configuration; they must be readable now, not at the first send."""
-    if "url" not in t:
-        raise ConfigError(f"{p}url: required key is missing (type = 'stow-rs')")
-    url = _get(t, "url", p, str, None)
-    parts = urlsplit(url)
-    if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise _fail(p + "url", url, "must be an http:// or https:// DICOMweb base URL")
-    if parts.username is not None or parts.password is not None:
-        raise _fail(p + "url", url, "must not carry credentials; use username with password_env or password_file")
-    if parts.query or parts.fragment:
-        raise _fail(p + "url", url, "must be a base URL without query or fragment")
-    try:
-        port = parts.port or (443 if parts.scheme == "https" else 80)
-    except ValueError:
-        raise _fail(p + "url", url, "has an invalid port") from None
-    out: dict[str, Any] = {"type": "stow-rs", "url": url.rstrip("/"), "ae_title": "", "host": parts.hostname,
-                           "port": port}
-    out["max_instances_per_request"] = int(_positive(_get(t, "max_instances_per_request", p, int, 50),
-                                                     p + "max_instances_per_request"))
-    out["max_request_mb"] = float(_positive(_get(t, "max_request_mb", p, (int, float), 64.0), p + "max_request_mb"))
-    for k in ("username", "password_env", "token_env"):
-        out[k] = _get(t, k, p, str, None)
-    for k in ("password_file", "token_file", "ca_file"):
-        v = _get(t, k, p, str, None)
-        out[k] = _resolve(v, base) if v else None
-        if out[k] is not None and not out[k].is_file():
-            raise _fail(p + k, v, f"file not found at {out[k]}")
-    for env in ("password_env", "token_env"):
-        if out[env] is not None and not os.environ.get(out[env]):
-            raise _fail(p + env, out[env], "environment variable is not set or empty")
-    if out["password_env"] and out["password_file"]:
-        raise _fail(p + "password_file", t["password_file"], "give password_env or password_file, not both")
-    if out["token_env"] and out["token_file"]:
-        raise _fail(p + "token_file", t["token_file"], "give token_env or token_file, not both")
-    has_password = bool(out["password_env"] or out["password_file"])
-    if out["username"] is not None and not has_password:
-        raise ConfigError(f"{p}password_env: required with username (or password_file)")
-    if has_password and out["username"] is None:
-        raise ConfigError(f"{p}username: required with a password")
-    if out["username"] is not None and (out["token_env"] or out["token_file"]):
-        raise _fail(p + "username", out["username"], "basic auth and a bearer token are exclusive")
-    if out["ca_file"] is not None and parts.scheme != "https":
-        raise _fail(p + "ca_file", t["ca_file"], "only meaningful with an https:// url")
-    return out
-
-
-def _destinations(raw: dict[str, Any], base: Path = Path(".")) -> tuple[Destination, ...]:
-    items = raw.get("destinations", [])
-    if not isinstance(items, list):
-        raise _fail("destinations", items, "must be an array of tables [[destinations]]")
-    out: list[Destination] = []
-    seen: set[str] = set()
-    for i, t in enumerate(items):
-        p = f"destinations[{i}]."
-        if not isinstance(t, dict):
-            raise _fail(f"destinations[{i}]", t, "must be a table")
-        _reject_unknown(t, {"name", "type", "max_retries", "backoff_base_s", "timeout_s", "retry_for_s",
-                            "backoff_max_s"} | DIMSE_KEYS | STOW_KEYS, p)
-        kind = _get(t, "type", p, str, "dimse")
-        if kind not in DESTINATION_TYPES:
-            raise _fail(p + "type", kind, f"must be one of {list(DESTINATION_TYPES)}")
-        for k in sorted(set(t) & (STOW_KEYS if kind == "dimse" else DIMSE_KEYS)):
-            raise _fail(p + k, t[k], f"not a key of a type = {kind!r} destination")
-        for req in ("name", "ae_title", "host", "port") if kind == "dimse" else ("name",):
-            if req not in t:
-                raise ConfigError(f"{p}{req}: required key is missing")
-        name = _get(t, "name", p, str, None)
-        if not _NAME_RE.match(name):
-            raise _fail(p + "name", name, "must be 1-64 letters, digits, '_', '-' or '.'")
-        if name in seen:
-            raise _fail(p + "name", name, "duplicate destination name")
-        seen.add(name)
-        max_retries = _get(t, "max_retries", p, int, None)
-        if max_retries is not None and max_retries < 0:
-            raise _fail(p + "max_retries", max_retries, "must be >= 0")
-        if kind == "dimse":
-            where: dict[str, Any] = {"ae_title": _ae(t["ae_title"], p + "ae_title"),
-                                     "host": _get(t, "host", p, str, None), "port": _port(t["port"], p + "port")}
-        else:
-            where = _stow(t, p, base)
-        out.append(
-            Destination(
-                name=name,
-                max_retries=max_retries,
-                backoff_base_s=float(_positive(_get(t, "backoff_base_s", p, (int, float), 10.0), p + "backoff_base_s")),
-                timeout_s=float(_positive(_get(t, "timeout_s", p, (int, float), 30.0), p + "timeout_s")),
-                retry_for_s=float(_positive(_get(t, "retry_for_s", p, (int, float), 86400.0), p + "retry_for_s", True)),
-                backoff_max_s=float(_positive(_get(t, "backoff_max_s", p, (int, float), 600.0), p + "backoff_max_s")),
-                **where,
-            )
-        )
-    return tuple(out)
-
-
-def _rules(raw: dict[str, Any], destinations: tuple[Destination, ...], base: Path) -> tuple[Rule, ...]:
-    if "rules" not in raw:
-        return DEFAULT_RULES
-    items = raw["rules"]
-    if not isinstance(items, list):
-        raise _fail("rules", items, "must be an array of tables [[rules]]")
-    names = {d.name for d in destinations}
-    out: list[Rule] = []
-    for i, t in enumerate(items):
-        p = f"rules[{i}]."
-        if not isinstance(t, dict):
-            raise _fail(f"rules[{i}]", t, "must be a table")
-        _reject_unknown(t, {"name", "match", "action", "model", "destinations", "steps", "seed", "qa"}, p)
-        name = _get(t, "name", p, str, f"rule-{i}")
-        match_raw = _get(t, "match", p, dict, {})
-        match: dict[str, tuple[str, ...]] = {}
-        for k, v in match_raw.items():
-            mk = f"{p}match.{k}"
-            if k not in MATCH_KEYS:
-                raise _fail(mk, v, f"unknown attribute; expected one of {list(MATCH_KEYS)}")
-            values = [v] if isinstance(v, str) else v
-            if not isinstance(values, list) or not values or not all(isinstance(x, str) for x in values):
-                raise _fail(mk, v, "must be a string or a non-empty list of strings")
-            if k == "SeriesDescription":
-                for x in values:
-                    try:
-                        re.compile(x)
-                    except re.error as exc:
-                        raise _fail(mk, x, f"invalid regular expression: {exc}") from None
-            match[k] = tuple(values)
-        action = _get(t, "action", p, str, "standardize")
-        if action not in {"standardize", "ignore"}:
-            raise _fail(p + "action", action, "must be 'standardize' or 'ignore'")
-        model = _get(t, "model", p, str, "default")
-        if model != "default" and "/" not in model and not model.endswith(".safetensors"):
-            raise _fail(p + "model", model, "must be 'default' or a path to a .safetensors checkpoint")
-        if model != "default":
-            resolved = _resolve(model, base)
-            if not resolved.is_file():
-                raise _fail(p + "model", model, f"checkpoint not found at {resolved}")
-            model = str(resolved)
-        qa = _get(t, "qa", p, str, "refuse")
-        if qa not in QA_MODES:
-            raise _fail(p + "qa", qa, "must be 'refuse', 'flag' or 'off'")
-        dests = _get(t, "destinations", p, list, [])
-        for j, d in enumerate(dests):
-            if d not in names:
-                raise ConfigError(f"{p}destinations: unknown destination {d!r} (defined: {sorted(names)})")
-        out.append(
-            Rule(
-                name=name, match=match, action=action, model=model, destinations=tuple(dests),
-                steps=_steps(t, p), seed=_get(t, "seed", p, int, 0), qa=qa,
-            )
-        )
-    return tuple(out)
+def _describe(err: ErrorDetails) -> str:
+    """One error as ``key.path: why (got value)``, the message format of the whole node."""
+    kind, ctx, value = err["type"], err.get("ctx", {}), err.get("input", _NO_VALUE)
+    loc = tuple(err["loc"])
+    if kind == "config":
+        path = ".".join(p for p in (_path_text(loc), ctx["key"]) if p)
+        value = value if ctx["value"] is _INPUT else ctx["value"]
+        return f"{path}: {ctx['why']}" + ("" if value is _NO_VALUE else f" (got {value!r})")
+    path = _path_text(loc)
+    if kind == "missing":
+        return f"{path}: required key is missing"
+    if kind == "extra_forbidden":
+        model = _model_at(loc[:-1])
+        keys = sorted(f.alias or n for n, f in model.model_fields.items()) if model else []
+        why = f"unknown key; expected one of {keys}"
+    elif kind in _MUST_BE:
+        why = f"must be {_MUST_BE[kind]}"
+    elif kind == "greater_than":
+        why = "must be positive" if ctx["gt"] == 0 else f"must be > {_number(ctx['gt'])}"
+    elif kind == "greater_than_equal":
+        why = f"must be >= {_number(ctx['ge'])}"
+    elif kind == "less_than":
+        why = f"must be below {_number(ctx['lt'])}"
+    elif kind == "less_than_equal":
+        why = f"must be <= {_number(ctx['le'])}"
+    elif kind == "literal_error":
+        why = f"must be {ctx['expected']}" if isinstance(value, str) else "must be str"
+    else:
+        why = err["msg"].removeprefix("Value error, ").replace("Input should be", "must be")
+    return f"{path}: {why}" + ("" if value is _NO_VALUE else f" (got {value!r})")
 
 
 def parse_config(raw: dict[str, Any], base: Path = Path("."), source: Path | None = None) -> NodeConfig:
-    """Validate a TOML-shaped dict; raises :class:`ConfigError` naming the bad key and value."""
-    _reject_unknown(
-        raw, {"node", "completeness", "processing", "retention", "logging", "destinations", "rules",
-              "tls", "disk", "audit"}, ""
-    )
-    node = _node(raw, base)
-    tls = _tls(raw, base, node)
-    if tls.enabled:
-        for k, why in check_tls(tls)[:1]:
-            raise ConfigError(f"tls.{k}: {why}")
-    destinations = _destination_tls(raw, _destinations(raw, base), tls)
-    return NodeConfig(
-        **node,
-        tls=tls,
-        completeness=_completeness(raw),
-        processing=_processing(raw),
-        retention=_retention(raw),
-        logging=_logging(raw),
-        disk=_disk(raw),
-        audit=_audit(raw, base),
-        destinations=destinations,
-        rules=_rules(raw, destinations, base),
-        source=source,
-    )
+    """Validate a TOML-shaped dict; raises :class:`ConfigError` naming each bad key and value.
+
+    ``base`` is the directory relative paths in ``raw`` are resolved against."""
+    try:
+        config = NodeConfig.model_validate(raw, context={"base": base})
+    except ValidationError as exc:
+        raise ConfigError("\n".join(_describe(e) for e in exc.errors(include_url=False))) from None
+    config._source = source
+    return config
 
 
 def load_config(path: str | Path | None) -> NodeConfig:
@@ -683,4 +729,4 @@ def load_config(path: str | Path | None) -> NodeConfig:
     try:
         return parse_config(raw, p.resolve().parent, p)
     except ConfigError as exc:
-        raise ConfigError(f"{p}: {exc}") from None
+        raise ConfigError("\n".join(f"{p}: {line}" for line in str(exc).splitlines())) from None

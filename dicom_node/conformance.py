@@ -1,7 +1,7 @@
-"""The DICOM conformance statement, and the SOP class / transfer syntax lists the SCP uses.
+"""The DICOM conformance statement of the running configuration.
 
-The SCP imports :data:`ACCEPTED_TRANSFER_SYNTAXES` and :data:`STORAGE_SOP_CLASSES` from here, so
-what ``dicom-node conformance`` prints is, by construction, what the node negotiates. The text
+The SOP classes, transfer syntaxes and statuses come from :mod:`dicom_node.negotiation`, which the
+SCP and SCU use too, so what ``dicom-node conformance`` prints is what the node negotiates. The text
 is built from the running configuration (AE title, port, allow-list, destinations), so a site
 hands its PACS team the statement of the node they actually run.
 """
@@ -14,67 +14,16 @@ import pynetdicom
 from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes
 from pydicom.sr.coding import Code
-from pydicom.uid import (
-    UID,
-    CTImageStorage,
-    DeflatedExplicitVRLittleEndian,
-    ExplicitVRLittleEndian,
-    ImplicitVRLittleEndian,
-    JPEG2000,
-    JPEG2000Lossless,
-    JPEGLossless,
-    JPEGLosslessSV1,
-    JPEGLSLossless,
-    JPEGLSNearLossless,
-    RLELossless,
-)
+from pydicom.uid import UID, CTImageStorage
 
+from .negotiation import (
+    ACCEPTED_TRANSFER_SYNTAXES, C_STORE_SCP_STATUSES, ENHANCED_CT_REFUSAL_STATUS, ENHANCED_CT_SOP_CLASSES,
+    SEND_TRANSFER_SYNTAXES, STORAGE_SOP_CLASSES, VERIFICATION_SOP_CLASS,
+)
 from .derive import DerivationInfo, uid_prefix, output_kernel
 from .tls import BCP195_CIPHERS
 from .transport import ASSOCIATE_RQ_MAX_LENGTH
 from .version import SOFTWARE_NAME, SOFTWARE_VERSION
-
-VERIFICATION_SOP_CLASS = UID("1.2.840.10008.1.1")
-# Stored and standardized. CT Image Storage only: the model works on single-frame axial slices.
-STORAGE_SOP_CLASSES: tuple[UID, ...] = (CTImageStorage,)
-# Negotiated so that a refusal is a clear C-STORE status rather than a rejected context.
-ENHANCED_CT_SOP_CLASSES: tuple[UID, ...] = (
-    UID("1.2.840.10008.5.1.4.1.1.2.1"),  # Enhanced CT Image Storage
-    UID("1.2.840.10008.5.1.4.1.1.2.2"),  # Legacy Converted Enhanced CT Image Storage
-)
-ENHANCED_CT_REFUSAL_STATUS = 0x0122  # Refused: SOP Class not supported
-
-# Every syntax here is decodable in-process (pydicom + pylibjpeg) when the series is processed;
-# instances are spooled exactly as received, so no syntax costs a re-encode at receive time.
-ACCEPTED_TRANSFER_SYNTAXES: tuple[UID, ...] = (
-    ExplicitVRLittleEndian,
-    ImplicitVRLittleEndian,
-    DeflatedExplicitVRLittleEndian,
-    JPEGLosslessSV1,      # 1.2.840.10008.1.2.4.70, process 14 selection value 1
-    JPEGLossless,         # 1.2.840.10008.1.2.4.57, process 14
-    JPEG2000Lossless,
-    JPEG2000,             # lossy or lossless
-    JPEGLSLossless,
-    JPEGLSNearLossless,
-    RLELossless,
-)
-# Derived instances are written Explicit VR Little Endian; Implicit is proposed as fallback
-# because every Storage SCP must accept it.
-SEND_TRANSFER_SYNTAXES: tuple[UID, ...] = (ExplicitVRLittleEndian, ImplicitVRLittleEndian)
-
-C_STORE_SCP_STATUSES: tuple[tuple[int, str, str], ...] = (
-    (0x0000, "Success", "instance written to the spool (fsync, rename) and recorded, or a duplicate SOP Instance UID"),
-    (ENHANCED_CT_REFUSAL_STATUS, "Refused: SOP Class not supported", "Enhanced CT when accept_enhanced_ct is false"),
-    (0xA700, "Refused: Out of resources",
-     "disk watermark reached, or the instance could not be persisted; the sender may retry"),
-    (0xA900, "Error: Data set does not match SOP class",
-     "SOP/Series/Study Instance UID missing, SOP UIDs differ from the request, image attributes missing, "
-     "colour or multi-frame image"),
-    (0xC000, "Error: Cannot understand",
-     "invalid UID (syntax, over 64 characters), undecodable header, implausible geometry, truncated pixel "
-     "data, or a SOP Instance UID already received with different pixel data (kept in quarantine)"),
-)
-
 
 class DestinationLike(Protocol):
     """A configured C-STORE SCP that receives standardized series."""

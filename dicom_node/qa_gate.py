@@ -1,6 +1,6 @@
 """The physics QA gate: decide from the images whether a series may be standardized.
 
-Used by the worker (per rule, ``qa = "refuse" | "flag" | "off"``) and by ``dicom-node
+Used by the process stage (per rule, ``qa = "refuse" | "flag" | "off"``) and by ``dicom-node
 standardize`` (``--qa``, ``--force``). The measures and the envelope are
 :mod:`ltdiff_core.qa`; this module turns them into what the node does and records:
 

@@ -1,4 +1,4 @@
-"""Re-send an existing output series without running the model again.
+"""Admin re-runs: re-send an existing output series without running the model, or reprocess.
 
 A delivery that failed (PACS down past the retry budget, PACS lost the series) needs the same
 output sent again, not a new output series: a second run would create new UIDs and leave two
@@ -10,9 +10,10 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
+from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from . import db
+from . import db, track
 from .audit import audit_for
 from .config import NodeConfig
 from .logs import log_event
@@ -63,9 +64,7 @@ def queue_resend(s: Session, config: NodeConfig, series: db.Series, *, destinati
                 continue
             x.state, x.error = db.PENDING, None
             n += 1
-    job.state, job.error, job.finished_at = db.SENDING, None, None
-    job.sending_started_at = now
-    series.set_state(db.SENDING)
+    track.resend(job, now)
     audit_for(config).series("resend", series.series_uid, series.study_uid, instances=n,
                              output_series_uid=job.output_series_uid,
                              destination=",".join(d.destination for d in deliveries))
@@ -81,3 +80,33 @@ def resend(config: NodeConfig, database: db.Database, series_uid: str, *, destin
         if series is None:
             raise ResendError(f"series {series_uid} not found")
         return queue_resend(s, config, series, destination=destination, only_unsent=only_unsent)
+
+
+def retry(config: NodeConfig, database: db.Database, series_uid: str | None = None, failed: bool = False,
+          force: bool = False) -> tuple[int, list[str]]:
+    """Queue a series again (a new job version); with ``failed`` every failed series. Returns the
+    number of series handled and the UIDs of those re-sent rather than reprocessed.
+
+    A failed series whose output exists on disk (it failed in delivery) is re-sent instead: only
+    its unacknowledged instances, no new model run, no second output series. ``force``: the next
+    job runs the QA gate as ``flag`` (a refused series is standardized and the warning recorded);
+    it does not apply to a re-send, whose output already passed."""
+    n = 0
+    resent: list[str] = []
+    with database.session() as s:
+        q = select(db.Series)
+        q = q.where(db.Series.state == db.FAILED) if failed else q.where(db.Series.series_uid == series_uid)
+        for series in s.scalars(q):
+            if series.state in (db.QUEUED, db.PROCESSING, db.SENDING, db.RECEIVED):
+                continue
+            # Re-send only when the latest job holds the output: a later job that failed without
+            # output (model error) is reprocessed, not replaced by old output.
+            job = output_job(config, series)
+            if failed and not series.grown_after_processing and job is not None and job is series.jobs[-1]:
+                queue_resend(s, config, series, only_unsent=True)
+                resent.append(series.series_uid)
+                n += 1
+                continue
+            track.reopen_for_retry(series, force=force, stable_age_s=config.completeness.stable_age_s)
+            n += 1
+    return n, resent

@@ -21,26 +21,11 @@ from pynetdicom import AE
 from pynetdicom.presentation import build_context
 
 from .config import Destination
+from .negotiation import PERMANENT, TRANSIENT, classify_status, context_result, is_success, reject_reason
 from .logs import log_event
 from .tls import client_context
 
 log = logging.getLogger("dicom_node.scu")
-
-TRANSIENT = "transient"
-PERMANENT = "permanent"
-
-_REJECT_REASONS = {
-    (1, 1): "no reason given", (1, 2): "application context name not supported",
-    (1, 3): "calling AE title not recognised", (1, 7): "called AE title not recognised",
-    (2, 1): "no reason given", (2, 2): "protocol version not supported",
-    (3, 1): "temporary congestion", (3, 2): "local limit exceeded",
-}
-# Presentation-context results (PS3.8 9.3.3.2): why a destination refused a proposed context.
-_CONTEXT_RESULTS = {
-    1: "user rejection", 2: "no reason (provider rejection)", 3: "abstract syntax not supported",
-    4: "transfer syntaxes not supported",
-}
-
 
 @dataclass
 class InstanceResult:
@@ -68,16 +53,6 @@ class SendOutcome:
         return sum(r.ok for r in self.results)
 
 
-def is_success(status: int) -> bool:
-    """Success (0x0000) or warning (0xB000, 0xB007, 0xB006): the destination kept the instance."""
-    return status == 0x0000 or (status & 0xF000) == 0xB000 or status == 0x0001
-
-
-def classify_status(status: int) -> str:
-    """0xA7xx "out of resources" is worth retrying; every other failure status is permanent."""
-    return TRANSIENT if (status & 0xFF00) == 0xA700 else PERMANENT
-
-
 def _contexts(files: Sequence[Path]) -> tuple[list[tuple[Path, str, str]], list]:
     """(path, SOPInstanceUID, SOPClassUID) per file and the presentation contexts to propose:
     each file's own transfer syntax (sent as stored, no re-encode) plus the uncompressed ones."""
@@ -103,7 +78,7 @@ def _context_refusal(assoc: Any) -> str | None:
     rejected = list(getattr(assoc, "rejected_contexts", []) or [])
     if not rejected:
         return None
-    parts = sorted({f"{cx.abstract_syntax} ({_CONTEXT_RESULTS.get(int(cx.result or 0), f'result {cx.result}')})"
+    parts = sorted({f"{cx.abstract_syntax} ({context_result(cx)})"
                     for cx in rejected})
     return "no presentation context accepted by the destination: " + "; ".join(parts)
 
@@ -132,8 +107,7 @@ def send_files(dest: Destination, files: Sequence[Path], calling_ae: str, max_pd
         if not assoc.is_established:
             if assoc.is_rejected and assoc.acceptor.primitive is not None:
                 prim = assoc.acceptor.primitive
-                result, source, diag = int(prim.result), int(prim.result_source), int(prim.diagnostic)
-                reason = _REJECT_REASONS.get((source, diag), f"source {source} diagnostic {diag}")
+                result, reason = int(prim.result), reject_reason(prim)
                 out.failure = PERMANENT if result == 1 else TRANSIENT
                 out.error = (f"association rejected ({'permanent' if result == 1 else 'transient'}): {reason}")
             elif (refusal := _context_refusal(assoc)) is not None:

@@ -18,9 +18,9 @@ from . import db
 from .config import NodeConfig
 from .logs import log_event
 from .scheduler import build_scheduler
-from .scp import StorageSCP
+from .receive import StorageSCP
 from .spool import write_atomic
-from .worker import Worker
+from .pipeline import Pipeline
 
 log = logging.getLogger("dicom_node.service")
 
@@ -40,10 +40,11 @@ class NodeService:
         self.config = config
         self.stop_event = threading.Event()
         self.db = db.Database(config.db_url)
-        self.worker = Worker(config, self.db, self.stop_event)
+        self.pipeline = Pipeline(config, self.db, self.stop_event)
         self.scp: StorageSCP | None = None
         self.scheduler: Any = None
         self.port: int | None = None
+        self.http: Any = None  # observe.server.ObserveServer when [http] enabled
 
     def _check_pidfile(self) -> None:
         """Refuse to start a second node on the same data directory (one pidfile, one queue)."""
@@ -62,12 +63,17 @@ class NodeService:
             d.mkdir(parents=True, exist_ok=True)
         self._check_pidfile()
         self.db.create_all()
-        self.worker.recover()
+        self.pipeline.recover()
+        if c.http.enabled:  # before the DICOM listener: a port already taken stops the start here
+            from .observe.server import ObserveServer  # imports status, which imports this module
+
+            self.http = ObserveServer(c, self.db)
+            self.http.start()
         write_atomic(c.pid_file, f"{os.getpid()}\n".encode())
         self.scp = StorageSCP(c, self.db)
         self.port = self.scp.start()
         self.heartbeat(started=True)
-        self.scheduler = build_scheduler(c, self.worker, self.heartbeat)
+        self.scheduler = build_scheduler(c, self.pipeline, self.heartbeat)
         self.scheduler.start()
         log_event(log, "node_started", ae_title=c.ae_title, port=self.port, pid=os.getpid(), data_dir=str(c.data_dir),
                   database=c.db_url.split("://")[0], destinations=",".join(d.name for d in c.destinations),
@@ -77,7 +83,7 @@ class NodeService:
     def heartbeat(self, started: bool = False, stopped: bool = False) -> None:
         """Liveness for ``dicom-node status``: PID, AE, port, model and device in use."""
         now = db.utcnow()
-        lm = self.worker.last_model
+        lm = self.pipeline.last_model
         with self.db.session() as s:
             row = s.get(db.NodeHeartbeat, self.config.ae_title)
             if row is None:
@@ -106,6 +112,8 @@ class NodeService:
     def stop(self) -> None:
         """Clean shutdown: no new associations, finish open ones and the running job."""
         self.stop_event.set()
+        if self.http is not None:
+            self.http.stop()
         if self.scp is not None:
             self.scp.stop()
         if self.scheduler is not None:

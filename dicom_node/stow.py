@@ -31,7 +31,8 @@ from urllib3.exceptions import SSLError as URLLibSSLError
 
 from .config import Destination
 from .logs import log_event
-from .scu import PERMANENT, TRANSIENT, InstanceResult, SendOutcome, classify_status
+from .negotiation import PERMANENT, TRANSIENT, classify_status
+from .scu import InstanceResult, SendOutcome
 
 log = logging.getLogger("dicom_node.stow")
 # dicomweb-client wraps each POST in the `retrying` package, which logs every failed try with a

@@ -13,6 +13,10 @@ from __future__ import annotations
 import ssl
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # the [tls] section of the configuration file
+    from .config import TLSConfig
 
 # RFC 7525 section 4.2 / RFC 9325 section 4.2, in OpenSSL names, ECDHE first.
 BCP195_CIPHERS = ":".join((
@@ -22,21 +26,6 @@ BCP195_CIPHERS = ":".join((
 ))
 TLS_VERSIONS = {"TLSv1.2": ssl.TLSVersion.TLSv1_2, "TLSv1.3": ssl.TLSVersion.TLSv1_3}
 DICOM_TLS_PORT = 2762  # IANA "dicom-tls"
-
-
-@dataclass(frozen=True)
-class TLSConfig:
-    """The ``[tls]`` section: one certificate for the node, used when listening and when sending."""
-
-    enabled: bool = False
-    port: int = DICOM_TLS_PORT
-    plain_tcp: bool = True  # keep the plain listener on node.port as well
-    certificate: Path | None = None
-    private_key: Path | None = None
-    ca_file: Path | None = None
-    require_client_certificate: bool = True
-    min_version: str = "TLSv1.2"
-    ciphers: str = ""  # "" = BCP195_CIPHERS
 
 
 @dataclass(frozen=True)

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Bootstrap the project environment: a local .venv with the package installed
 # (reused when present and up to date) and the Debian DICOM peers used by the
-# tests and the demo (dcmtk, dicom3tools, orthanc, orthanc-dicomweb). Sourced by main.sh and test.sh.
+# tests and the demo (dcmtk, dicom3tools, orthanc, orthanc-dicomweb, chromium). Sourced by main.sh and test.sh.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 VENV="$ROOT/.venv"
@@ -14,6 +14,7 @@ command -v Orthanc   >/dev/null 2>&1 || need_apt+=(orthanc)
 # Orthanc's DICOMweb plugin: the STOW-RS destination tests store into it and query it (QIDO-RS).
 [ -e /usr/share/orthanc/plugins/libOrthancDicomWeb.so ] || need_apt+=(orthanc-dicomweb)
 command -v openssl   >/dev/null 2>&1 || need_apt+=(openssl)    # throw-away CA for the DICOM TLS tests
+command -v chromium  >/dev/null 2>&1 || need_apt+=(chromium)   # headless browser for the status page test
 if [ ${#need_apt[@]} -gt 0 ]; then
   echo "[bootstrap] installing Debian packages: ${need_apt[*]}"
   SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO="sudo"

@@ -10,13 +10,13 @@ from pydicom.uid import UID, CTImageStorage
 
 from dicom_node.cli import main
 from dicom_node.config import parse_config
-from dicom_node.conformance import (
+from dicom_node.conformance import conformance_statement
+from dicom_node.negotiation import (
     ACCEPTED_TRANSFER_SYNTAXES,
     ENHANCED_CT_REFUSAL_STATUS,
     ENHANCED_CT_SOP_CLASSES,
     SEND_TRANSFER_SYNTAXES,
     STORAGE_SOP_CLASSES,
-    conformance_statement,
 )
 
 

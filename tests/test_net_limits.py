@@ -25,7 +25,7 @@ from dicom_node.config import ConfigError, parse_config
 from dicom_node.peers import (
     LOOPBACK, associate_rq, connect_from, echoscu, free_port, start_node, started, write_node_config,
 )
-from dicom_node.scp import StorageSCP
+from dicom_node.receive import StorageSCP
 
 MiB = 1 << 20
 

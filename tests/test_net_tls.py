@@ -22,7 +22,7 @@ from dicom_node.peers import (
     LOOPBACK, dcmtk, echoscu, free_port, make_ct_series, orthanc_get, peer_env, start_orthanc,
     start_storescp, started,
 )
-from dicom_node.scp import StorageSCP
+from dicom_node.receive import StorageSCP
 from dicom_node.scu import send_files
 from dicom_node.tls import BCP195_CIPHERS
 

@@ -1,11 +1,14 @@
 """Configuration: the example file is valid and equals the defaults; errors name key and value."""
 from __future__ import annotations
 
+import re
+from collections import defaultdict
 from pathlib import Path
 
 import pytest
+from pydantic import BaseModel, ValidationError
 
-from dicom_node.config import DEFAULT_RULES, ConfigError, load_config, parse_config
+from dicom_node.config import DEFAULT_RULES, ConfigError, NodeConfig, load_config, parse_config
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -25,6 +28,34 @@ def test_example_config_is_valid_and_documents_the_defaults(tmp_path: Path) -> N
     assert cfg.db_url.startswith("sqlite:///") and cfg.db_url.endswith("dicom-node.sqlite")
     assert [r.name for r in cfg.rules][0] == "br40-to-bl64"
     assert defaults.rules == DEFAULT_RULES
+    for section in NodeConfig.model_fields.keys() - {"node", "destinations", "rules"}:
+        assert getattr(cfg, section) == getattr(defaults, section), section
+    assert cfg.node.model_copy(update={"data_dir": defaults.data_dir}) == defaults.node  # data_dir is an example
+
+
+def _documented_keys(text: str) -> dict[str, set[str]]:
+    """``key =`` lines per section of the example file, commented-out examples included."""
+    keys: dict[str, set[str]] = defaultdict(set)
+    section = ""
+    for line in text.splitlines():
+        if m := re.match(r"^#?\s*\[\[?(\w+)\]\]?\s*(#.*)?$", line):
+            section = m.group(1)
+        elif m := re.match(r"^#?\s*(\w+)\s*=", line):
+            keys[section].add(m.group(1))
+    return keys
+
+
+def test_example_config_documents_every_key() -> None:
+    """Each key the models accept appears in conf/dicom-node.toml (as a value or a commented example),
+    and the file names no key the models would refuse."""
+    documented = _documented_keys((ROOT / "conf" / "dicom-node.toml").read_text())
+    sections = {name: next(t for t in (f.annotation, *getattr(f.annotation, "__args__", ()))
+                           if isinstance(t, type) and issubclass(t, BaseModel))
+                for name, f in NodeConfig.model_fields.items()}
+    assert set(documented) - {""} == set(sections)
+    for name, model in sections.items():
+        accepted = {f.alias or n for n, f in model.model_fields.items()}
+        assert accepted == documented[name], name
 
 
 @pytest.mark.parametrize(
@@ -51,7 +82,7 @@ def test_example_config_is_valid_and_documents_the_defaults(tmp_path: Path) -> N
         ({"destinations": [{"name": "P", "ae_title": "P", "host": "h", "port": 104, "backoff_max_s": 0}]},
          "destinations[0].backoff_max_s: must be positive"),
         ({"destinations": [{"name": "W", "type": "wado"}]},
-         "destinations[0].type: must be one of ['dimse', 'stow-rs']"),
+         "destinations[0].type: must be 'dimse' or 'stow-rs' (got 'wado')"),
         ({"destinations": [{"name": "W", "type": "stow-rs"}]}, "destinations[0].url: required key is missing"),
         ({"destinations": [{"name": "W", "type": "stow-rs", "url": "ftp://h/dicom-web"}]},
          "destinations[0].url: must be an http:// or https:// DICOMweb base URL"),
@@ -73,6 +104,32 @@ def test_example_config_is_valid_and_documents_the_defaults(tmp_path: Path) -> N
          "destinations[0].ca_file: only meaningful with an https:// url"),
         ({"destinations": [{"name": "W", "type": "stow-rs", "url": "http://h/dw", "max_instances_per_request": 0}]},
          "destinations[0].max_instances_per_request: must be positive"),
+        ({"destinations": [{"name": "W", "type": "stow-rs", "url": "https://h/dw", "tls": True}]},
+         "destinations[0].tls: not a key of a type = 'stow-rs' destination (got True)"),
+        ({"destinations": [{"name": "W", "type": "stow-rs", "url": "http://h/dw", "max_request_mb": "8"}]},
+         "destinations[0].max_request_mb: must be int or float (got '8')"),
+        # unknown keys, at every level, are named with the keys that level accepts
+        ({"colour": "red"}, "colour: unknown key; expected one of ['audit', 'completeness', 'destinations'"),
+        ({"tls": {"certfile": "x.pem"}}, "tls.certfile: unknown key; expected one of ['ca_file', 'certificate'"),
+        ({"http": {"bind": "0.0.0.0"}},
+         "http.bind: unknown key; expected one of ['enabled', 'host', 'port'] (got '0.0.0.0')"),
+        ({"destinations": [{"name": "P", "ae_title": "P", "host": "h", "port": 104, "retries": 3}]},
+         "destinations[0].retries: unknown key"),
+        ({"rules": [{"name": "r", "destination": ["P"]}]}, "rules[0].destination: unknown key"),
+        # TOML values keep their type: no coercion of strings, bools or floats
+        ({"node": {"check_called_ae": 1}}, "node.check_called_ae: must be bool (got 1)"),
+        ({"node": {"max_associations": 2.5}}, "node.max_associations: must be int (got 2.5)"),
+        ({"processing": {"seed": "0"}}, "processing.seed: must be int (got '0')"),
+        ({"retention": {"days": True}}, "retention.days: must be int or float (got True)"),
+        ({"node": {"allowed_calling_aes": "CT1"}}, "node.allowed_calling_aes: must be an array (got 'CT1')"),
+        ({"processing": 3}, "processing: must be a table (got 3)"),
+        ({"destinations": [{"name": "P", "ae_title": "P", "host": "h", "port": 104, "tls": "yes"}]},
+         "destinations[0].tls: must be bool (got 'yes')"),
+        ({"logging": {"format": "xml"}}, "logging.format: must be 'kv' or 'json' (got 'xml')"),
+        ({"http": {"port": 65536}}, "http.port: must be a TCP port 0-65535 (got 65536)"),
+        ({"http": {"enabled": True, "port": 11112}}, "http.port: must differ from the DICOM ports (got 11112)"),
+        ({"destinations": [{"name": "P", "ae_title": "P", "host": "h", "port": 104}] * 2},
+         "destinations[1].name: duplicate destination name (got 'P')"),
     ],
 )
 def test_validation_errors_name_key_and_value(raw: dict, message: str, tmp_path: Path) -> None:
@@ -80,6 +137,22 @@ def test_validation_errors_name_key_and_value(raw: dict, message: str, tmp_path:
     with pytest.raises(ConfigError) as exc:
         parse_config(raw, tmp_path)
     assert message in str(exc.value)
+
+
+def test_every_error_is_reported_at_once(tmp_path: Path) -> None:
+    """Field errors of different sections come in one message, one line each, so one edit fixes them all."""
+    with pytest.raises(ConfigError) as exc:
+        parse_config({"node": {"port": -1}, "processing": {"device": "tpu"}, "rules": [{"action": "x"}]}, tmp_path)
+    lines = str(exc.value).splitlines()
+    assert [line.split(":")[0] for line in lines] == ["node.port", "processing.device", "rules[0].action"]
+
+
+def test_loaded_configuration_is_immutable_and_http_defaults_off(tmp_path: Path) -> None:
+    cfg = parse_config({"http": {"enabled": True, "port": 0}}, tmp_path)
+    assert cfg.http.enabled and cfg.http.host == "127.0.0.1" and cfg.http.port == 0
+    assert parse_config({}, tmp_path).http.enabled is False and parse_config({}, tmp_path).http.port == 9400
+    with pytest.raises(ValidationError):
+        cfg.processing.device = "cpu"  # type: ignore[misc]
 
 
 def test_file_errors_name_the_file(tmp_path: Path) -> None:
@@ -140,3 +213,12 @@ def test_stow_rs_destination(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) ->
     plain = parse_config({"destinations": [{"name": "W", "type": "stow-rs", "url": "http://127.0.0.1:8042/dicom-web",
                                             "token_file": "ca.crt"}]}, tmp_path).destinations[0]
     assert (plain.host, plain.port, plain.token_file) == ("127.0.0.1", 8042, (tmp_path / "ca.crt").resolve())
+
+
+def test_tls_versions_accepted_are_those_the_tls_module_can_set() -> None:
+    from typing import get_args
+
+    from dicom_node.config import TLSConfig
+    from dicom_node.tls import TLS_VERSIONS
+
+    assert get_args(TLSConfig.model_fields["min_version"].annotation) == tuple(TLS_VERSIONS)

@@ -12,11 +12,10 @@ from dicom_node.peers import LOOPBACK, free_port, make_ct_series, storescu
 from sqlalchemy import select
 
 from dicom_node import db
-from dicom_node.completeness import SeriesProgress, completeness_reason
+from dicom_node.decide import SeriesProgress, completeness_reason, match_rule
 from dicom_node.config import Completeness, parse_config
-from dicom_node.rules import match_rule
-from dicom_node.scp import StorageSCP
-from dicom_node.worker import Worker
+from dicom_node.receive import StorageSCP
+from dicom_node.pipeline import Pipeline
 
 
 def test_completeness_rule() -> None:
@@ -57,7 +56,7 @@ class Node:
         self.db.create_all()
         self.scp = StorageSCP(self.config, self.db)
         self.port = self.scp.start()
-        self.worker = Worker(self.config, self.db)
+        self.worker = Pipeline(self.config, self.db)
 
     def states(self) -> dict[str, tuple[str, str | None]]:
         with self.db.session() as s:
@@ -129,7 +128,7 @@ def test_complete_is_a_persisted_state_that_the_next_scan_routes(tmp_path: Path)
             series.complete_reason = "stable_age"
             series.set_state(db.COMPLETE)
         assert node.states()["s"] == ("complete", None)
-        restarted = Worker(node.config, node.db)
+        restarted = Pipeline(node.config, node.db)
         assert restarted.scan() == 1
         assert node.states()["s"] == ("queued", "br40")
         with node.db.session() as s:
@@ -155,7 +154,7 @@ def test_a_series_whose_files_cannot_be_read_is_refused_and_routing_goes_on(tmp_
             series.instances = [db.Instance(sop_instance_uid=f"{uid}.{k}", sop_class_uid="1.2", transfer_syntax_uid="1.2",
                                             path=f"{uid}/{f.name}", size=1) for k, f in enumerate(files)]
             s.add(series)
-    Worker(cfg, database).scan()
+    Pipeline(cfg, database).scan()
     with database.session() as s:
         states = {x.series_uid: (x.state, x.error) for x in s.query(db.Series)}
     assert states["1.2.3.1"][0] == db.REFUSED and "cannot be read" in states["1.2.3.1"][1]
@@ -180,7 +179,7 @@ def test_a_series_that_fails_the_model_does_not_fail_the_series_batched_with_it(
             series.instances = [db.Instance(sop_instance_uid=f"{uid}.{k}", sop_class_uid="1.2", transfer_syntax_uid="1.2",
                                             path=f"{uid}/{f.name}", size=f.stat().st_size) for k, f in enumerate(files)]
             s.add(series)
-    worker = Worker(cfg, database)
+    worker = Pipeline(cfg, database)
     real = Standardizer.from_checkpoint(Path(__file__).resolve().parents[1] / "ltdiff_core/weights/linear.safetensors")
 
     class PicksOne:
@@ -235,7 +234,7 @@ def test_retry_failed_resends_only_the_latest_jobs_output(tmp_path: Path, later_
     database = db.Database(cfg.db_url)
     database.create_all()
     _failed_series_with_output(cfg, database, "1.2.5.1", later_job)
-    worker = Worker(cfg, database)
+    worker = Pipeline(cfg, database)
     assert worker.retry(failed=True, force=True) == 1
     with database.session() as s:
         series = s.query(db.Series).one()

@@ -12,7 +12,7 @@ from sqlalchemy import func, select
 
 from dicom_node import db
 from dicom_node.config import parse_config
-from dicom_node.scp import StorageSCP
+from dicom_node.receive import StorageSCP
 
 
 class RunningSCP:

@@ -2,7 +2,6 @@
 up/down in `dicom-node status`, and resumes a job interrupted in the middle of processing."""
 from __future__ import annotations
 
-import dataclasses
 from pathlib import Path
 
 from dicom_node.peers import (
@@ -13,7 +12,7 @@ from sqlalchemy import select
 
 from dicom_node import db
 from dicom_node.config import Completeness, load_config
-from dicom_node.worker import Worker
+from dicom_node.pipeline import Pipeline
 
 
 def test_sigterm_status_and_restart_resumes_processing(tmp_path: Path) -> None:
@@ -43,9 +42,9 @@ def test_sigterm_status_and_restart_resumes_processing(tmp_path: Path) -> None:
         # The state a crash in the middle of a model run leaves: the job claimed, in `processing`.
         cfg = load_config(cfg_path)
         database = db.Database(cfg.db_url)
-        w = Worker(dataclasses.replace(cfg, completeness=Completeness(stable_age_s=0)), database)
+        w = Pipeline(cfg.model_copy(update={"completeness": Completeness(stable_age_s=0)}), database)
         assert w.scan() == 1
-        assert len(w._claim_batch()) == 1
+        assert len(w.processor._claim_batch()) == 1
         with database.session() as s:
             assert s.scalars(select(db.Job)).one().state == db.PROCESSING
         database.dispose()

@@ -1,4 +1,4 @@
-"""STOW-RS destinations: a series sent through the worker's send step arrives at Orthanc's DICOMweb
+"""STOW-RS destinations: a series sent through the pipeline's dispatch step arrives at Orthanc's DICOMweb
 plugin and is found by QIDO-RS; unreachable servers, timeouts, HTTP 429/5xx and FailureReason
 0xA7xx are transient (retried), other HTTP 4xx and failure reasons permanent, with the reason
 recorded. Answers Orthanc cannot give on demand (400, 429, 503, 409 with per-instance failure
@@ -23,7 +23,7 @@ from typing import Any
 import pydicom
 import pytest
 import test_net_tls
-from test_node_scu import _worker_with_delivery
+from fault_helpers import sending_pipeline
 from dicomweb_client import DICOMwebClient
 from sqlalchemy import select
 
@@ -34,10 +34,10 @@ from dicom_node.peers import (
     LOOPBACK, free_port, make_ct_series, make_linear_checkpoint, node_status, start_node, start_orthanc, storescu,
     wait_for, write_node_config,
 )
-from dicom_node.scu import PERMANENT, TRANSIENT
+from dicom_node.negotiation import PERMANENT, TRANSIENT
 from dicom_node.senders import sender_for
 from dicom_node.stow import batches, send_files_stow
-from dicom_node.worker import Worker
+from dicom_node.pipeline import Pipeline
 
 pki = test_net_tls.pki  # the throw-away CA fixture (openssl), shared with the DICOM TLS tests
 
@@ -142,9 +142,9 @@ def _dest(url: str, **over: Any) -> dict[str, Any]:
             "backoff_max_s": 0.2, "timeout_s": 5, **over}
 
 
-def _delivery(worker: Worker) -> tuple[db.Delivery, list[db.InstanceSend], db.Job]:
+def _delivery(pipeline: Pipeline) -> tuple[db.Delivery, list[db.InstanceSend], db.Job]:
     """The delivery, its instance sends (in file order) and its job, loaded for reading."""
-    with worker.db.session() as s:
+    with pipeline.db.session() as s:
         d = s.scalars(select(db.Delivery)).one()
         sends = sorted(d.sends, key=lambda x: x.path)
         job = d.job
@@ -167,7 +167,7 @@ def orthanc_web(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
 # --------------------------------------------------------------------------- Orthanc
 def test_series_arrives_by_stow_and_is_found_by_qido(tmp_path: Path, orthanc_web: Any) -> None:
     url = orthanc_web.extra["dicomweb_url"]
-    worker, files = _worker_with_delivery(tmp_path, _dest(url, max_instances_per_request=2), n=5)
+    worker, files = sending_pipeline(tmp_path, _dest(url, max_instances_per_request=2), n=5)
     assert worker.send() == 1
     d, sends, job = _delivery(worker)
     assert d.state == db.SENT and d.attempts == 1 and d.error is None
@@ -219,7 +219,7 @@ def test_echo_of_a_stow_rs_destination_is_a_qido_request(tmp_path: Path, orthanc
 
 def test_wrong_root_is_a_permanent_404_with_the_reason(tmp_path: Path, orthanc_web: Any) -> None:
     url = orthanc_web.extra["dicomweb_url"].replace("/dicom-web", "/no-such-root")
-    worker, _ = _worker_with_delivery(tmp_path, _dest(url))
+    worker, _ = sending_pipeline(tmp_path, _dest(url))
     assert worker.send() == 1
     time.sleep(0.3)
     assert worker.send() == 0  # nothing left to retry
@@ -247,7 +247,7 @@ def test_https_verifies_the_server_against_the_configured_ca(tmp_path: Path, pki
 # --------------------------------------------------------------------------- scripted server
 def test_unreachable_url_is_transient_and_retried_until_the_server_is_up(tmp_path: Path) -> None:
     port = free_port()
-    worker, files = _worker_with_delivery(tmp_path, _dest(f"http://{LOOPBACK}:{port}/dicom-web"))
+    worker, files = sending_pipeline(tmp_path, _dest(f"http://{LOOPBACK}:{port}/dicom-web"))
     assert worker.send() == 1  # connection refused: nothing listening yet
     d, sends, _ = _delivery(worker)
     assert d.state == db.PENDING and d.attempts == 1 and "retry 1/3" in d.error and "not established" in d.error
@@ -264,7 +264,7 @@ def test_unreachable_url_is_transient_and_retried_until_the_server_is_up(tmp_pat
 def test_http_status_classification_through_the_worker(tmp_path: Path, status: int, kind: str) -> None:
     headers = {"Retry-After": "7"} if status == 429 else {}
     with StowServer(answers=[Answer(status, headers=headers)]) as server:
-        worker, _ = _worker_with_delivery(tmp_path, _dest(server.url))
+        worker, _ = sending_pipeline(tmp_path, _dest(server.url))
         assert worker.send() == 1
         d, sends, job = _delivery(worker)
         assert f"STOW-RS HTTP {status}" in d.error and f"scripted {status}" in d.error
@@ -295,7 +295,7 @@ def test_a_redirect_is_permanent_and_not_followed(tmp_path: Path) -> None:
 def test_per_instance_failure_reasons_and_warnings(tmp_path: Path) -> None:
     """409 with FailedSOPSequence: 0xA700 is retried, 0xC000 fails; 202 with WarningReason is stored."""
     with StowServer(answers=[Answer(409, failures={1: 0xA700}), Answer(200)]) as server:
-        worker, _ = _worker_with_delivery(tmp_path, _dest(server.url), n=3)
+        worker, _ = sending_pipeline(tmp_path, _dest(server.url), n=3)
         assert worker.send() == 1
         d, sends, _ = _delivery(worker)
         assert d.state == db.PENDING and "FailureReason 0xA700 (transient; HTTP 409)" in d.error

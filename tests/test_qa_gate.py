@@ -205,7 +205,7 @@ def test_older_database_gets_the_new_columns(tmp_path: Path) -> None:
 
 # ------------------------------------------------------------------ the node
 def test_node_refuses_flags_and_force_retries(phantom: Path, sharp_as_br40: Path, tmp_path: Path) -> None:
-    """A running node: Br40 passes and is sent; the lying tag is refused (failed, nothing sent);
+    """A running node: Br40 passes and is sent; the lying tag is refused (state refused, nothing sent);
     a rule with qa = "flag" standardizes it with the warning; `retry --force` does the same for
     the refused series. Status, status --json and jobs SERIES show verdicts and measures."""
     flag_me = _relabel(phantom / "bl64", tmp_path / "flagme", description="FLAGME")
@@ -230,7 +230,7 @@ def test_node_refuses_flags_and_force_retries(phantom: Path, sharp_as_br40: Path
             def settled() -> dict[str, Any] | None:
                 st = node_status(cfg)
                 by = {s["series_uid"]: s for s in st["series"]}
-                ok = all(u in by and by[u]["state"] in ("done", "failed") for u in uids.values())
+                ok = all(u in by and by[u]["state"] in ("done", "failed", "refused") for u in uids.values())
                 return by if ok else None
 
             by = wait_for(settled, 120, 0.5, "three series settled")
@@ -239,7 +239,7 @@ def test_node_refuses_flags_and_force_retries(phantom: Path, sharp_as_br40: Path
             out = good["jobs"][0]["qa"]["output"]
             assert out["noise_ratio"] > 1.0 and out["sharpness"] > good["jobs"][0]["qa"]["input"]["sharpness"]
 
-            assert sharp["state"] == "failed" and sharp["error"].startswith("QA refused: sharpness"), sharp
+            assert sharp["state"] == "refused" and sharp["error"].startswith("QA refused: sharpness"), sharp
             assert sharp["qa"]["verdict"] == "refused" and sharp["jobs"][0]["deliveries"] == []
             assert sharp["jobs"][0]["qa"]["input"]["sharpness"] > _envelope()["source"]["measures"]["sharpness"]["hi"]
 

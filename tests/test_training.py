@@ -108,6 +108,22 @@ def test_config_errors_name_the_key(tmp_path):
     p.write_text("[optim]\nlr = 1\n")
     with pytest.raises(ConfigError, match=r"\[optim\]"):
         load_config(p, fit_autoencoder.DEFAULTS)
+    p.write_text("[train]\nlr = true\nsteps = 1.5\n[data]\ncases = 'x'\n")  # every error at once, no coercion
+    with pytest.raises(ConfigError) as exc:
+        load_config(p, fit_autoencoder.DEFAULTS)
+    assert str(exc.value).splitlines() == ["config key 'data.cases' must be a list, got 'x'",
+                                           "config key 'train.steps' must be an integer, got 1.5",
+                                           "config key 'train.lr' must be a number, got True"]
+    p.write_text("[train]\nlr = 1\n")
+    assert load_config(p, fit_autoencoder.DEFAULTS)["train"]["lr"] == 1.0
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "conf").glob("train-*.toml")), ids=lambda p: p.name)
+def test_shipped_training_configs_validate(path: Path) -> None:
+    script = {"autoencoder": fit_autoencoder, "diffusion": fit_diffusion, "direct": fit_direct,
+              "linear": fit_linear}[path.stem.split("-")[1]]
+    cfg = load_config(path, script.DEFAULTS)
+    assert set(cfg) == set(script.DEFAULTS) and all(set(cfg[s]) == set(script.DEFAULTS[s]) for s in cfg)
 
 
 def test_split_is_by_case_and_crops_are_reproducible(cases):

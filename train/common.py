@@ -20,11 +20,12 @@ import tomllib
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Sequence
+from typing import Annotated, Any, Callable, Iterable, Sequence
 
 import numpy as np
 import torch
 import torch.distributed as dist
+from pydantic import BaseModel, ConfigDict, Strict, StrictBool, StrictInt, StrictStr, ValidationError, create_model
 from torch import nn
 
 CODE_VERSION_FALLBACK = "unknown"
@@ -35,50 +36,55 @@ class ConfigError(ValueError):
     """A config file has an unknown, missing or mistyped key; the message names it."""
 
 
-def _check_type(key: str, value: Any, default: Any) -> Any:
-    if default is None:
-        return value
-    if isinstance(default, bool):
-        if not isinstance(value, bool):
-            raise ConfigError(f"config key '{key}' must be true/false, got {value!r}")
-    elif isinstance(default, int):
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"config key '{key}' must be an integer, got {value!r}")
-    elif isinstance(default, float):
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"config key '{key}' must be a number, got {value!r}")
-        value = float(value)
-    elif isinstance(default, str):
-        if not isinstance(value, str):
-            raise ConfigError(f"config key '{key}' must be a string, got {value!r}")
-    elif isinstance(default, list):
-        if not isinstance(value, list):
-            raise ConfigError(f"config key '{key}' must be a list, got {value!r}")
-    return value
+_KINDS: dict[type, tuple[Any, str]] = {  # default's type -> (strict pydantic type, how an error names it)
+    bool: (StrictBool, "true/false"),
+    int: (StrictInt, "an integer"),
+    float: (Annotated[float, Strict()], "a number"),  # an integer is a number too
+    str: (StrictStr, "a string"),
+    list: (Annotated[list, Strict()], "a list"),
+}
+_FORBID = ConfigDict(extra="forbid")
+
+
+def config_model(defaults: dict[str, dict[str, Any]]) -> type[BaseModel]:
+    """A pydantic model of a training config: one model per section, each key typed by its default.
+
+    The defaults stay the script's ``DEFAULTS`` dict (one place); a ``None`` default accepts any value."""
+    sections: dict[str, Any] = {}
+    for section, keys in defaults.items():
+        fields = {k: (_KINDS[type(v)][0] if v is not None else Any, v) for k, v in keys.items()}
+        model = create_model(f"{section}_section", __config__=_FORBID, **fields)  # type: ignore[call-overload]
+        sections[section] = (model, model())
+    return create_model("TrainConfig", __config__=_FORBID, **sections)  # type: ignore[call-overload]
+
+
+def _message(err: Any, path: str | Path, defaults: dict[str, dict[str, Any]]) -> str:
+    loc, value = tuple(err["loc"]), err.get("input")
+    if err["type"] == "extra_forbidden" and len(loc) == 1:
+        return f"unknown config section '[{loc[0]}]' in {path} (known: {sorted(defaults)})"
+    if err["type"] == "extra_forbidden":
+        return f"unknown config key '{loc[0]}.{loc[1]}' in {path} (known: {sorted(defaults[str(loc[0])])})"
+    if len(loc) == 1:
+        return f"'{loc[0]}' in {path} must be a table"
+    kind = _KINDS[type(defaults[str(loc[0])][str(loc[1])])][1]
+    return f"config key '{loc[0]}.{loc[1]}' must be {kind}, got {value!r}"
 
 
 def load_config(path: str | Path | None, defaults: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
     """Read a TOML config over ``defaults`` (``{section: {key: default}}``), validating keys and types."""
-    cfg = {s: dict(v) for s, v in defaults.items()}
-    if path is None:
-        return cfg
+    raw: dict[str, Any] = {}
+    if path is not None:
+        try:
+            raw = tomllib.loads(Path(path).read_text())
+        except FileNotFoundError as exc:
+            raise ConfigError(f"config file {path} does not exist") from exc
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"config file {path} is not valid TOML: {exc}") from exc
     try:
-        raw = tomllib.loads(Path(path).read_text())
-    except FileNotFoundError as exc:
-        raise ConfigError(f"config file {path} does not exist") from exc
-    except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"config file {path} is not valid TOML: {exc}") from exc
-    for section, values in raw.items():
-        if section not in defaults:
-            raise ConfigError(f"unknown config section '[{section}]' in {path} (known: {sorted(defaults)})")
-        if not isinstance(values, dict):
-            raise ConfigError(f"'{section}' in {path} must be a table")
-        for key, value in values.items():
-            if key not in defaults[section]:
-                raise ConfigError(f"unknown config key '{section}.{key}' in {path} "
-                                  f"(known: {sorted(defaults[section])})")
-            cfg[section][key] = _check_type(f"{section}.{key}", value, defaults[section][key])
-    return cfg
+        cfg = config_model(defaults).model_validate(raw)
+    except ValidationError as exc:
+        raise ConfigError("\n".join(_message(e, path or "", defaults) for e in exc.errors())) from None
+    return {section: dict(getattr(cfg, section)) for section in defaults}
 
 
 def base_parser(description: str, default_config: str) -> argparse.ArgumentParser:

@@ -1,4 +1,4 @@
-"""Receive: the node's Storage and Verification SCP (pynetdicom event handlers).
+"""Receive: the node's Storage and Verification SCP (thin pynetdicom event handlers).
 
 Each C-STORE is written raw (file meta + dataset exactly as received, no re-encode) to the spool
 atomically and recorded in the database *before* the response says success; any failure to
@@ -16,33 +16,24 @@ from typing import Any
 from pydicom.dataset import Dataset
 from pynetdicom import AE, evt
 from pynetdicom.sop_class import Verification
-from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 
-from . import db
-from .config import NodeConfig
-from .conformance import (
-    ACCEPTED_TRANSFER_SYNTAXES, ENHANCED_CT_REFUSAL_STATUS, ENHANCED_CT_SOP_CLASSES, STORAGE_SOP_CLASSES,
-)
-from .logs import log_event
-from .spool import safe_name, write_atomic
+from . import db, track
 from .audit import audit_for
+from .config import NodeConfig
 from .duplicates import header_differences, same_pixels
-from .tls import server_context
-from .transport import ConnectionGate, Limits, reject_reason, start_server, tls_peer
-from .validate import (
-    STATUS_CANNOT_UNDERSTAND, Refusal, check_instance, clean_uid, native_pixel_length_problem, pixel_digest, printable,
+from .logs import log_event
+from .negotiation import (
+    ACCEPTED_TRANSFER_SYNTAXES, ENHANCED_CT_SOP_CLASSES, STATUS_CANNOT_UNDERSTAND, STATUS_OUT_OF_RESOURCES,
+    STATUS_SOP_CLASS_NOT_SUPPORTED, STATUS_SUCCESS, STORAGE_SOP_CLASSES, reject_reason,
 )
+from .spool import safe_name, write_atomic
+from .tls import server_context
+from .transport import ConnectionGate, Limits, start_server, tls_peer
+from .validate import Refusal, check_instance, clean_uid, native_pixel_length_problem, pixel_digest, printable
 from .watermark import Watermark
 
-log = logging.getLogger("dicom_node.scp")
-
-STATUS_SUCCESS = 0x0000
-STATUS_OUT_OF_RESOURCES = 0xA700  # Refused: out of resources (sender should retry later)
-STATUS_SOP_CLASS_NOT_SUPPORTED = ENHANCED_CT_REFUSAL_STATUS  # 0x0122 Refused: SOP class not supported
-STATUS_DATASET_MISMATCH = 0xA900  # Error: data set does not match SOP class
-STATUS_CANNOT_UNDERSTAND = 0xC000  # Error: cannot understand
-
+log = logging.getLogger("dicom_node.receive")
 
 def _uids(items: Any) -> list[str]:
     """UIDs from the conformance constants (a sequence of UIDs, or a mapping keyed by UID)."""
@@ -51,29 +42,6 @@ def _uids(items: Any) -> list[str]:
         uid = item[0] if isinstance(item, tuple) else item
         out.append(str(uid))
     return out
-
-
-def _text(ds: Dataset, keyword: str, limit: int = 64) -> str | None:
-    """A header value as text (multi-valued joined with a backslash), cut to the column size;
-    ``None`` when absent or undecodable (a malformed optional element never fails the instance)."""
-    try:
-        value = ds.get(keyword)
-    except Exception:
-        return None
-    if value is None or value == "":
-        return None
-    if isinstance(value, (list, tuple)) or type(value).__name__ == "MultiValue":
-        value = "\\".join(str(v) for v in value)
-    return str(value)[:limit]
-
-
-def _int(ds: Dataset, keyword: str | tuple[int, int]) -> int | None:
-    try:
-        elem = ds.get(keyword) if isinstance(keyword, str) else ds.get(keyword)
-        value = elem.value if hasattr(elem, "value") else elem
-        return int(value) if value not in (None, "") else None
-    except Exception:
-        return None
 
 
 @dataclass
@@ -197,7 +165,7 @@ class StorageSCP:
         rq = event.assoc.requestor
         prim = rq.primitive
         rj = event.assoc.acceptor.primitive
-        reason = reject_reason(rj.result_source, rj.diagnostic) if rj is not None else "unknown"
+        reason = reject_reason(rj) if rj is not None else "unknown"
         log_event(log, "association_rejected", level=logging.WARNING, calling_ae=str(prim.calling_ae_title).strip(),
                   called_ae=str(prim.called_ae_title).strip(), peer=rq.address, reason=reason,
                   result="rejected-permanent" if rj is not None and rj.result == 0x01 else "rejected-transient")
@@ -254,7 +222,7 @@ class StorageSCP:
 
     def _is_known(self, sop_uid: str) -> bool:
         with self.db.session() as s:
-            return s.scalar(select(db.Instance.id).where(db.Instance.sop_instance_uid == sop_uid)) is not None
+            return track.is_known(s, sop_uid)
 
     def _refuse(self, refusal: Refusal, sop_uid: str, series_uid: str | None, calling: str, peer: str,
                 quarantine: str | None = None) -> Dataset:
@@ -262,9 +230,9 @@ class StorageSCP:
         (Error Comment, 64 characters) so the sender's operator sees it too."""
         series_uid_db = printable(series_uid) if series_uid else None
         with self._lock, self.db.session() as s:
-            s.add(db.Refusal(calling_ae=printable(calling, 16), peer_address=printable(peer), status=refusal.status,
-                             sop_instance_uid=printable(sop_uid), series_uid=series_uid_db, reason=refusal.reason,
-                             quarantine_path=quarantine))
+            track.record_refusal(s, calling_ae=printable(calling, 16), peer=printable(peer), status=refusal.status,
+                                 sop_uid=printable(sop_uid), series_uid=series_uid_db, reason=refusal.reason,
+                                 quarantine=quarantine)
         log_event(log, "c_store_refused", level=logging.WARNING, sop_instance_uid=printable(sop_uid),
                   series_uid=series_uid_db, calling_ae=calling, peer=peer, reason=refusal.reason,
                   status=refusal.status_hex)
@@ -335,7 +303,7 @@ class StorageSCP:
         different pixel data is a conflict: the first copy is kept, the second is stored in
         quarantine for inspection and refused (0xC000) with the reason."""
         with self.db.session() as s:
-            first = s.scalars(select(db.Instance).where(db.Instance.sop_instance_uid == sop_uid)).first()
+            first = track.instance_by_uid(s, sop_uid)
             if first is None:  # purged meanwhile
                 return STATUS_OUT_OF_RESOURCES
             stored = self.config.spool_dir / first.path
@@ -344,8 +312,8 @@ class StorageSCP:
             first_series_id, first_series_uid = first.series_id, first.series.series_uid
         if same and not changed:
             with self._lock, self.db.session() as s:
-                s.add(db.Anomaly(series_id=first_series_id, kind="duplicate", sop_instance_uid=sop_uid,
-                                 detail=f"identical re-send from {calling}@{peer} acknowledged, not stored again"))
+                track.record_anomaly(s, first_series_id, "duplicate", sop_uid,
+                                     f"identical re-send from {calling}@{peer} acknowledged, not stored again")
             if st is not None:
                 st.duplicates += 1
             log_event(log, "c_store_duplicate", level=logging.INFO, sop_instance_uid=sop_uid, series_uid=series_uid,
@@ -360,72 +328,14 @@ class StorageSCP:
         elif changed:
             reason = f"SOPInstanceUID already received with different {', '.join(changed)} (first copy kept)"
         with self._lock, self.db.session() as s:
-            s.add(db.Anomaly(series_id=first_series_id, kind="conflict", sop_instance_uid=sop_uid,
-                             detail=f"{reason}; second copy from {calling}@{peer} in quarantine/{rel}"))
+            track.record_anomaly(s, first_series_id, "conflict", sop_uid,
+                                 f"{reason}; second copy from {calling}@{peer} in quarantine/{rel}")
         return self._refuse(Refusal(STATUS_CANNOT_UNDERSTAND, reason), sop_uid, series_uid, calling, peer,
                             quarantine=f"quarantine/{rel}")
 
     def _record(self, ds: Dataset, series_uid: str, sop_uid: str, sop_class: str, ts_uid: str, rel: str,
                 size: int, calling: str, peer: str, digest: str | None = None) -> None:
-        """Series upsert + instance insert in one transaction; handles a series that grows."""
-        now = db.utcnow()
         with self.db.session() as s:
-            series = db.series_by_uid(s, series_uid)
-            # Late: the series' output has been (or is being) produced, whatever state the
-            # first late instance moved the series to (so every late instance is counted).
-            late = series is not None and (series.state in db.PROCESSED_STATES or any(
-                j.processing_started_at is not None or j.state in db.PROCESSED_STATES for j in series.jobs))
-            if series is None:
-                series = db.Series(
-                    series_uid=series_uid,
-                    study_uid=_text(ds, "StudyInstanceUID"),
-                    modality=_text(ds, "Modality", 16),
-                    sop_class_uid=sop_class,
-                    convolution_kernel=_text(ds, "ConvolutionKernel"),
-                    manufacturer=_text(ds, "Manufacturer"),
-                    manufacturer_model=_text(ds, "ManufacturerModelName"),
-                    station_name=_text(ds, "StationName"),
-                    body_part=_text(ds, "BodyPartExamined"),
-                    series_description=_text(ds, "SeriesDescription", 128),
-                    series_number=_text(ds, "SeriesNumber", 16),
-                    calling_ae=calling,
-                    peer_address=peer,
-                    expected_count=_int(ds, (0x0020, 0x1002)),  # Images in Acquisition
-                    instance_count=0,
-                    first_received_at=now,
-                    state=db.RECEIVED,
-                    state_changed_at=now,
-                )
-                s.add(series)
-                s.flush()
-                log_event(log, "series_started", series_uid=series_uid, study_uid=series.study_uid,
-                          modality=series.modality, kernel=series.convolution_kernel, calling_ae=calling,
-                          expected_count=series.expected_count)
-                audit_for(self.config).series("received", series_uid, series.study_uid, calling_ae=calling, peer=peer)
-            elif series.state in (db.COMPLETE, db.QUEUED, db.IGNORED, db.UNROUTED, db.REFUSED):
-                # Not processed yet: drop the pending decision and wait for the series to be stable again.
-                for job in series.jobs:
-                    if job.state == db.QUEUED:
-                        s.delete(job)
-                log_event(log, "series_reopened", series_uid=series_uid, previous_state=series.state)
-                series.set_state(db.RECEIVED)
-                series.completed_at = None
-            elif series.state in db.PROCESSED_STATES:
-                # Output exists or is being produced: record, flag, and reprocess the whole series
-                # into a new output series version once it is stable (never a silent second output).
-                series.grown_after_processing = True
-                if series.state in (db.DONE, db.FAILED):
-                    log_event(log, "series_grown_after_processing", level=logging.WARNING, series_uid=series_uid,
-                              previous_state=series.state)
-                    series.set_state(db.RECEIVED)
-                    series.completed_at = None
-            if late:
-                series.grown_after_processing = True
-                series.late_instances += 1
-            series.instance_count += 1
-            series.last_received_at = now
-            s.add(db.Instance(
-                series_id=series.id, sop_instance_uid=sop_uid, sop_class_uid=sop_class,
-                transfer_syntax_uid=ts_uid, instance_number=_int(ds, "InstanceNumber"), path=rel, size=size,
-                received_at=now, calling_ae=calling, late=late, pixel_sha256=digest,
-            ))
+            track.record_instance(s, audit_for(self.config), ds, series_uid=series_uid, sop_uid=sop_uid,
+                                  sop_class=sop_class, ts_uid=ts_uid, rel=rel, size=size, calling=calling,
+                                  peer=peer, digest=digest)

@@ -1,0 +1,105 @@
+"""Negotiation: what the node accepts and proposes, and what its DIMSE statuses mean.
+
+The SOP classes and transfer syntaxes here are used by the SCP (:mod:`dicom_node.receive`), the
+SCU (:mod:`dicom_node.scu`) and the conformance statement (:mod:`dicom_node.conformance`), so
+what the statement says is, by construction, what the node negotiates. Status categories and
+rejection reasons come from pynetdicom (``code_to_category``, ``reason_str``), not hand tables.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+from pydicom.uid import (
+    UID,
+    CTImageStorage,
+    DeflatedExplicitVRLittleEndian,
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+    JPEG2000,
+    JPEG2000Lossless,
+    JPEGLossless,
+    JPEGLosslessSV1,
+    JPEGLSLossless,
+    JPEGLSNearLossless,
+    RLELossless,
+)
+from pynetdicom.sop_class import (  # type: ignore[attr-defined]
+    EnhancedCTImageStorage,
+    LegacyConvertedEnhancedCTImageStorage,
+    Verification,
+)
+from pynetdicom.status import STATUS_SUCCESS as _SUCCESS
+from pynetdicom.status import STATUS_WARNING as _WARNING
+from pynetdicom.status import code_to_category
+
+TRANSIENT = "transient"
+PERMANENT = "permanent"
+
+# C-STORE statuses the SCP returns (PS3.4 Table GG.4-1 / B.2-1)
+STATUS_SUCCESS = 0x0000
+STATUS_SOP_CLASS_NOT_SUPPORTED = 0x0122  # Refused: SOP Class not supported
+STATUS_OUT_OF_RESOURCES = 0xA700  # Refused: out of resources (the sender should retry later)
+STATUS_DATASET_MISMATCH = 0xA900  # Error: data set does not match SOP class
+STATUS_CANNOT_UNDERSTAND = 0xC000  # Error: cannot understand
+
+VERIFICATION_SOP_CLASS = UID(Verification)
+# Stored and standardized. CT Image Storage only: the model works on single-frame axial slices.
+STORAGE_SOP_CLASSES: tuple[UID, ...] = (CTImageStorage,)
+# Negotiated so that a refusal is a clear C-STORE status rather than a rejected context.
+ENHANCED_CT_SOP_CLASSES: tuple[UID, ...] = (UID(EnhancedCTImageStorage), UID(LegacyConvertedEnhancedCTImageStorage))
+ENHANCED_CT_REFUSAL_STATUS = STATUS_SOP_CLASS_NOT_SUPPORTED
+
+# Every syntax here is decodable in-process (pydicom + pylibjpeg) when the series is processed;
+# instances are spooled exactly as received, so no syntax costs a re-encode at receive time.
+ACCEPTED_TRANSFER_SYNTAXES: tuple[UID, ...] = (
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+    DeflatedExplicitVRLittleEndian,
+    JPEGLosslessSV1,      # 1.2.840.10008.1.2.4.70, process 14 selection value 1
+    JPEGLossless,         # 1.2.840.10008.1.2.4.57, process 14
+    JPEG2000Lossless,
+    JPEG2000,             # lossy or lossless
+    JPEGLSLossless,
+    JPEGLSNearLossless,
+    RLELossless,
+)
+# Derived instances are written Explicit VR Little Endian; Implicit is proposed as fallback
+# because every Storage SCP must accept it.
+SEND_TRANSFER_SYNTAXES: tuple[UID, ...] = (ExplicitVRLittleEndian, ImplicitVRLittleEndian)
+
+C_STORE_SCP_STATUSES: tuple[tuple[int, str, str], ...] = (
+    (0x0000, "Success", "instance written to the spool (fsync, rename) and recorded, or a duplicate SOP Instance UID"),
+    (ENHANCED_CT_REFUSAL_STATUS, "Refused: SOP Class not supported", "Enhanced CT when accept_enhanced_ct is false"),
+    (0xA700, "Refused: Out of resources",
+     "disk watermark reached, or the instance could not be persisted; the sender may retry"),
+    (0xA900, "Error: Data set does not match SOP class",
+     "SOP/Series/Study Instance UID missing, SOP UIDs differ from the request, image attributes missing, "
+     "colour or multi-frame image"),
+    (0xC000, "Error: Cannot understand",
+     "invalid UID (syntax, over 64 characters), undecodable header, implausible geometry, truncated pixel "
+     "data, or a SOP Instance UID already received with different pixel data (kept in quarantine)"),
+)
+
+
+def is_success(status: int) -> bool:
+    """Success or warning (0xB000, 0xB006, 0xB007, 0x0001): the destination kept the instance."""
+    return code_to_category(int(status)) in (_SUCCESS, _WARNING)
+
+
+def classify_status(status: int) -> str:
+    """0xA7xx "out of resources" is worth retrying; every other failure status is permanent."""
+    return TRANSIENT if (int(status) & 0xFF00) == 0xA700 else PERMANENT
+
+
+def _sentence(text: str) -> str:
+    return text[:1].lower() + text[1:] if text else text
+
+
+def reject_reason(primitive: Any) -> str:
+    """An A-ASSOCIATE-RJ's Result Source / Reason-Diag as words (PS3.8 Table 9-21)."""
+    return _sentence(str(primitive.reason_str))
+
+
+def context_result(context: Any) -> str:
+    """Why a presentation context was not accepted (PS3.8 9.3.3.2), e.g. "abstract syntax not supported"."""
+    return str(context.status).lower()

@@ -1,0 +1,70 @@
+"""The stages behind the receiver, composed for one process: decide, process, dispatch, retention.
+
+Each stage is idempotent and commits every state change (through :mod:`dicom_node.track`)
+before acting on it, so a crash at any point leaves a state a restart resumes from
+(:meth:`Pipeline.recover`). :mod:`dicom_node.scheduler` runs the steps as interval jobs.
+
+Growth after processing: an instance that arrives for a series that is being or has been
+processed is recorded (``Instance.late``), the series is flagged ``grown_after_processing``, and
+once the current job has finished the series goes back to ``received``; when it is stable again
+the *whole* series is reprocessed as a new job (``version`` + 1) into a new output series. Earlier
+outputs are not recalled; status shows both jobs, so there is never a silent second output.
+"""
+from __future__ import annotations
+
+import threading
+from collections.abc import Sequence
+from typing import Any
+
+from . import db, retention, track
+from .config import NodeConfig
+from .decide import Decider
+from .dispatch import Dispatcher
+from .logs import log_event
+from .process import ModelCache, Processor
+from .resend import retry
+
+
+class Pipeline:
+    """decide → process → dispatch (+ retention and admin retry) over one database."""
+
+    def __init__(self, config: NodeConfig, database: db.Database, stop: threading.Event | None = None) -> None:
+        self.config = config
+        self.db = database
+        self.stop = stop or threading.Event()
+        self.decider = Decider(config, database)
+        self.processor = Processor(config, database)
+        self.dispatcher = Dispatcher(config, database, self.stop)
+        self.resent: list[str] = []
+
+    @property
+    def models(self) -> ModelCache:
+        return self.processor.models
+
+    @property
+    def last_model(self) -> dict[str, Any]:
+        return self.processor.last_model
+
+    def recover(self) -> dict[str, int]:
+        """Resume after a restart (see :func:`dicom_node.track.recover`); nothing received is deleted."""
+        with self.db.session() as s:
+            counts = track.recover(s)
+        if counts["requeued"] or counts["sending"]:
+            log_event(track.log, "recovered", jobs_requeued=counts["requeued"], jobs_sending=counts["sending"])
+        return counts
+
+    def scan(self) -> int:
+        return self.decider.scan()
+
+    def process(self) -> int:
+        return self.processor.process()
+
+    def send(self) -> int:
+        return self.dispatcher.send()
+
+    def purge(self, older_than_days: float | None = None, states: Sequence[str] | None = None) -> int:
+        return retention.purge(self.config, self.db, older_than_days, states)
+
+    def retry(self, series_uid: str | None = None, failed: bool = False, force: bool = False) -> int:
+        n, self.resent = retry(self.config, self.db, series_uid, failed, force)
+        return n

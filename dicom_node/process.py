@@ -1,0 +1,334 @@
+"""Process: run queued series through the model and write their standardized output.
+
+Several queued series that use the same model are claimed together (up to
+``processing.max_batch_slices``) so one model call fills the device. Per series: read the spool,
+check the geometry against the checkpoint's training spacing, run the QA gate on the input
+(:mod:`dicom_node.qa_gate`), standardize, measure the output, derive the new DERIVED series
+(:mod:`dicom_node.derive`) and write it atomically under ``output_dir/job-N/``. Every state change
+goes through :mod:`dicom_node.track`; a crash at any point leaves the job ``processing``, which a
+restart queues again and rebuilds (the partial output directory is discarded).
+"""
+from __future__ import annotations
+
+import errno
+import io
+import logging
+import shutil
+import threading
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import select
+
+from . import db, track
+from .anomalies import spacing_refusal
+from .audit import audit_for
+from .config import NodeConfig
+from .logs import log_event
+from .spool import safe_name, write_atomic
+from .watermark import Watermark
+
+log = logging.getLogger("dicom_node.process")
+
+
+class ModelCache:
+    """Standardizers loaded once per worker process, keyed by (checkpoint, device): loading the
+    weights (and moving them to the GPU) costs far more than one series."""
+
+    def __init__(self, device: str) -> None:
+        self.device = device
+        self._models: dict[str, Any] = {}
+        self._lock = threading.Lock()
+
+    def get(self, model: str) -> Any:
+        with self._lock:
+            if model not in self._models:
+                from ltdiff_core import Standardizer  # heavy (torch): imported on first use only
+
+                t0 = time.monotonic()
+                path = None if model == "default" else model
+                std = Standardizer.from_checkpoint(path, device=self.device)
+                self._models[model] = std
+                info = dict(getattr(std, "info", {}) or {})
+                log_event(log, "model_loaded", model=model, name=info.get("name"), version=info.get("version"),
+                          sha256=str(info.get("sha256", ""))[:16], device=device_of(std, self.device),
+                          seconds=round(time.monotonic() - t0, 2))
+            return self._models[model]
+
+    def loaded(self) -> list[str]:
+        return list(self._models)
+
+
+def device_of(std: Any, fallback: str) -> str:
+    dev = getattr(std, "device", None)
+    return str(dev) if dev is not None else fallback
+
+
+def derivation_info(std_info: dict[str, Any], *, sampler: dict[str, Any], uid_root: str, device: str) -> Any:
+    """``DerivationInfo`` for the output series, from the model's ``info`` and the run's settings."""
+    from .derive import DerivationInfo
+
+    return DerivationInfo.from_model_info(std_info, sampler=sampler, device=device, uid_root=uid_root)
+
+
+class Processor:
+    """The scheduled process step: ``queued -> processing -> sending | done | failed | refused``."""
+
+    def __init__(self, config: NodeConfig, database: db.Database) -> None:
+        self.config = config
+        self.db = database
+        self.models = ModelCache(config.processing.device)
+        self.last_model: dict[str, Any] = {}
+        self.audit = audit_for(config)
+        self.watermark = Watermark(config, database)
+        self._waiting_for_disk = False
+
+    def _claim_batch(self) -> list[tuple[int, str, list[Path]]]:
+        """Atomically move a batch of queued jobs (same model) to ``processing``."""
+        limit = self.config.processing.max_batch_slices
+        out: list[tuple[int, str, list[Path]]] = []
+        with self.db.session() as s:
+            queued = s.scalars(select(db.Job).where(db.Job.state == db.QUEUED).order_by(db.Job.id)).all()
+            if not queued:
+                return []
+            model = queued[0].model
+            total = 0
+            now = db.utcnow()
+            for job in queued:
+                n = job.series.instance_count
+                if job.model != model or (out and total + n > limit):
+                    continue
+                need = sum(i.size for i in job.series.instances if not i.excluded)
+                if not self.watermark.room_for_output(need):
+                    # Outputs would not fit: wait (the job stays queued) until space returns.
+                    if not self._waiting_for_disk:
+                        log_event(log, "processing_waiting_for_disk", level=logging.WARNING, job=job.id,
+                                  series_uid=job.series.series_uid, needed_mb=round(need / 2**20, 1))
+                    self._waiting_for_disk = True
+                    break
+                self._waiting_for_disk = False
+                track.claim(job, now)
+                paths = [self.config.spool_dir / i.path for i in job.series.instances if not i.excluded]
+                out.append((job.id, model, paths))
+                total += n
+                if total >= limit:
+                    break
+        return out
+
+    def process(self) -> int:
+        """Run one batch of queued series through the model; returns the number of jobs handled."""
+        batch = self._claim_batch()
+        if not batch:
+            return 0
+        from ltdiff_core.dicomio.reader import SeriesError, read_series
+
+        model_key = batch[0][1]
+        log_event(log, "batch_started", jobs=len(batch), model=model_key,
+                  slices=sum(len(p) for _, _, p in batch))
+        try:
+            std = self.models.get(model_key)
+        except Exception as exc:  # a missing/corrupt checkpoint fails the jobs, not the node
+            for job_id, _, _ in batch:
+                self._fail(job_id, f"model {model_key!r} could not be loaded: {type(exc).__name__}: {exc}")
+            return len(batch)
+        info = dict(getattr(std, "info", {}) or {})
+        device = device_of(std, self.config.processing.device)
+        self.last_model = {"model": model_key, "name": info.get("name"), "version": info.get("version"),
+                           "device": device}
+
+        trained = (getattr(getattr(std, "ckpt", None), "metadata", None) or {}).get("training", {}).get("pixel_mm")
+        loaded: list[tuple[int, Any, float]] = []
+        for job_id, _, paths in batch:
+            t0 = time.monotonic()
+            try:
+                sr = read_series(paths)
+            except (SeriesError, OSError, ValueError) as exc:
+                self._fail(job_id, f"series could not be read: {exc}")
+                continue
+            except Exception as exc:  # a malformed header must fail its job, not leave it `processing`
+                self._fail(job_id, f"series could not be read: {type(exc).__name__}: {exc}")
+                continue
+            why = spacing_refusal(float(min(sr.spacing[1:])), trained)
+            if why is not None:
+                self._with_job(job_id, lambda job: track.refuse_job(job, self.audit, why))
+                continue
+            loaded.append((job_id, sr, time.monotonic() - t0))
+        loaded, gates = self._qa_inputs(std, loaded)
+        if not loaded:
+            return len(batch)
+
+        steps_by_job = self._settings([j for j, _, _ in loaded])
+        t0 = time.monotonic()
+        try:
+            outputs = self._run_model(std, loaded, steps_by_job)
+        except Exception as exc:
+            log.exception("model run failed")
+            if len(loaded) == 1:
+                self._fail(loaded[0][0], f"model run failed: {type(exc).__name__}: {exc}")
+                return len(batch)
+            # One series must not fail the others batched with it: run each alone, fail only
+            # the ones that fail on their own.
+            alone = []
+            for item in loaded:
+                try:
+                    alone.append((item, self._run_model(std, [item], steps_by_job)[0]))
+                except Exception as exc1:
+                    self._fail(item[0], f"model run failed: {type(exc1).__name__}: {exc1}")
+            loaded = [item for item, _ in alone]
+            outputs = [out for _, out in alone]
+        model_s = time.monotonic() - t0
+        total_slices = sum(int(sr.hu.shape[0]) for _, sr, _ in loaded)
+
+        for (job_id, sr, read_s), out_hu in zip(loaded, outputs):
+            share = model_s * int(sr.hu.shape[0]) / max(total_slices, 1)
+            steps, seed = steps_by_job[job_id]
+            try:
+                note = self._qa_output(job_id, gates.get(job_id), out_hu, sr.spacing)
+                self._derive_and_store(job_id, sr, out_hu, std, info, device, steps, seed, read_s, share, note)
+            except OSError as exc:
+                if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+                    log.exception("derive failed")
+                    self._fail(job_id, f"derive failed: {type(exc).__name__}: {exc}")
+                    continue
+                # Disk full while writing outputs: not the series' fault; queue it again and
+                # wait for space (the claim step checks room first).
+                shutil.rmtree(self.config.output_dir / f"job-{job_id}", ignore_errors=True)
+                why = f"no space for outputs: {exc.strerror}"
+                self._with_job(job_id, lambda job: track.requeue(job, why))
+            except Exception as exc:
+                log.exception("derive failed")
+                self._fail(job_id, f"derive failed: {type(exc).__name__}: {exc}")
+        return len(batch)
+
+    def _qa_inputs(self, std: Any, loaded: list[tuple[int, Any, float]]) -> tuple[list[tuple[int, Any, float]], dict[int, Any]]:
+        """Run each job's QA gate on its input: refused jobs fail with the measured reason (nothing
+        is written or sent); the others continue with their gate result."""
+        from .qa_gate import check_input
+
+        with self.db.session() as s:
+            modes = {j.id: (j.qa_mode or "refuse") for j in s.scalars(select(db.Job).where(
+                db.Job.id.in_([job_id for job_id, _, _ in loaded])))}
+        kept, gates = [], {}
+        for job_id, sr, read_s in loaded:
+            mode = modes.get(job_id, "refuse")
+            t0 = time.monotonic()
+            try:
+                forced = mode == "forced"  # `retry --force`: standardize anyway and record the flag
+                res = check_input(std, sr, "flag" if forced else mode, forced=forced)
+            except Exception as exc:  # a measurement that cannot run is a refusal, never a silent pass
+                log.exception("QA measurement failed")
+                self._fail(job_id, f"QA could not measure the series: {type(exc).__name__}: {exc}")
+                continue
+            res.extra["seconds"] = round(time.monotonic() - t0, 3)
+            self._store_qa(job_id, res)
+            log_event(log, "qa_input", job=job_id, series_uid=sr.series_uid, mode=mode, verdict=res.status,
+                      reason=res.reason, seconds=res.extra["seconds"])
+            if res.refused:
+                reason = f"QA refused: {res.reason}"
+                self._with_job(job_id, lambda job: track.refuse_job(job, self.audit, reason, kind="qa"))
+                continue
+            kept.append((job_id, sr, read_s))
+            gates[job_id] = res
+        return kept, gates
+
+    def _qa_output(self, job_id: int, res: Any, out_hu: Any, spacing: Any) -> str | None:
+        """Output measures against the target envelope; returns the DerivationDescription note."""
+        if res is None:
+            return None
+        from .qa_gate import check_output
+
+        t0 = time.monotonic()
+        check_output(res, out_hu, spacing)
+        res.extra["output_seconds"] = round(time.monotonic() - t0, 3)
+        self._store_qa(job_id, res)
+        if res.verdict is not None and res.verdict.output_findings:
+            log_event(log, "qa_output_warning", level=logging.WARNING, job=job_id,
+                      warnings="; ".join(res.verdict.output_warnings))
+        return res.note()
+
+    def _store_qa(self, job_id: int, res: Any) -> None:
+        with self.db.session() as s:
+            job = s.get(db.Job, job_id)
+            if job is not None:
+                job.qa = {**res.record(), **res.extra}
+
+    def _settings(self, job_ids: Sequence[int]) -> dict[int, tuple[int | None, int]]:
+        """(steps, seed) per job: the rule's values, else the processing defaults."""
+        rules = {r.name: r for r in self.config.rules}
+        out = {}
+        with self.db.session() as s:
+            for job in s.scalars(select(db.Job).where(db.Job.id.in_(job_ids))):
+                rule = rules.get(job.rule_name)
+                steps = (rule.steps if rule and rule.steps else None) or self.config.processing.steps
+                out[job.id] = (steps, job.seed or 0)
+        return out
+
+    @staticmethod
+    def _run_model(std: Any, loaded: list[tuple[int, Any, float]],
+                   steps_by_job: dict[int, tuple[int | None, int]]) -> list[Any]:
+        """One call for the whole batch when the model supports it (fills the device), else one
+        call per series. Series with different sampler settings are never mixed in one call."""
+        batch_fn = getattr(std, "standardize_batch", None)
+        settings = {steps_by_job[j] for j, _, _ in loaded}
+        if batch_fn is not None and len(loaded) > 1 and len(settings) == 1:
+            steps, seed = settings.pop()
+            return list(batch_fn([sr.hu for _, sr, _ in loaded], [sr.spacing for _, sr, _ in loaded],
+                                 steps=steps, seed=seed))
+        outs = []
+        for job_id, sr, _ in loaded:
+            steps, seed = steps_by_job[job_id]
+            outs.append(std.standardize(sr.hu, sr.spacing, steps=steps, seed=seed))
+        return outs
+
+    def _derive_and_store(self, job_id: int, sr: Any, out_hu: Any, std: Any, info: dict[str, Any], device: str,
+                          steps: int | None, seed: int, read_s: float, model_s: float,
+                          qa_note: str | None = None) -> None:
+        from .derive import derive_series
+        from .offline import sampler_parameters
+        from .qa_gate import annotate
+
+        t0 = time.monotonic()
+        sampler = sampler_parameters(info, steps, seed)
+        dinfo = derivation_info(info, sampler=sampler, uid_root=self.config.uid_root, device=device)
+        derived = derive_series(sr.datasets, out_hu, dinfo)
+        annotate(derived, qa_note)
+        out_dir = self.config.output_dir / f"job-{job_id}"
+        if out_dir.exists():  # partial output of an interrupted run
+            shutil.rmtree(out_dir)
+        rels = []
+        for ds in derived:
+            buf = io.BytesIO()
+            ds.save_as(buf, enforce_file_format=True)
+            rel = f"job-{job_id}/{safe_name(str(ds.SOPInstanceUID))}.dcm"
+            write_atomic(self.config.output_dir / rel, buf.getbuffer())
+            rels.append((str(ds.SOPInstanceUID), rel))
+        derive_s = time.monotonic() - t0
+        out_uid = str(derived[0].SeriesInstanceUID) if derived else None
+        with self.db.session() as s:
+            job = s.get(db.Job, job_id)
+            assert job is not None
+            job.model_name = info.get("name")
+            job.model_version = str(info.get("version")) if info.get("version") is not None else None
+            job.model_sha256 = info.get("sha256")
+            job.method = info.get("method")
+            job.sampler = sampler
+            job.seed = seed
+            job.device = device
+            job.read_s, job.model_s, job.derive_s = round(read_s, 3), round(model_s, 3), round(derive_s, 3)
+            track.processed(job, self.audit, out_uid, rels, db.utcnow())
+        log_event(log, "series_processed", series_uid=sr.series_uid, job=job_id, slices=len(derived),
+                  output_series_uid=out_uid,
+                  model=info.get("name"), device=device, read_s=round(read_s, 2), model_s=round(model_s, 2),
+                  derive_s=round(derive_s, 2))
+
+    def _with_job(self, job_id: int, transition: Callable[[db.Job], None]) -> None:
+        """Apply one :mod:`dicom_node.track` transition to a job in its own transaction."""
+        with self.db.session() as s:
+            job = s.get(db.Job, job_id)
+            if job is not None:
+                transition(job)
+
+    def _fail(self, job_id: int, reason: str) -> None:
+        self._with_job(job_id, lambda job: track.fail(job, self.audit, reason))
