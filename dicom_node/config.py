@@ -32,7 +32,6 @@ from .tls import DICOM_TLS_PORT, ClientTLS
 from .tls import check as check_tls
 
 QAMode = Literal["refuse", "flag", "off"]  # physics QA gate, see dicom_node.qa_gate
-QA_MODES: tuple[str, ...] = get_args(QAMode)
 _AE_RE = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}$")  # DICOM AE: 16 chars, no backslash/control
 _UID_ROOT_RE = re.compile(r"^[0-9]+(\.[0-9]+)*\.?$")
 _NAME_RE = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")

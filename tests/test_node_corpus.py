@@ -18,9 +18,7 @@ import pytest
 from fault_helpers import NodeRig, c_store, make_rig, rows
 from ltdiff_core.dicomio.uids import make_uid
 from ltdiff_core.dicomio.writer import StudyInfo, ct_datasets
-from pydicom.uid import (
-    DeflatedExplicitVRLittleEndian, ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian,
-)
+from pydicom.uid import DeflatedExplicitVRLittleEndian, ImplicitVRLittleEndian
 
 from dicom_node import db
 from dicom_node.peers import dcmtk, peer_env, wait_for
