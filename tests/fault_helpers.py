@@ -17,7 +17,7 @@ from sqlalchemy import select
 from dicom_node import db
 from dicom_node.config import load_config
 from dicom_node.status import collect_status
-from dicom_node.peers import (
+from nodetools.peers import (
     LOOPBACK, ROOT, SCRATCH_DISK, Peer, free_port, start_node, start_storescp, wait_for, write_node_config,
 )
 

@@ -5,7 +5,7 @@ import time
 from pathlib import Path
 
 import pydicom
-from dicom_node.peers import LOOPBACK, free_port, make_ct_series, start_storescp
+from nodetools.peers import LOOPBACK, free_port, make_ct_series, start_storescp
 from sqlalchemy import select
 
 from dicom_node import db
