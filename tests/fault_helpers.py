@@ -17,7 +17,7 @@ from sqlalchemy import select
 from dicom_node import db
 from dicom_node.config import load_config
 from dicom_node.status import collect_status
-from dicom_node.peers import (
+from nodetools.peers import (
     LOOPBACK, ROOT, SCRATCH_DISK, Peer, free_port, start_node, start_storescp, wait_for, write_node_config,
 )
 
@@ -164,7 +164,7 @@ def sending_pipeline(tmp: Path, dest: dict[str, Any], n: int = 3) -> tuple[Any, 
     """A node state with one processed series (output on disk) waiting to be sent to ``dest``,
     as after a model run; returns the pipeline and the output files."""
     from dicom_node.config import parse_config
-    from dicom_node.peers import make_ct_series
+    from nodetools.peers import make_ct_series
     from dicom_node.pipeline import Pipeline
 
     cfg = parse_config({"node": {"data_dir": str(tmp / "data"), "ae_title": "LTDIFF"},

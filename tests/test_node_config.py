@@ -187,7 +187,7 @@ def test_audit_path_and_disk_watermark_settings(tmp_path: Path) -> None:
 def test_loopback_configs_carry_a_scratch_watermark_and_can_leave_it_out(tmp_path):
     """Nodes started by tests, the demo and benchmarks use a small watermark, so a busy or small build
     volume does not turn every C-STORE into 0xA700; ``disk=None`` keeps the production default."""
-    from dicom_node.peers import SCRATCH_DISK, write_node_config
+    from nodetools.peers import SCRATCH_DISK, write_node_config
 
     cfg = load_config(write_node_config(tmp_path / "a.toml", port=11112, data_dir=tmp_path / "d"))
     assert cfg.disk.min_free_mb == SCRATCH_DISK["min_free_mb"] and cfg.disk.min_free_percent == 0.0

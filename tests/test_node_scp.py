@@ -7,7 +7,7 @@ from typing import Any
 
 import pydicom
 import pytest
-from dicom_node.peers import LOOPBACK, echoscu, free_port, make_ct_series, storescu
+from nodetools.peers import LOOPBACK, echoscu, free_port, make_ct_series, storescu
 from sqlalchemy import func, select
 
 from dicom_node import db

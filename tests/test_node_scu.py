@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pydicom
 from fault_helpers import sending_pipeline
-from dicom_node.peers import LOOPBACK, free_port, make_ct_series, start_storescp
+from nodetools.peers import LOOPBACK, free_port, make_ct_series, start_storescp
 from sqlalchemy import select
 
 from dicom_node import db

@@ -12,7 +12,7 @@ from sqlalchemy import select
 
 from dicom_node import db
 from dicom_node.config import Destination
-from dicom_node.peers import LOOPBACK, free_port, make_ct_series, node_cmd, start_storescp, storescu, wait_for
+from nodetools.peers import LOOPBACK, free_port, make_ct_series, node_cmd, start_storescp, storescu, wait_for
 from dicom_node.scu import PERMANENT, send_files
 from dicom_node.pipeline import Pipeline
 

@@ -31,7 +31,7 @@ from dicom_node import db
 from dicom_node.config import ConfigError, Http, load_config, parse_config
 from dicom_node.observe.metrics import REFUSAL_CLASSES, refusal_class
 from dicom_node.observe.server import ObserveServer
-from dicom_node.peers import LOOPBACK, free_port, make_ct_series, storescu, wait_for, write_node_config
+from nodetools.peers import LOOPBACK, free_port, make_ct_series, storescu, wait_for, write_node_config
 
 PATIENT_NAME = "Zyxquorth^Ambrosine"
 PATIENT_ID = "PIDQX88413"

@@ -14,7 +14,7 @@ import pydicom.data
 import pytest
 
 from dicom_node.config import ConfigError, parse_config
-from dicom_node.peers import (
+from nodetools.peers import (
     ROOT, free_port, node_cmd, node_status, start_node, start_storescp, storescu, wait_for, write_node_config,
 )
 from ltdiff_core import qa
