@@ -30,7 +30,7 @@ from sqlalchemy import select
 from dicom_node import db
 from dicom_node.config import parse_config
 from dicom_node.cli import main as cli_main
-from dicom_node.peers import (
+from nodetools.peers import (
     LOOPBACK, free_port, make_ct_series, make_linear_checkpoint, node_status, start_node, start_orthanc, storescu,
     wait_for, write_node_config,
 )
