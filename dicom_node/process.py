@@ -11,7 +11,6 @@ restart queues again and rebuilds (the partial output directory is discarded).
 from __future__ import annotations
 
 import errno
-import io
 import logging
 import shutil
 import threading
@@ -22,12 +21,14 @@ from typing import Any
 
 from sqlalchemy import select
 
+from ltdiff_core.atomic import open_atomic
+
 from . import db, track
 from .anomalies import spacing_refusal
 from .audit import audit_for
 from .config import NodeConfig
 from .logs import log_event
-from .spool import safe_name, write_atomic
+from .spool import safe_name
 from .watermark import Watermark
 
 log = logging.getLogger("dicom_node.process")
@@ -299,10 +300,9 @@ class Processor:
             shutil.rmtree(out_dir)
         rels = []
         for ds in derived:
-            buf = io.BytesIO()
-            ds.save_as(buf, enforce_file_format=True)
             rel = f"job-{job_id}/{safe_name(str(ds.SOPInstanceUID))}.dcm"
-            write_atomic(self.config.output_dir / rel, buf.getbuffer())
+            with open_atomic(self.config.output_dir / rel) as fh:
+                ds.save_as(fh, enforce_file_format=True)
             rels.append((str(ds.SOPInstanceUID), rel))
         derive_s = time.monotonic() - t0
         out_uid = str(derived[0].SeriesInstanceUID) if derived else None
