@@ -86,7 +86,8 @@ def test_kill9_while_sending_resumes_with_unacknowledged_instances_only(tmp_path
 
 def test_pacs_down_longer_than_the_old_retry_budget_is_delivered(tmp_path: Path) -> None:
     """Item 7: with the shipped retry settings (scaled: base 0.05 s) an outage of 2.5 s used to
-    exhaust max_retries=5 after 1.55 s and fail the series for good."""
+    exhaust max_retries=5 after 1.55 s and fail the series for good. The PACS comes up only after
+    the sixth failed attempt (the old limit), however slowly a loaded machine makes the attempts."""
     port = free_port()
     worker, files = sending_pipeline(tmp_path, {"name": "PACS", "ae_title": "PACS", "host": LOOPBACK, "port": port,
                                        "backoff_base_s": 0.05, "timeout_s": 2})
@@ -94,7 +95,7 @@ def test_pacs_down_longer_than_the_old_retry_budget_is_delivered(tmp_path: Path)
     pacs = None
     try:
         while time.monotonic() - t0 < 15:
-            if pacs is None and time.monotonic() - t0 > 2.5:
+            if pacs is None and time.monotonic() - t0 > 2.5 and _delivery(worker).attempts >= 6:
                 pacs = start_storescp(tmp_path / "pacs", "PACS", port=port)
             worker.send()
             if _delivery(worker).state != db.PENDING:
