@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Bootstrap the project environment: a local .venv with the package installed
 # (reused when present and up to date) and the Debian DICOM peers used by the
-# tests and the demo (dcmtk, dicom3tools, orthanc). Sourced by main.sh and test.sh.
+# tests and the demo (dcmtk, dicom3tools, orthanc, postgresql). Sourced by main.sh and test.sh.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 VENV="$ROOT/.venv"
@@ -12,6 +12,8 @@ command -v storescp  >/dev/null 2>&1 || need_apt+=(dcmtk)
 command -v dciodvfy  >/dev/null 2>&1 || need_apt+=(dicom3tools)
 command -v Orthanc   >/dev/null 2>&1 || need_apt+=(orthanc)
 command -v openssl   >/dev/null 2>&1 || need_apt+=(openssl)    # throw-away CA for the DICOM TLS tests
+# PostgreSQL server binaries for the multi-role tests (a throw-away cluster per test module).
+ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || need_apt+=(postgresql)
 if [ ${#need_apt[@]} -gt 0 ]; then
   echo "[bootstrap] installing Debian packages: ${need_apt[*]}"
   SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO="sudo"
@@ -20,6 +22,7 @@ if [ ${#need_apt[@]} -gt 0 ]; then
   DEBIAN_FRONTEND=noninteractive RUNLEVEL=1 $SUDO apt-get install -y -qq --no-install-recommends "${need_apt[@]}" >/dev/null
   if command -v systemctl >/dev/null 2>&1 && [ -d /run/systemd/system ]; then
     $SUDO systemctl stop orthanc 2>/dev/null || true
+    $SUDO systemctl stop postgresql 2>/dev/null || true
   fi
   pkill -x Orthanc 2>/dev/null || true
 fi
