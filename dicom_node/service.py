@@ -23,7 +23,7 @@ from typing import Any
 from sqlalchemy import delete, select
 
 from . import db
-from .config import ROLES, NodeConfig
+from .config import ROLES, ConfigError, NodeConfig
 from .logs import log_event
 from .scheduler import build_scheduler
 from .receive import StorageSCP
@@ -70,6 +70,10 @@ class NodeService:
         for d in (c.data_dir, c.spool_dir, c.output_dir):
             d.mkdir(parents=True, exist_ok=True)
         if not self.db.shared:
+            if set(self.roles) != set(ROLES):
+                raise ConfigError(f"serve --roles {','.join(self.roles)}: the other roles must run in other processes, "
+                                  "which need a shared database (node.database_url = \"postgresql+psycopg://...\"); "
+                                  f"SQLite ({c.db_url}) serves one process running every role")
             self._check_pidfile()
         self.db.create_all()
         if "process" in self.roles:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import sqlite3
 from pathlib import Path
 
+import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
 
@@ -92,3 +93,25 @@ def test_models_match_the_newest_revision(tmp_path: Path) -> None:
     with database.engine.connect() as conn:
         assert compare_metadata(MigrationContext.configure(conn), db.Base.metadata) == []
     database.dispose()
+
+
+def test_db_commands_and_roles_on_sqlite(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """`dicom-node db current|upgrade`; a subset of roles on SQLite is refused at start (the other
+    roles could run nowhere: SQLite serves one process)."""
+    from dicom_node.cli import main
+    from dicom_node.config import ConfigError, parse_config
+    from dicom_node.service import NodeService
+
+    cfg_path = tmp_path / "node.toml"
+    cfg_path.write_text(f'[node]\ndata_dir = "{tmp_path / "data"}"\n')
+    assert main(["--config", str(cfg_path), "db", "current"]) == 1
+    assert "(unversioned)" in capsys.readouterr().out
+    assert main(["--config", str(cfg_path), "db", "upgrade"]) == 0
+    assert f"upgraded (unversioned) -> {migrate.head()}" in capsys.readouterr().out
+    assert main(["--config", str(cfg_path), "db", "current"]) == 0
+    with pytest.raises(SystemExit):
+        main(["--config", str(cfg_path), "serve", "--roles", "process,cook"])
+    assert "roles are a comma list" in capsys.readouterr().err
+    service = NodeService(parse_config({"node": {"data_dir": str(tmp_path / "data")}}), roles=("process",))
+    with pytest.raises(ConfigError, match="need a shared database"):
+        service.start()
