@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from dicom_node import peers  # noqa: E402
+from nodetools import peers  # noqa: E402
 
 MiB = 1 << 20
 

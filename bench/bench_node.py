@@ -22,7 +22,8 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-from dicom_node import peers
+sys.path.insert(0, str(ROOT))
+from nodetools import peers  # noqa: E402
 
 
 def machine() -> str:
@@ -129,5 +130,4 @@ def peers_stable(cfg: Path) -> float:
 
 
 if __name__ == "__main__":
-    sys.path.insert(0, str(ROOT))
     sys.exit(main())

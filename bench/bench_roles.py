@@ -2,7 +2,7 @@
 
     python bench/bench_roles.py [--series 6] [--slices 32] [--size 256] [--model linear|default|PATH]
 
-A throw-away PostgreSQL server (tests/pg_server.py), DCMTK storescp as PACS, one
+A throw-away PostgreSQL server (nodetools/postgres.py), DCMTK storescp as PACS, one
 ``serve --roles receive,decide,dispatch`` and N ``serve --roles process`` processes. Per N: a
 warm-up series per worker (model loaded), then the workers are paused (SIGSTOP), the series are
 sent and queued, the workers resume (t0) and the run ends when the last job has committed its
@@ -22,16 +22,16 @@ from collections import Counter
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "tests"))
+sys.path.insert(0, str(ROOT))
 
 from sqlalchemy import func, select  # noqa: E402
 
 from dicom_node import db  # noqa: E402
-from dicom_node.peers import (  # noqa: E402
+from nodetools.peers import (  # noqa: E402
     LOOPBACK, SCRATCH_DISK, Peer, free_port, make_ct_series, node_cmd, peer_env, start_storescp, storescu,
     wait_for, wait_port, write_node_config,
 )
-from pg_server import start_postgres  # noqa: E402
+from nodetools.postgres import start_postgres  # noqa: E402
 
 LINEAR = ROOT / "ltdiff_core" / "weights" / "linear.safetensors"
 

@@ -38,7 +38,13 @@ def main() -> None:
     from train.make_phantom import case_seed
 
     path = args.checkpoint or default_checkpoint("ltdiff")
-    env = qa.envelope_of(load_checkpoint(path).metadata)
+    from ltdiff_core.resample import supported_geometry
+
+    meta = load_checkpoint(path).metadata
+    env = qa.envelope_of(meta)
+    # the node's gate: geometry against what the Standardizer handles (it resamples in-plane)
+    geometry = supported_geometry(meta)
+    env["source"]["measures"].update(geometry)
     rows: list[tuple[str, np.ndarray, tuple[float, float, float], float | None]] = []
     # the cases of `python -m train.make_phantom --seed S --cases 1 --slices 2 --size 256` (tests/test_qa_gate.py)
     for seed in (4242, 4243):
@@ -47,6 +53,8 @@ def main() -> None:
         rows.append((f"phantom Bl64 tagged Br40 {args.size}^2 (--seed {seed})", c.bl64, c.spacing, None))
     c5 = generate_case(case_seed(4243, 0), 2, size=args.size, thickness_mm=5.0)
     rows.append((f"phantom Br40 5 mm {args.size}^2 (--seed 4243 --thickness 5)", c5.br40, c5.spacing, None))
+    c9 = generate_case(case_seed(4243, 0), 2, size=args.size, thickness_mm=1.5, pixel_mm=0.9)
+    rows.append((f"phantom Br40 0.9 mm pixels {args.size}^2 (--seed 4243 --pixel-mm 0.9)", c9.br40, c9.spacing, None))
     for name in ("CT_small.dcm", "J2K_pixelrep_mismatch.dcm", "693_J2KI.dcm"):
         s = read_series(pydicom.data.get_testdata_file(name, download=False))
         rows.append((f"pydicom {name} ({s.hu.shape[1]}^2, {s.kernel or '-'})", s.hu, s.spacing,

@@ -26,12 +26,14 @@ from typing import Any
 import numpy as np
 import pydicom
 
+from ltdiff_core.resample import SUPPORTED_RATIO
+
 GAP_FACTOR = 1.5  # a step this many times the median step is a gap
 POSITION_TOL_MM = 1e-3
 SPACING_TOL_MM = 1e-3
 ORIENTATION_TOL = 1e-4
-# The model's pixel-spacing range relative to its training spacing, as in ltdiff_core.standardizer.
-SPACING_RATIO_RANGE = (0.7, 1.4)
+# The model's pixel-spacing range relative to its training spacing.
+SPACING_RATIO_RANGE = SUPPORTED_RATIO
 
 
 @dataclass
@@ -138,7 +140,7 @@ def check_series(instances: Sequence[tuple[str, Path]], max_matrix: int) -> Seri
 
 
 def spacing_refusal(pixel_mm: float, trained_pixel_mm: float | None) -> str | None:
-    """Pixel spacing the model was not trained for (it would be applied without resampling)."""
+    """Pixel spacing outside what the model handles (resampled to its grid within the range)."""
     if not trained_pixel_mm:
         return None
     lo, hi = SPACING_RATIO_RANGE
@@ -146,4 +148,4 @@ def spacing_refusal(pixel_mm: float, trained_pixel_mm: float | None) -> str | No
     if lo <= ratio <= hi:
         return None
     return (f"pixel spacing {pixel_mm:.3f} mm is outside the model's range {lo * trained_pixel_mm:.2f}-"
-            f"{hi * trained_pixel_mm:.2f} mm (trained at {trained_pixel_mm:.2f} mm); not resampled, refused")
+            f"{hi * trained_pixel_mm:.2f} mm (trained at {trained_pixel_mm:.2f} mm); refused")

@@ -173,6 +173,12 @@ def cmd_echo(args: argparse.Namespace) -> int:
     cfg = _config(args)
     if args.destination:
         d = cfg.destination(args.destination)
+        if d.type == "stow-rs":
+            from .stow import qido_echo
+
+            ok, msg = qido_echo(d)
+            print(msg)
+            return 0 if ok else 1
         host, port, called = d.host, d.port, d.ae_title
     else:
         host, port, called = "127.0.0.1", cfg.port, cfg.ae_title
@@ -250,7 +256,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp = sub.add_parser("conformance", parents=[common], help="print the DICOM conformance statement for this configuration")
     sp.set_defaults(func=cmd_conformance)
 
-    sp = sub.add_parser("echo", parents=[common], help="C-ECHO the node itself or a configured destination")
+    sp = sub.add_parser("echo", parents=[common],
+                        help="C-ECHO the node itself or a configured destination (QIDO-RS for a STOW-RS one)")
     sp.add_argument("--destination", metavar="NAME")
     sp.set_defaults(func=cmd_echo)
 

@@ -13,11 +13,13 @@ configuration keeps working whatever the current directory of the process is.
 from __future__ import annotations
 
 import ipaddress
+import os
 import re
 import socket
 import tomllib
 from pathlib import Path
 from typing import Annotated, Any, Literal, get_args
+from urllib.parse import urlsplit
 
 from pydantic import (
     BaseModel, BeforeValidator, ConfigDict, Field, PrivateAttr, Strict, StrictBool, StrictInt, StrictStr,
@@ -30,7 +32,6 @@ from .tls import DICOM_TLS_PORT, ClientTLS
 from .tls import check as check_tls
 
 QAMode = Literal["refuse", "flag", "off"]  # physics QA gate, see dicom_node.qa_gate
-QA_MODES: tuple[str, ...] = get_args(QAMode)
 Role = Literal["receive", "decide", "process", "dispatch"]  # stages a `serve` process runs
 ROLES: tuple[str, ...] = get_args(Role)
 _AE_RE = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}$")  # DICOM AE: 16 chars, no backslash/control
@@ -83,6 +84,19 @@ RemotePort = Annotated[int, _port(1)]
 ConfigPath = Annotated[Path, BeforeValidator(_path)]
 OptionalPath = Annotated[Path | None, BeforeValidator(lambda v, info: None if v in (None, "") else _path(v, info))]
 Steps = Annotated[int, Strict(), Field(ge=1)]
+
+
+def _existing_file(value: Any, info: ValidationInfo) -> Path | None:
+    """A path (as :func:`_path`) that must name a readable file now, not at the first use."""
+    if value in (None, ""):
+        return None
+    p = _path(value, info)
+    if not p.is_file():
+        raise _invalid(f"file not found at {p}")
+    return p
+
+
+ExistingFile = Annotated[Path | None, BeforeValidator(_existing_file)]
 
 
 class Section(BaseModel):
@@ -280,17 +294,45 @@ class Http(Section):
     """``[http]``: the metrics and status endpoint (off by default; loopback unless configured)."""
 
     enabled: StrictBool = False
-    host: StrictStr = "127.0.0.1"
+    host: Annotated[StrictStr, Field(pattern=r"\S")] = "127.0.0.1"  # an explicit address is the admin's choice
     port: Port = 9400
 
 
+DestinationType = Literal["dimse", "stow-rs"]
+DESTINATION_TYPES: tuple[str, ...] = get_args(DestinationType)
+DIMSE_KEYS = frozenset({"ae_title", "host", "port", "tls", "tls_server_name", "tls_check_hostname"})
+STOW_KEYS = frozenset({"url", "max_instances_per_request", "max_request_mb", "username", "password_env",
+                       "password_file", "token_env", "token_file", "ca_file"})
+
+
+def _stow_address(url: str) -> tuple[str, int]:
+    """Host and port of a DICOMweb base URL; raises the house error naming what is wrong with it."""
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise _invalid("must be an http:// or https:// DICOMweb base URL")
+    if parts.username is not None or parts.password is not None:
+        raise _invalid("must not carry credentials; use username with password_env or password_file")
+    if parts.query or parts.fragment:
+        raise _invalid("must be a base URL without query or fragment")
+    try:
+        port = parts.port or (443 if parts.scheme == "https" else 80)
+    except ValueError:
+        raise _invalid("has an invalid port") from None
+    return parts.hostname, port
+
+
 class Destination(Section):
-    """``[[destinations]]``: a C-STORE SCP that receives standardized series (a PACS, a router)."""
+    """``[[destinations]]``: a receiver of standardized series (a PACS, a router): a C-STORE SCP
+    (``type = "dimse"``) or a DICOMweb STOW-RS service (``type = "stow-rs"``, ``url``; ``host`` and
+    ``port`` are then taken from the URL and ``ae_title`` is empty). Secrets of a STOW-RS
+    destination are named (an environment variable or a file), never written in the file, and
+    must be readable when the configuration is loaded."""
 
     name: StrictStr
-    ae_title: AETitle
-    host: StrictStr
-    port: RemotePort
+    type: DestinationType = "dimse"
+    ae_title: AETitle = ""  # required for dimse (checked in _required_keys)
+    host: StrictStr = ""  # dimse: required; stow-rs: from url
+    port: RemotePort = 0  # dimse: required; stow-rs: from url (default 80/443)
     max_retries: Annotated[int, Strict(), Field(ge=0)] | None = None  # None: limited by retry_for_s only
     backoff_base_s: Positive = 10.0
     timeout_s: Positive = 30.0
@@ -299,7 +341,33 @@ class Destination(Section):
     use_tls: StrictBool = Field(False, alias="tls")  # `tls = true` in the file: DICOM TLS ([tls] credentials)
     tls_server_name: StrictStr | None = None  # None: host
     tls_check_hostname: StrictBool = True
+    url: StrictStr | None = None  # stow-rs: DICOMweb base URL, e.g. http://pacs:8042/dicom-web
+    max_instances_per_request: Count = 50  # stow-rs: one POST carries at most this many instances ...
+    max_request_mb: Positive = 64.0  # ... and about this many MB (a larger single instance goes alone)
+    username: StrictStr | None = None  # stow-rs: HTTP basic auth, password from password_env or password_file
+    password_env: StrictStr | None = None
+    password_file: ExistingFile = None
+    token_env: StrictStr | None = None  # stow-rs: bearer token from an environment variable or a file
+    token_file: ExistingFile = None
+    ca_file: ExistingFile = None  # stow-rs over https: CA bundle to verify the server (default: system CAs)
     _client_tls: ClientTLS | None = PrivateAttr(None)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _keys_of_type(cls, value: Any) -> Any:
+        """Refuse the other type's keys; a STOW-RS destination's address is its URL's."""
+        if not isinstance(value, dict) or value.get("type", "dimse") not in DESTINATION_TYPES:
+            return value
+        kind = value.get("type", "dimse")
+        for key in sorted(set(value) & (STOW_KEYS if kind == "dimse" else DIMSE_KEYS)):
+            raise _invalid(f"not a key of a type = {kind!r} destination", value[key], key=key)
+        if kind == "stow-rs" and isinstance(value.get("url"), str):
+            try:
+                host, port = _stow_address(value["url"])
+            except PydanticCustomError:
+                return value  # reported by _url
+            return {**value, "host": host, "port": port}
+        return value
 
     @field_validator("name")
     @classmethod
@@ -307,6 +375,46 @@ class Destination(Section):
         if not _NAME_RE.match(name):
             raise _invalid("must be 1-64 letters, digits, '_', '-' or '.'")
         return name
+
+    @field_validator("url")
+    @classmethod
+    def _url(cls, url: str | None) -> str | None:
+        if url is None:
+            return None
+        _stow_address(url)
+        return url.rstrip("/")
+
+    @field_validator("password_env", "token_env")
+    @classmethod
+    def _env_set(cls, name: str | None) -> str | None:
+        if name is not None and not os.environ.get(name):
+            raise _invalid("environment variable is not set or empty")
+        return name
+
+    @model_validator(mode="after")
+    def _required_keys(self) -> Destination:
+        if self.type == "dimse":
+            for key in ("ae_title", "host", "port"):
+                if key not in self.model_fields_set:
+                    raise _invalid("required key is missing", _NO_VALUE, key=key)
+            return self
+        if self.url is None:
+            raise _invalid("required key is missing (type = 'stow-rs')", _NO_VALUE, key="url")
+        if self.password_env and self.password_file:
+            raise _invalid("give password_env or password_file, not both", str(self.password_file),
+                           key="password_file")
+        if self.token_env and self.token_file:
+            raise _invalid("give token_env or token_file, not both", str(self.token_file), key="token_file")
+        has_password = bool(self.password_env or self.password_file)
+        if self.username is not None and not has_password:
+            raise _invalid("required with username (or password_file)", _NO_VALUE, key="password_env")
+        if has_password and self.username is None:
+            raise _invalid("required with a password", _NO_VALUE, key="username")
+        if self.username is not None and (self.token_env or self.token_file):
+            raise _invalid("basic auth and a bearer token are exclusive", self.username, key="username")
+        if self.ca_file is not None and urlsplit(self.url).scheme != "https":
+            raise _invalid("only meaningful with an https:// url", str(self.ca_file), key="ca_file")
+        return self
 
     @model_validator(mode="after")
     def _tls_keys_need_tls(self) -> Destination:

@@ -164,13 +164,17 @@ def _scu_section(c: ConformanceConfig) -> list[str]:
              "over one association per series and destination, proposing "
              + " and ".join(f"{_name(u)} ({u})" for u in SEND_TRANSFER_SYNTAXES)
              + " (the latter as fallback). Calling AE title: " + c.ae_title + ".", ""]
-    if c.destinations:
+    dimse = [d for d in c.destinations if getattr(d, "type", "dimse") == "dimse"]
+    if dimse:
         rows = []
-        for d in c.destinations:
+        for d in dimse:
             retries = getattr(d, "max_retries", None)
             rows.append([d.name, d.ae_title, d.host, d.port, "-" if retries is None else retries])
         lines += _table(["Destination", "Called AE", "Host", "Port", "Max retries"], rows)
-    else:
+    if web := [d for d in c.destinations if getattr(d, "type", "dimse") == "stow-rs"]:
+        lines += ["", "Sent by DICOMweb STOW-RS (PS3.18), not DIMSE: "
+                  + ", ".join(f"{d.name} ({getattr(d, 'url', '')})" for d in web) + "."]
+    if not c.destinations:
         lines.append("No destinations are configured: standardized series are kept in the node's output folder.")
     lines += ["", "Transient failures (connection refused, timeout, abort, 0xA7xx Out of resources) are retried "
               "with exponential backoff up to the destination's retry limit; permanent rejections (association "

@@ -35,8 +35,6 @@ from __future__ import annotations
 
 import copy
 import logging
-import os
-import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -50,6 +48,8 @@ from pydicom.sequence import Sequence as DicomSequence
 from pydicom.sr.codedict import codes
 from pydicom.sr.coding import Code
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
+
+from ltdiff_core.atomic import open_atomic
 
 from .version import MANUFACTURER, SOFTWARE_NAME, SOFTWARE_VERSION
 
@@ -327,13 +327,7 @@ def write_series(datasets: Sequence[Dataset], out_dir: str | Path) -> list[Path]
     paths = []
     for ds in datasets:
         path = out / f"{ds.SOPInstanceUID}.dcm"
-        fd, tmp = tempfile.mkstemp(dir=out, prefix=".tmp-", suffix=".dcm")
-        try:
-            with os.fdopen(fd, "wb") as fh:
-                ds.save_as(fh, enforce_file_format=True)
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        with open_atomic(path, fsync=False) as fh:  # offline output: atomic, durability not needed
+            ds.save_as(fh, enforce_file_format=True)
         paths.append(path)
     return paths

@@ -1,8 +1,10 @@
 """Dispatch: send each finished job's output to its destinations, with the retry policy.
 
 A delivery is one job's output series to one destination; each attempt is one association
-(:mod:`dicom_node.scu`). Per-instance send state is committed as each C-STORE response
-arrives, so a crash never sends an acknowledged instance twice. Failures are classified by the
+(:mod:`dicom_node.scu`) or, for a ``type = "stow-rs"`` destination, one batch of STOW-RS POSTs
+(:mod:`dicom_node.stow`); :func:`dicom_node.senders.sender_for` picks the sender. Per-instance
+send state is committed as each C-STORE (or STOW-RS batch) response arrives, so a crash never
+sends an acknowledged instance twice. Failures are classified by the
 sender: permanent ones (rejected association, no accepted context, 0xA9xx/0xCxxx) end the
 delivery at once; transient ones are retried with capped exponential backoff until
 ``max_retries`` or the time budget ``retry_for_s`` is spent (the last attempt is made at the end
@@ -26,7 +28,8 @@ from .audit import audit_for
 from .config import NodeConfig
 from .lease import LeaseKeeper, worker_id
 from .logs import log_event
-from .scu import PERMANENT, send_files
+from .negotiation import PERMANENT
+from .senders import sender_for
 
 log = logging.getLogger("dicom_node.dispatch")
 
@@ -87,8 +90,8 @@ class Dispatcher:
         if dest is None:
             outcome_error, failure, results = f"destination {name!r} is no longer configured", PERMANENT, []
         else:
-            outcome = send_files(dest, [self.config.output_dir / p for _, p in todo], self.config.ae_title,
-                                 self.config.max_pdu, on_result=commit_one)
+            outcome = sender_for(dest)(dest, [self.config.output_dir / p for _, p in todo], self.config.ae_title,
+                                       self.config.max_pdu, on_result=commit_one)
             outcome_error, failure, results = outcome.error, outcome.failure, outcome.results
         now = db.utcnow()
         with self.db.session() as s:

@@ -17,7 +17,6 @@ lost its lease neither overwrites nor commits over the worker that took the job 
 from __future__ import annotations
 
 import errno
-import io
 import logging
 import shutil
 import threading
@@ -28,13 +27,15 @@ from typing import Any
 
 from sqlalchemy import select
 
+from ltdiff_core.atomic import open_atomic
+
 from . import db, track
 from .anomalies import spacing_refusal
 from .audit import audit_for
 from .config import NodeConfig
 from .lease import LeaseKeeper, worker_id
 from .logs import log_event
-from .spool import safe_name, write_atomic
+from .spool import safe_name
 from .watermark import Watermark
 
 log = logging.getLogger("dicom_node.process")
@@ -320,10 +321,9 @@ class Processor:
         staging.mkdir(parents=True)
         rels = []
         for ds in derived:
-            buf = io.BytesIO()
-            ds.save_as(buf, enforce_file_format=True)
             name = f"{safe_name(str(ds.SOPInstanceUID))}.dcm"
-            write_atomic(staging / name, buf.getbuffer())
+            with open_atomic(staging / name) as fh:
+                ds.save_as(fh, enforce_file_format=True)
             rels.append((str(ds.SOPInstanceUID), f"job-{job_id}/{name}"))
         derive_s = time.monotonic() - t0
         out_uid = str(derived[0].SeriesInstanceUID) if derived else None

@@ -114,8 +114,12 @@ def check_input(std: Any, series: Any, mode: str, forced: bool = False) -> GateR
 
     if mode == "off":
         return GateResult(mode, forced)
+    from ltdiff_core.resample import supported_geometry
+
     env = envelope_for(std)
-    verdict = qa.assess_input(series.hu, series.spacing, env, qa.series_thickness(series.datasets))
+    ckpt = getattr(std, "ckpt", None)
+    geometry = supported_geometry(ckpt.metadata) if ckpt is not None else None
+    verdict = qa.assess_input(series.hu, series.spacing, env, qa.series_thickness(series.datasets), geometry)
     return GateResult(mode, forced, verdict, env)
 
 

@@ -30,6 +30,7 @@ from .negotiation import (
 from .spool import safe_name, write_atomic
 from .tls import server_context
 from .transport import ConnectionGate, Limits, start_server, tls_peer
+from .version import IMPLEMENTATION_VERSION_NAME
 from .validate import Refusal, check_instance, clean_uid, native_pixel_length_problem, pixel_digest, printable
 from .watermark import Watermark
 
@@ -79,6 +80,7 @@ class StorageSCP:
     def _build_ae(self) -> AE:
         c = self.config
         ae = AE(ae_title=c.ae_title)
+        ae.implementation_version_name = IMPLEMENTATION_VERSION_NAME
         ae.maximum_pdu_size = c.max_pdu
         ae.maximum_associations = c.max_associations  # enforced by self.gate (see transport.start_server)
         ae.require_called_aet = c.check_called_ae

@@ -24,6 +24,7 @@ from .config import Destination
 from .negotiation import PERMANENT, TRANSIENT, classify_status, context_result, is_success, reject_reason
 from .logs import log_event
 from .tls import client_context
+from .version import IMPLEMENTATION_VERSION_NAME
 
 log = logging.getLogger("dicom_node.scu")
 
@@ -95,6 +96,7 @@ def send_files(dest: Destination, files: Sequence[Path], calling_ae: str, max_pd
         return out
     info, contexts = _contexts(files)
     ae = AE(ae_title=calling_ae)
+    ae.implementation_version_name = IMPLEMENTATION_VERSION_NAME
     ae.requested_contexts = contexts
     ae.acse_timeout = dest.timeout_s
     ae.dimse_timeout = dest.timeout_s

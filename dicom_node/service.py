@@ -53,6 +53,7 @@ class NodeService:
         self.scp: StorageSCP | None = None
         self.scheduler: Any = None
         self.port: int | None = None
+        self.http: Any = None  # observe.server.ObserveServer when [http] enabled
 
     def _check_pidfile(self) -> None:
         """Refuse to start a second node on the same data directory (one pidfile, one queue)."""
@@ -78,8 +79,16 @@ class NodeService:
         self.db.create_all()
         if "process" in self.roles:
             self.pipeline.recover()
+        if c.http.enabled and "receive" in self.roles:
+            # Before the DICOM listener: a port already taken stops the start here. One HTTP
+            # endpoint per node: the receiver's process serves it (it reads the shared database).
+            from .observe.server import ObserveServer  # imports status, which imports this module
+
+            self.http = ObserveServer(c, self.db)
+            self.http.start()
         if not self.db.shared:
-            write_atomic(c.pid_file, f"{os.getpid()}\n".encode())
+            write_atomic(c.pid_file, f"{os.getpid()}
+".encode())
         if "receive" in self.roles:
             self.scp = StorageSCP(c, self.db)
             self.port = self.scp.start()
@@ -110,7 +119,7 @@ class NodeService:
                 row = db.Heartbeat(hostname=host, pid=pid, started_at=now)
                 s.add(row)
             row.roles = ",".join(self.roles)
-            row.ae_title = self.config.ae_title if "receive" in self.roles else None
+            row.ae_title = self.config.ae_title
             row.port = int(self.port) if self.port else None
             row.heartbeat_at = now
             row.version = software_version()
@@ -128,6 +137,8 @@ class NodeService:
     def stop(self) -> None:
         """Clean shutdown: no new associations, finish open ones and the running job."""
         self.stop_event.set()
+        if self.http is not None:
+            self.http.stop()
         if self.scp is not None:
             self.scp.stop()
         if self.scheduler is not None:

@@ -9,6 +9,7 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from sqlalchemy import func, select
+from sqlalchemy.orm import Session
 
 from . import db
 from .config import ROLES, NodeConfig
@@ -129,6 +130,21 @@ def series_dict(s: db.Series, with_instances: bool = False) -> dict[str, Any]:
     return out
 
 
+def heartbeat_fresh(hb: db.Heartbeat | None, now: datetime) -> bool:
+    """A running process's heartbeat (written every HEARTBEAT_S by its scheduler) is recent."""
+    return hb is not None and hb.stopped_at is None and (now - hb.heartbeat_at).total_seconds() < 3 * HEARTBEAT_S
+
+
+def state_counts(s: Session) -> dict[str, int]:
+    """Series per state, every state present (0 when none)."""
+    counts = dict(s.execute(select(db.Series.state, func.count()).group_by(db.Series.state)).all())
+    return {state: int(counts.get(state, 0)) for state in db.SERIES_STATES}
+
+
+def pending_deliveries(s: Session) -> int:
+    return int(s.scalar(select(func.count(db.Delivery.id)).where(db.Delivery.state == db.PENDING)) or 0)
+
+
 def collect_status(config: NodeConfig, last: int = 10, with_instances: bool = False) -> dict[str, Any]:
     """The whole status report as a JSON-serialisable dict."""
     database = db.Database(config.db_url)
@@ -146,7 +162,6 @@ def collect_status(config: NodeConfig, last: int = 10, with_instances: bool = Fa
                 pid = int(config.pid_file.read_text().strip())
             except (OSError, ValueError):
                 pass
-            counts = dict(s.execute(select(db.Series.state, func.count()).group_by(db.Series.state)).all())
             recent = s.scalars(select(db.Series).order_by(db.Series.last_received_at.desc()).limit(last)).all()
             failures = s.scalars(
                 select(db.Series).where(db.Series.state == db.FAILED).order_by(db.Series.state_changed_at.desc()).limit(20)
@@ -157,7 +172,6 @@ def collect_status(config: NodeConfig, last: int = 10, with_instances: bool = Fa
                     db.Job.state == db.DONE, db.Job.finished_at >= hour_ago)
             )
             received_hour = s.scalar(select(func.count(db.Instance.id)).where(db.Instance.received_at >= hour_ago))
-            pending_sends = s.scalar(select(func.count(db.Delivery.id)).where(db.Delivery.state == db.PENDING))
             refusals = s.scalars(select(db.Refusal).order_by(db.Refusal.id.desc()).limit(20)).all()
             refused_hour = s.scalar(select(func.count(db.Refusal.id)).where(db.Refusal.received_at >= hour_ago))
             return {
@@ -176,8 +190,8 @@ def collect_status(config: NodeConfig, last: int = 10, with_instances: bool = Fa
                     "roles_down": [r for r in ROLES if not any(r in w["roles"] and w["up"] for w in workers)],
                 },
                 "workers": workers,
-                "queue": {state: int(counts.get(state, 0)) for state in db.SERIES_STATES},
-                "pending_deliveries": int(pending_sends or 0),
+                "queue": state_counts(s),
+                "pending_deliveries": pending_deliveries(s),
                 "throughput": {
                     "slices_per_min_last_hour": round(float(slices_hour or 0) / 60.0, 2),
                     "received_images_last_hour": int(received_hour or 0),
@@ -218,7 +232,7 @@ def workers_status(s: Any, now: datetime) -> list[dict[str, Any]]:
             claimed[key] = claimed.get(key, 0) + int(n)
     out = []
     for hb in s.scalars(select(db.Heartbeat).order_by(db.Heartbeat.started_at.desc())):
-        fresh = hb.stopped_at is None and (now - hb.heartbeat_at).total_seconds() < 3 * HEARTBEAT_S
+        fresh = heartbeat_fresh(hb, now)
         alive = pid_alive(hb.pid) if hb.hostname == here else True
         out.append({
             "host": hb.hostname, "pid": hb.pid, "roles": hb.role_list, "up": bool(fresh and alive),

@@ -17,6 +17,8 @@ from typing import Any
 
 import numpy as np
 
+from .atomic import write_atomic
+
 FORMAT = "ltdiff-checkpoint"
 FORMAT_VERSION = 1
 METHODS = ("latent_diffusion", "linear", "direct")
@@ -75,7 +77,7 @@ def state_dict_to_numpy(module_state: dict[str, Any], prefix: str) -> dict[str, 
 
 def save_checkpoint(path: str | Path, tensors: dict[str, np.ndarray], metadata: dict[str, Any]) -> dict[str, Any]:
     """Write ``path`` (safetensors) and its sidecar JSON; returns the final metadata."""
-    from safetensors.numpy import save_file
+    from safetensors.numpy import save
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -84,15 +86,13 @@ def save_checkpoint(path: str | Path, tensors: dict[str, np.ndarray], metadata: 
     meta.setdefault("format_version", FORMAT_VERSION)
     meta["weights_sha256"] = weights_sha256(tensors)
     _validate_metadata(meta, path)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()}, str(tmp),
-              metadata={METADATA_KEY: json.dumps(meta, sort_keys=True)})
-    tmp.replace(path)
+    write_atomic(path, save({k: np.ascontiguousarray(v) for k, v in tensors.items()},
+                            metadata={METADATA_KEY: json.dumps(meta, sort_keys=True)}))
     path.chmod(0o644)  # shipped weights must be readable by the service user
     side = dict(meta)
     side["file_sha256"] = file_sha256(path)
     side["file_bytes"] = path.stat().st_size
-    sidecar_path(path).write_text(json.dumps(side, indent=2, sort_keys=True) + "\n")
+    write_atomic(sidecar_path(path), (json.dumps(side, indent=2, sort_keys=True) + "\n").encode())
     return meta
 
 

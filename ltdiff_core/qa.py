@@ -7,8 +7,10 @@ verdict naming each check that failed with its measured value.
 
 Input measures (:func:`measure_series`), from at most ``MAX_SLICES`` evenly spaced slices:
 
-* ``pixel_spacing_mm``, ``slice_thickness_mm`` (header geometry: the model is applied without
-  resampling, so both must be what it was trained on);
+* ``pixel_spacing_mm``, ``slice_thickness_mm`` (header geometry). The Standardizer resamples
+  in-plane to its training grid, so the gate checks these against what it *handles*
+  (``ltdiff_core.resample.supported_geometry``), not the training data's narrower geometry;
+  thickness changes the noise level, which ``noise_hu`` checks;
 * ``hu_air``: median HU of the air around the body (calibration: about -1000); not measured
   when the body is cut by the field of view (no outside air to trust);
 * ``hu_soft_tissue``: median mean HU of the homogeneous patches between -50 and 150 HU (about 40;
@@ -102,6 +104,8 @@ OUTPUT_MEASURES: dict[str, tuple[str, str]] = {
 }
 # Without these the kernel cannot be verified, so a missing value fails the check.
 REQUIRED = ("pixel_spacing_mm", "slice_thickness_mm", "sharpness", "noise_hu")
+#: Header geometry: checked against what the Standardizer handles when the gate is given it.
+GEOMETRY = ("pixel_spacing_mm", "slice_thickness_mm")
 
 
 # --------------------------------------------------------------------------- measuring
@@ -424,8 +428,9 @@ class Finding:
         if self.value is None:
             return f"{self.label}: not measured ({self.why})"
         fmt = _fmt(self.value, self.unit)
-        return (f"{self.label} {fmt} outside the training envelope [{_fmt(self.lo, self.unit)}, "
-                f"{_fmt(self.hi, self.unit)}] of {kernel}")
+        where = "the model's range" if self.check in GEOMETRY else "the training envelope"
+        of = "" if self.check in GEOMETRY else f" of {kernel}"
+        return f"{self.label} {fmt} outside {where} [{_fmt(self.lo, self.unit)}, {_fmt(self.hi, self.unit)}]{of}"
 
     def to_json(self) -> dict[str, Any]:
         return {"check": self.check, "value": self.value, "lo": self.lo, "hi": self.hi, "unit": self.unit,
@@ -500,12 +505,16 @@ class Verdict:
 
 
 def assess_input(hu: np.ndarray, spacing: Sequence[float], envelope: Mapping[str, Any] | None,
-                 slice_thickness_mm: float | None = None) -> Verdict:
-    """Measure an input series and check it against the envelope's source side."""
+                 slice_thickness_mm: float | None = None,
+                 geometry: Mapping[str, Mapping[str, float]] | None = None) -> Verdict:
+    """Measure an input series and check it against the envelope's source side; ``geometry``
+    replaces the envelope's geometry ranges with what the model handles (resampling)."""
     m = measure_series(hu, spacing, slice_thickness_mm)
     if envelope is None:
         return Verdict("unchecked", m, [])
     src = envelope["source"]
+    if geometry:
+        src = {**src, "measures": {**src.get("measures", {}), **geometry}}
     findings = check(m.values, m.why_not, src, INPUT_MEASURES, REQUIRED)
     return Verdict("fail" if findings else "pass", m, findings, str(src.get("kernel", "?")),
                    str(envelope["target"].get("kernel", "?")))

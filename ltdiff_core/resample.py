@@ -22,6 +22,14 @@ import scipy.fft as sfft
 DEFAULT_MODEL_PIXEL_MM = 0.7
 #: Relative spacing difference below which a series is used as it is (rounding in headers).
 RELATIVE_TOLERANCE = 0.02
+#: In-plane spacings a Standardizer handles, relative to its training spacing (0.49-0.98 mm for a
+#: 0.7 mm model): network methods are resampled to their grid, the linear filter works in lp/cm.
+#: Beyond it the field of view or the resolution differ too much from what the model learned.
+SUPPORTED_RATIO = (0.7, 1.4)
+#: Slice thicknesses the 2-D models are applied to. Thickness changes the noise level, which the
+#: QA gate checks on its own (``ltdiff_core.qa``); the output's noise and band power follow the
+#: sharp kernel alike at 1, 1.5 and 5 mm (docs/model-design.md, "Spacing").
+SUPPORTED_THICKNESS_MM = (0.9, 5.1)
 
 
 def model_pixel_mm(metadata: Mapping[str, Any]) -> float:
@@ -32,6 +40,15 @@ def model_pixel_mm(metadata: Mapping[str, Any]) -> float:
     except (TypeError, ValueError):
         return DEFAULT_MODEL_PIXEL_MM
     return value if value > 0 else DEFAULT_MODEL_PIXEL_MM
+
+
+def supported_geometry(metadata: Mapping[str, Any]) -> dict[str, dict[str, float]]:
+    """The geometry a checkpoint's Standardizer handles, as QA envelope ranges (``lo``/``hi`` in mm):
+    wider than the training data's own geometry, because of the resampling above."""
+    px = model_pixel_mm(metadata)
+    lo, hi = SUPPORTED_RATIO
+    return {"pixel_spacing_mm": {"lo": round(px * lo, 4), "hi": round(px * hi, 4)},
+            "slice_thickness_mm": {"lo": SUPPORTED_THICKNESS_MM[0], "hi": SUPPORTED_THICKNESS_MM[1]}}
 
 
 def needs_resampling(pixel_mm: Sequence[float], target_mm: float, tol: float = RELATIVE_TOLERANCE) -> bool:

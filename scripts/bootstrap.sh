@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Bootstrap the project environment: a local .venv with the package installed
 # (reused when present and up to date) and the Debian DICOM peers used by the
-# tests and the demo (dcmtk, dicom3tools, orthanc, postgresql). Sourced by main.sh and test.sh.
+# tests and the demo (dcmtk, dicom3tools, orthanc, orthanc-dicomweb, chromium, postgresql).
+# Sourced by main.sh and test.sh.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 VENV="$ROOT/.venv"
@@ -11,7 +12,10 @@ need_apt=()
 command -v storescp  >/dev/null 2>&1 || need_apt+=(dcmtk)
 command -v dciodvfy  >/dev/null 2>&1 || need_apt+=(dicom3tools)
 command -v Orthanc   >/dev/null 2>&1 || need_apt+=(orthanc)
+# Orthanc's DICOMweb plugin: the STOW-RS destination tests store into it and query it (QIDO-RS).
+[ -e /usr/share/orthanc/plugins/libOrthancDicomWeb.so ] || need_apt+=(orthanc-dicomweb)
 command -v openssl   >/dev/null 2>&1 || need_apt+=(openssl)    # throw-away CA for the DICOM TLS tests
+command -v chromium  >/dev/null 2>&1 || need_apt+=(chromium)   # headless browser for the status page test
 # PostgreSQL server binaries for the multi-role tests (a throw-away cluster per test module).
 ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || need_apt+=(postgresql)
 if [ ${#need_apt[@]} -gt 0 ]; then

@@ -3,4 +3,4 @@
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/bootstrap.sh"
 cd "$ROOT"
-exec "$VENV/bin/python" -m dicom_node.demo "$@"
+exec "$VENV/bin/python" -m nodetools.demo "$@"

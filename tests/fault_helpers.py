@@ -17,7 +17,7 @@ from sqlalchemy import select
 from dicom_node import db
 from dicom_node.config import load_config
 from dicom_node.status import collect_status
-from dicom_node.peers import (
+from nodetools.peers import (
     LOOPBACK, ROOT, SCRATCH_DISK, Peer, free_port, start_node, start_storescp, wait_for, write_node_config,
 )
 
@@ -158,3 +158,28 @@ def rows(database: db.Database, model: Any, **where: Any) -> list[Any]:
         for k, v in where.items():
             q = q.where(getattr(model, k) == v)
         return list(s.scalars(q))
+
+
+def sending_pipeline(tmp: Path, dest: dict[str, Any], n: int = 3) -> tuple[Any, list[Path]]:
+    """A node state with one processed series (output on disk) waiting to be sent to ``dest``,
+    as after a model run; returns the pipeline and the output files."""
+    from dicom_node.config import parse_config
+    from nodetools.peers import make_ct_series
+    from dicom_node.pipeline import Pipeline
+
+    cfg = parse_config({"node": {"data_dir": str(tmp / "data"), "ae_title": "LTDIFF"},
+                        "destinations": [dest], "rules": [{"name": "r", "destinations": [dest["name"]]}]}, tmp)
+    database = db.Database(cfg.db_url)
+    database.create_all()
+    files = make_ct_series(cfg.output_dir / "job-1", n=n, size=32)
+    with database.session() as s:
+        series = db.Series(series_uid="1.2.3.4", instance_count=n, state=db.SENDING)
+        job = db.Job(series=series, state=db.SENDING, rule_name="r", model="default", destinations=[dest["name"]],
+                     instance_count=n, output_count=n,
+                     output_series_uid=str(pydicom.dcmread(files[0]).SeriesInstanceUID))
+        d = db.Delivery(destination=dest["name"])
+        d.sends = [db.InstanceSend(sop_instance_uid=str(pydicom.dcmread(f).SOPInstanceUID),
+                                   path=f"job-1/{f.name}") for f in files]
+        job.deliveries.append(d)
+        s.add(series)
+    return Pipeline(cfg, database), files

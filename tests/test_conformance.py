@@ -92,6 +92,13 @@ def test_node_config_with_pinned_hosts() -> None:
     assert "ARCHIVE" in text and "pacs.example" in text
 
 
+def test_stow_rs_destination_is_not_listed_as_a_dimse_peer() -> None:
+    cfg = parse_config({"destinations": [{"name": "WEB", "type": "stow-rs", "url": "http://web.example/dicom-web"}]})
+    text = conformance_statement(cfg)
+    assert "STOW-RS (PS3.18), not DIMSE: WEB (http://web.example/dicom-web)" in text
+    assert "| WEB |" not in text and "No destinations are configured" not in text
+
+
 def test_cli_prints_statement(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
     conf = tmp_path / "node.toml"
     conf.write_text('[node]\nae_title = "CLI_NODE"\nport = 12345\ndata_dir = "data"\n')

@@ -22,7 +22,7 @@ from pynetdicom.sop_class import Verification
 
 from dicom_node import db
 from dicom_node.config import ConfigError, parse_config
-from dicom_node.peers import (
+from nodetools.peers import (
     LOOPBACK, associate_rq, connect_from, echoscu, free_port, start_node, started, write_node_config,
 )
 from dicom_node.receive import StorageSCP
@@ -189,7 +189,7 @@ def _is_closed(s: socket.socket) -> bool:
 def test_storescu_succeeds_while_attack_connections_stay_open(scp_factory: Any, tmp_path: Path) -> None:
     """The attacker keeps 24 connections (half of them with half an A-ASSOCIATE-RQ) open from 6
     addresses, reconnecting whenever the node closes one; a DCMTK storescu still gets through."""
-    from dicom_node.peers import make_ct_series, storescu
+    from nodetools.peers import make_ct_series, storescu
 
     node = scp_factory(acse_timeout_s=2.0)
     rq = associate_rq()

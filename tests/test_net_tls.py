@@ -18,7 +18,7 @@ from pynetdicom.sop_class import Verification
 
 from dicom_node import db
 from dicom_node.config import ConfigError, parse_config
-from dicom_node.peers import (
+from nodetools.peers import (
     LOOPBACK, dcmtk, echoscu, free_port, make_ct_series, orthanc_get, peer_env, start_orthanc,
     start_storescp, started,
 )

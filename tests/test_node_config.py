@@ -81,6 +81,33 @@ def test_example_config_documents_every_key() -> None:
         ({"disk": {"min_free_percent": 100}}, "disk.min_free_percent: must be below 100"),
         ({"destinations": [{"name": "P", "ae_title": "P", "host": "h", "port": 104, "backoff_max_s": 0}]},
          "destinations[0].backoff_max_s: must be positive"),
+        ({"destinations": [{"name": "W", "type": "wado"}]},
+         "destinations[0].type: must be 'dimse' or 'stow-rs' (got 'wado')"),
+        ({"destinations": [{"name": "W", "type": "stow-rs"}]}, "destinations[0].url: required key is missing"),
+        ({"destinations": [{"name": "W", "type": "stow-rs", "url": "ftp://h/dicom-web"}]},
+         "destinations[0].url: must be an http:// or https:// DICOMweb base URL"),
+        ({"destinations": [{"name": "W", "type": "stow-rs", "url": "http:///dicom-web"}]},
+         "destinations[0].url: must be"),
+        ({"destinations": [{"name": "W", "type": "stow-rs", "url": "https://u:pw@h/dicom-web"}]},
+         "destinations[0].url: must not carry credentials"),
+        ({"destinations": [{"name": "W", "type": "stow-rs", "url": "http://h/dicom-web", "port": 104}]},
+         "destinations[0].port: not a key of a type = 'stow-rs' destination"),
+        ({"destinations": [{"name": "P", "ae_title": "P", "host": "h", "port": 104, "url": "http://h/"}]},
+         "destinations[0].url: not a key of a type = 'dimse' destination"),
+        ({"destinations": [{"name": "W", "type": "stow-rs", "url": "http://h/dw", "username": "u"}]},
+         "destinations[0].password_env: required with username"),
+        ({"destinations": [{"name": "W", "type": "stow-rs", "url": "http://h/dw", "password_file": "pw"}]},
+         "destinations[0].password_file: file not found"),
+        ({"destinations": [{"name": "W", "type": "stow-rs", "url": "http://h/dw", "token_env": "NO_SUCH_VARIABLE_X"}]},
+         "destinations[0].token_env: environment variable is not set or empty"),
+        ({"destinations": [{"name": "W", "type": "stow-rs", "url": "http://h/dw", "ca_file": "tls.toml"}]},
+         "destinations[0].ca_file: only meaningful with an https:// url"),
+        ({"destinations": [{"name": "W", "type": "stow-rs", "url": "http://h/dw", "max_instances_per_request": 0}]},
+         "destinations[0].max_instances_per_request: must be positive"),
+        ({"destinations": [{"name": "W", "type": "stow-rs", "url": "https://h/dw", "tls": True}]},
+         "destinations[0].tls: not a key of a type = 'stow-rs' destination (got True)"),
+        ({"destinations": [{"name": "W", "type": "stow-rs", "url": "http://h/dw", "max_request_mb": "8"}]},
+         "destinations[0].max_request_mb: must be int or float (got '8')"),
         # unknown keys, at every level, are named with the keys that level accepts
         ({"colour": "red"}, "colour: unknown key; expected one of ['audit', 'completeness', 'destinations'"),
         ({"tls": {"certfile": "x.pem"}}, "tls.certfile: unknown key; expected one of ['ca_file', 'certificate'"),
@@ -106,6 +133,7 @@ def test_example_config_documents_every_key() -> None:
     ],
 )
 def test_validation_errors_name_key_and_value(raw: dict, message: str, tmp_path: Path) -> None:
+    (tmp_path / "tls.toml").write_text("")
     with pytest.raises(ConfigError) as exc:
         parse_config(raw, tmp_path)
     assert message in str(exc.value)
@@ -159,12 +187,32 @@ def test_audit_path_and_disk_watermark_settings(tmp_path: Path) -> None:
 def test_loopback_configs_carry_a_scratch_watermark_and_can_leave_it_out(tmp_path):
     """Nodes started by tests, the demo and benchmarks use a small watermark, so a busy or small build
     volume does not turn every C-STORE into 0xA700; ``disk=None`` keeps the production default."""
-    from dicom_node.peers import SCRATCH_DISK, write_node_config
+    from nodetools.peers import SCRATCH_DISK, write_node_config
 
     cfg = load_config(write_node_config(tmp_path / "a.toml", port=11112, data_dir=tmp_path / "d"))
     assert cfg.disk.min_free_mb == SCRATCH_DISK["min_free_mb"] and cfg.disk.min_free_percent == 0.0
     default = load_config(write_node_config(tmp_path / "b.toml", port=11112, data_dir=tmp_path / "d", disk=None))
     assert default.disk.min_free_mb == 2048.0 and default.disk.min_free_percent == 5.0
+
+
+def test_stow_rs_destination(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A DICOMweb destination: host and port come from the URL; secrets are named, not stored."""
+    monkeypatch.setenv("PACS_PASSWORD", "pw")
+    (tmp_path / "ca.crt").write_text("")
+    cfg = parse_config({"destinations": [
+        {"name": "WEB", "type": "stow-rs", "url": "https://pacs.example.org/dicom-web/", "username": "node",
+         "password_env": "PACS_PASSWORD", "ca_file": "ca.crt", "max_instances_per_request": 10, "timeout_s": 5},
+        {"name": "PACS", "ae_title": "PACS", "host": "10.0.0.9", "port": 104}]}, tmp_path)
+    web, pacs = cfg.destinations
+    assert (web.type, web.url, web.host, web.port, web.ae_title) == (
+        "stow-rs", "https://pacs.example.org/dicom-web", "pacs.example.org", 443, "")
+    assert web.password_env == "PACS_PASSWORD" and "pw" not in repr(web)
+    assert web.ca_file == (tmp_path / "ca.crt").resolve() and web.max_instances_per_request == 10
+    assert web.timeout_s == 5.0 and web.max_request_mb == 64.0
+    assert pacs.type == "dimse" and pacs.url is None
+    plain = parse_config({"destinations": [{"name": "W", "type": "stow-rs", "url": "http://127.0.0.1:8042/dicom-web",
+                                            "token_file": "ca.crt"}]}, tmp_path).destinations[0]
+    assert (plain.host, plain.port, plain.token_file) == ("127.0.0.1", 8042, (tmp_path / "ca.crt").resolve())
 
 
 def test_tls_versions_accepted_are_those_the_tls_module_can_set() -> None:

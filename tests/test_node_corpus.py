@@ -18,12 +18,10 @@ import pytest
 from fault_helpers import NodeRig, c_store, make_rig, rows
 from ltdiff_core.dicomio.uids import make_uid
 from ltdiff_core.dicomio.writer import StudyInfo, ct_datasets
-from pydicom.uid import (
-    DeflatedExplicitVRLittleEndian, ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian,
-)
+from pydicom.uid import DeflatedExplicitVRLittleEndian, ImplicitVRLittleEndian
 
 from dicom_node import db
-from dicom_node.peers import dcmtk, peer_env, wait_for
+from nodetools.peers import dcmtk, peer_env, wait_for
 
 OK, MISMATCH, CANNOT, RESOURCES, SOP_CLASS = 0x0000, 0xA900, 0xC000, 0xA700, 0x0122
 NO_CONTEXT = -1  # the association did not accept a presentation context for the file

@@ -10,7 +10,7 @@ import pydicom
 from fault_helpers import make_rig
 
 from dicom_node import db
-from dicom_node.peers import make_ct_series, storescu, wait_for
+from nodetools.peers import make_ct_series, storescu, wait_for
 from fault_helpers import rows
 
 N = 40

@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from dicom_node.peers import LOOPBACK, free_port, make_ct_series, storescu
+from nodetools.peers import LOOPBACK, free_port, make_ct_series, storescu
 from sqlalchemy import select
 
 from dicom_node import db

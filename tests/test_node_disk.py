@@ -17,7 +17,7 @@ import pydicom
 import pytest
 from fault_helpers import make_rig
 
-from dicom_node.peers import make_ct_series, node_cmd, storescu, wait_for
+from nodetools.peers import make_ct_series, node_cmd, storescu, wait_for
 from dicom_node.watermark import free_space
 
 SIZE_MB = 24

@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 import pydicom
 import pytest
-from dicom_node.peers import (
+from nodetools.peers import (
     ROOT, make_linear_checkpoint, node_status, orthanc_get, orthanc_get_bytes, start_node, start_orthanc,
     start_storescp, storescu, wait_for, write_node_config, free_port,
 )

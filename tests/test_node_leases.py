@@ -14,10 +14,10 @@ from alembic.migration import MigrationContext
 
 from dicom_node import db, migrate, track
 from dicom_node.config import parse_config
-from dicom_node.peers import SCRATCH_DISK
+from nodetools.peers import SCRATCH_DISK
 from dicom_node.process import Processor
 
-from pg_server import PostgresServer, start_postgres
+from nodetools.postgres import PostgresServer, start_postgres
 
 
 @pytest.fixture(scope="module")

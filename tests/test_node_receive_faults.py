@@ -15,7 +15,7 @@ from ltdiff_core.dicomio.uids import make_uid
 from ltdiff_core.dicomio.writer import StudyInfo, ct_datasets
 
 from dicom_node import db
-from dicom_node.peers import echoscu, node_cmd, storescu, wait_for
+from nodetools.peers import echoscu, node_cmd, storescu, wait_for
 
 
 @pytest.fixture(scope="module")

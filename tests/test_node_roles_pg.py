@@ -23,12 +23,12 @@ import pytest
 from sqlalchemy import select
 
 from dicom_node import db
-from dicom_node.peers import (
+from nodetools.peers import (
     LOOPBACK, SCRATCH_DISK, Peer, free_port, make_ct_series, node_cmd, peer_env, start_storescp, storescu,
     wait_for, wait_port, write_node_config,
 )
 from fault_helpers import LINEAR
-from pg_server import PostgresServer, start_postgres
+from nodetools.postgres import PostgresServer, start_postgres
 
 pytestmark = pytest.mark.slow
 LEASE_S = 3.0

@@ -7,7 +7,7 @@ from typing import Any
 
 import pydicom
 import pytest
-from dicom_node.peers import LOOPBACK, echoscu, free_port, make_ct_series, storescu
+from nodetools.peers import LOOPBACK, echoscu, free_port, make_ct_series, storescu
 from sqlalchemy import func, select
 
 from dicom_node import db
@@ -121,3 +121,21 @@ def test_enhanced_ct_is_refused_with_a_clear_status(scp_factory: Any, tmp_path: 
     r = storescu([enh], node.port, "LTDIFF", extra=["-v"])
     assert "Refused: SOPClassNotSupported" in r.stderr, r.stderr
     assert node.count(db.Instance) == 0
+
+
+def test_association_names_the_implementation(scp_factory: Any) -> None:
+    """The A-ASSOCIATE-AC carries the node's Implementation Version Name (PS3.7 D.3.3.2), so a
+    peer's logs say which release of the node it talked to."""
+    from pynetdicom import AE
+
+    from dicom_node.version import IMPLEMENTATION_VERSION_NAME
+
+    node = scp_factory()
+    ae = AE(ae_title="PROBE")
+    ae.add_requested_context("1.2.840.10008.1.1")
+    assoc = ae.associate(LOOPBACK, node.port, ae_title="LTDIFF")
+    try:
+        assert assoc.is_established
+        assert assoc.acceptor.implementation_version_name == IMPLEMENTATION_VERSION_NAME
+    finally:
+        assoc.release()

@@ -5,38 +5,19 @@ import time
 from pathlib import Path
 
 import pydicom
-from dicom_node.peers import LOOPBACK, free_port, make_ct_series, start_storescp
+from fault_helpers import sending_pipeline
+from nodetools.peers import LOOPBACK, free_port, make_ct_series, start_storescp
 from sqlalchemy import select
 
 from dicom_node import db
-from dicom_node.config import Destination, parse_config
+from dicom_node.config import Destination
 from dicom_node.negotiation import PERMANENT, TRANSIENT, classify_status
 from dicom_node.scu import send_files
-from dicom_node.pipeline import Pipeline
 
 
 def _dest(port: int, ae: str = "PACS", retries: int = 3, backoff: float = 0.5) -> dict:
     return {"name": "PACS", "ae_title": ae, "host": LOOPBACK, "port": port, "max_retries": retries,
             "backoff_base_s": backoff, "timeout_s": 5}
-
-
-def _worker_with_delivery(tmp: Path, dest: dict, n: int = 3) -> tuple[Pipeline, list[Path]]:
-    """A node state with one processed series waiting to be sent (as after a model run)."""
-    cfg = parse_config({"node": {"data_dir": str(tmp / "data"), "ae_title": "LTDIFF"},
-                        "destinations": [dest], "rules": [{"name": "r", "destinations": ["PACS"]}]}, tmp)
-    database = db.Database(cfg.db_url)
-    database.create_all()
-    files = make_ct_series(cfg.output_dir / "job-1", n=n, size=32)
-    with database.session() as s:
-        series = db.Series(series_uid="1.2.3.4", instance_count=n, state=db.SENDING)
-        job = db.Job(series=series, state=db.SENDING, rule_name="r", model="default", destinations=["PACS"],
-                     instance_count=n, output_count=n)
-        d = db.Delivery(destination="PACS")
-        d.sends = [db.InstanceSend(sop_instance_uid=str(pydicom.dcmread(f).SOPInstanceUID),
-                                   path=f"job-1/{f.name}") for f in files]
-        job.deliveries.append(d)
-        s.add(series)
-    return Pipeline(cfg, database), files
 
 
 def test_status_classification() -> None:
@@ -59,7 +40,7 @@ def test_send_series_to_storescp(tmp_path: Path) -> None:
 
 def test_transient_failure_is_retried_until_the_destination_is_up(tmp_path: Path) -> None:
     port = free_port()
-    worker, files = _worker_with_delivery(tmp_path, _dest(port, retries=4, backoff=0.5))
+    worker, files = sending_pipeline(tmp_path, _dest(port, retries=4, backoff=0.5))
     assert worker.send() == 1  # connection refused: nothing listening yet
     with worker.db.session() as s:
         d = s.scalars(select(db.Delivery)).one()
@@ -80,7 +61,7 @@ def test_transient_failure_is_retried_until_the_destination_is_up(tmp_path: Path
 
 def test_permanent_rejection_fails_at_once(tmp_path: Path) -> None:
     with start_storescp(tmp_path / "pacs", "PACS", extra=["--refuse"]) as pacs:
-        worker, _ = _worker_with_delivery(tmp_path, _dest(pacs.port, retries=5, backoff=0.1))
+        worker, _ = sending_pipeline(tmp_path, _dest(pacs.port, retries=5, backoff=0.1))
         assert worker.send() == 1
         time.sleep(0.3)
         assert worker.send() == 0  # nothing left to retry
@@ -94,7 +75,7 @@ def test_permanent_rejection_fails_at_once(tmp_path: Path) -> None:
 
 
 def test_exhausted_retries_fail_with_reason(tmp_path: Path) -> None:
-    worker, _ = _worker_with_delivery(tmp_path, _dest(free_port(), retries=1, backoff=0.1))
+    worker, _ = sending_pipeline(tmp_path, _dest(free_port(), retries=1, backoff=0.1))
     worker.send()
     time.sleep(0.25)
     worker.send()

@@ -3,17 +3,16 @@ kill -9 while sending, a PACS down past the old retry budget, `resend` and `retr
 from __future__ import annotations
 
 import subprocess
-import threading
 import time
 from pathlib import Path
 
 import pydicom
-from fault_helpers import make_rig
+from fault_helpers import make_rig, sending_pipeline
 from sqlalchemy import select
 
 from dicom_node import db
-from dicom_node.config import Destination, parse_config
-from dicom_node.peers import LOOPBACK, free_port, make_ct_series, node_cmd, start_storescp, storescu, wait_for
+from dicom_node.config import Destination
+from nodetools.peers import LOOPBACK, free_port, make_ct_series, node_cmd, start_storescp, storescu, wait_for
 from dicom_node.scu import PERMANENT, send_files
 from dicom_node.pipeline import Pipeline
 
@@ -33,25 +32,6 @@ PresentationContexts = MROnly
 """
 
 
-def _worker(tmp: Path, dest: dict, n: int = 3) -> tuple[Pipeline, list[Path]]:
-    """Node state with one processed series (output on disk) waiting to be sent."""
-    cfg = parse_config({"node": {"data_dir": str(tmp / "data"), "ae_title": "LTDIFF"},
-                        "destinations": [dest], "rules": [{"name": "r", "destinations": ["PACS"]}]}, tmp)
-    database = db.Database(cfg.db_url)
-    database.create_all()
-    files = make_ct_series(cfg.output_dir / "job-1", n=n, size=32)
-    with database.session() as s:
-        series = db.Series(series_uid="1.2.3.4", instance_count=n, state=db.SENDING)
-        job = db.Job(series=series, state=db.SENDING, rule_name="r", model="default", destinations=["PACS"],
-                     instance_count=n, output_count=n, output_series_uid=str(pydicom.dcmread(files[0]).SeriesInstanceUID))
-        d = db.Delivery(destination="PACS")
-        d.sends = [db.InstanceSend(sop_instance_uid=str(pydicom.dcmread(f).SOPInstanceUID),
-                                   path=f"job-1/{f.name}") for f in files]
-        job.deliveries.append(d)
-        s.add(series)
-    return Pipeline(cfg, database), files
-
-
 def _delivery(worker: Pipeline) -> db.Delivery:
     with worker.db.session() as s:
         d = s.scalars(select(db.Delivery)).one()
@@ -69,7 +49,7 @@ def test_destination_accepting_no_ct_context_fails_at_once_with_the_reason(tmp_p
         assert out.failure == PERMANENT, out.error
         assert "no presentation context accepted" in out.error and "abstract syntax not supported" in out.error
         assert "1.2.840.10008.5.1.4.1.1.2" in out.error
-        worker, _ = _worker(tmp_path / "w", {"name": "PACS", "ae_title": "PACS", "host": LOOPBACK,
+        worker, _ = sending_pipeline(tmp_path / "w", {"name": "PACS", "ae_title": "PACS", "host": LOOPBACK,
                                              "port": pacs.port, "backoff_base_s": 0.1, "timeout_s": 5})
         assert worker.send() == 1
         time.sleep(0.3)
@@ -108,7 +88,7 @@ def test_pacs_down_longer_than_the_old_retry_budget_is_delivered(tmp_path: Path)
     """Item 7: with the shipped retry settings (scaled: base 0.05 s) an outage of 2.5 s used to
     exhaust max_retries=5 after 1.55 s and fail the series for good."""
     port = free_port()
-    worker, files = _worker(tmp_path, {"name": "PACS", "ae_title": "PACS", "host": LOOPBACK, "port": port,
+    worker, files = sending_pipeline(tmp_path, {"name": "PACS", "ae_title": "PACS", "host": LOOPBACK, "port": port,
                                        "backoff_base_s": 0.05, "timeout_s": 2})
     t0 = time.monotonic()
     pacs = None
@@ -135,7 +115,7 @@ def test_retry_budget_by_time_then_resend_and_retry_failed_resend_the_same_outpu
     port = free_port()
     dest = {"name": "PACS", "ae_title": "PACS", "host": LOOPBACK, "port": port, "backoff_base_s": 0.05,
             "backoff_max_s": 0.2, "retry_for_s": 1.5, "timeout_s": 2}
-    worker, files = _worker(tmp_path, dest)
+    worker, files = sending_pipeline(tmp_path, dest)
     t0 = time.monotonic()
     while _delivery(worker).state == db.PENDING and time.monotonic() - t0 < 10:
         worker.send()

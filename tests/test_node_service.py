@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from dicom_node.peers import (
+from nodetools.peers import (
     echoscu, free_port, make_ct_series, make_linear_checkpoint, node_status, start_node, start_storescp, storescu,
     wait_for, write_node_config,
 )

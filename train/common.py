@@ -28,6 +28,8 @@ import torch.distributed as dist
 from pydantic import BaseModel, ConfigDict, Strict, StrictBool, StrictInt, StrictStr, ValidationError, create_model
 from torch import nn
 
+from ltdiff_core.atomic import open_atomic
+
 CODE_VERSION_FALLBACK = "unknown"
 
 
@@ -247,10 +249,9 @@ def state_path(out: Path) -> Path:
 
 def save_state(out: Path, model: nn.Module, opt: torch.optim.Optimizer, sched: Any, step: int,
                elapsed: float) -> None:
-    tmp = state_path(out).with_suffix(".tmp")
-    torch.save({"model": unwrap(model).state_dict(), "optimizer": opt.state_dict(),
-                "scheduler": sched.state_dict(), "step": step, "elapsed_s": elapsed}, tmp)
-    tmp.replace(state_path(out))
+    with open_atomic(state_path(out)) as fh:  # a crash mid-save keeps the previous state
+        torch.save({"model": unwrap(model).state_dict(), "optimizer": opt.state_dict(),
+                    "scheduler": sched.state_dict(), "step": step, "elapsed_s": elapsed}, fh)
 
 
 def load_state(out: Path, model: nn.Module, opt: torch.optim.Optimizer, sched: Any) -> tuple[int, float]:

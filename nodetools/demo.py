@@ -1,6 +1,6 @@
 """The main job: the whole node path on the embedded phantom, on this machine, in a few minutes.
 
-    python -m dicom_node.demo [--out DIR] [--slices N] [--size N] [--model default|PATH]
+    python -m nodetools.demo [--out DIR] [--slices N] [--size N] [--model default|PATH]
 
 1. generates a phantom case (Br40 series + Bl64 reference),
 2. starts a local PACS (Orthanc on loopback; DCMTK storescp when Orthanc is not installed),
@@ -10,7 +10,7 @@
 5. writes ``before_after.png`` (input Br40 vs standardized output vs Bl64 reference, same window),
 6. stops everything it started (by PID, also on Ctrl-C or failure).
 
-The peers are started and stopped by ``dicom_node.peers``, the same code the tests use.
+The peers are started and stopped by ``nodetools.peers``, the same code the tests use.
 """
 from __future__ import annotations
 
@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from dicom_node import peers
+from nodetools import peers
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -209,7 +209,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m dicom_node.demo", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="python -m nodetools.demo", description=__doc__.splitlines()[0])
     p.add_argument("--out", default=str(ROOT / "out" / "demo"), help="output folder (default out/demo)")
     p.add_argument("--slices", type=int, default=24, help="phantom slices (default 24)")
     p.add_argument("--size", type=int, default=512, help="image matrix (default 512)")

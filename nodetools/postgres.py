@@ -1,4 +1,4 @@
-"""A throw-away PostgreSQL server for the multi-role tests: Debian ``postgresql`` binaries, a
+"""A throw-away PostgreSQL server for the multi-role tests and benchmark: Debian ``postgresql`` binaries, a
 cluster in a temp directory, listening on 127.0.0.1 on a free port (and a Unix socket in the same
 directory), stopped by its PID.
 
@@ -18,7 +18,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from dicom_node.peers import LOOPBACK, free_port
+from .peers import LOOPBACK, free_port
 
 PG_BIN_DIRS = sorted(Path("/usr/lib/postgresql").glob("*/bin"), reverse=True)
 

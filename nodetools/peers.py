@@ -26,6 +26,9 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 LOOPBACK = "127.0.0.1"
 ORTHANC = shutil.which("Orthanc") or ("/usr/sbin/Orthanc" if Path("/usr/sbin/Orthanc").exists() else None)
+#: Orthanc's DICOMweb plugin (Debian package orthanc-dicomweb), for STOW-RS/QIDO-RS peers.
+ORTHANC_DICOMWEB = next((str(p) for p in (Path("/usr/share/orthanc/plugins/libOrthancDicomWeb.so"),
+                                          Path("/usr/lib/orthanc/libOrthancDicomWeb.so")) if p.exists()), None)
 
 
 def dcmtk(tool: str) -> str:
@@ -148,12 +151,16 @@ def echoscu(port: int, called: str, calling: str = "ECHOSCU") -> subprocess.Comp
 
 # --------------------------------------------------------------------------- Orthanc
 def start_orthanc(work_dir: Path, ae_title: str = "ORTHANC", modalities: dict[str, tuple[str, int]] | None = None,
-                  timeout: float = 60.0, extra_config: dict[str, Any] | None = None) -> Peer:
+                  timeout: float = 60.0, extra_config: dict[str, Any] | None = None,
+                  dicomweb: bool = False) -> Peer:
     """Orthanc with a generated configuration: loopback REST API, DICOM on a free port, called-AE
     check on, only the listed modalities (name -> (AE title, port)) may store. ``extra_config``
-    adds or overrides options (e.g. ``DicomTlsEnabled`` and its certificate paths)."""
+    adds or overrides options (e.g. ``DicomTlsEnabled`` and its certificate paths). ``dicomweb``
+    loads the DICOMweb plugin: STOW-RS/QIDO-RS/WADO-RS at ``extra["dicomweb_url"]``."""
     if ORTHANC is None:
         raise FileNotFoundError("Orthanc is not installed")
+    if dicomweb and ORTHANC_DICOMWEB is None:
+        raise FileNotFoundError("Orthanc's DICOMweb plugin is not installed (Debian package orthanc-dicomweb)")
     work_dir.mkdir(parents=True, exist_ok=True)
     dicom_port, http_port = free_port(), free_port()
     cfg = {
@@ -176,6 +183,7 @@ def start_orthanc(work_dir: Path, ae_title: str = "ORTHANC", modalities: dict[st
         "SaveJobs": False,
         "ConcurrentJobs": 1,
         "HttpThreadsCount": 4,
+        **({"Plugins": [ORTHANC_DICOMWEB], "DicomWeb": {"Enable": True, "Root": "/dicom-web/"}} if dicomweb else {}),
         **(extra_config or {}),
     }
     cfg_path = work_dir / "orthanc.json"
@@ -183,6 +191,8 @@ def start_orthanc(work_dir: Path, ae_title: str = "ORTHANC", modalities: dict[st
     log_path = work_dir / "orthanc.log"
     proc = _spawn([ORTHANC, str(cfg_path)], log_path, cwd=work_dir)
     peer = Peer(proc, dicom_port, log_path, {"http_port": http_port, "config": cfg_path})
+    if dicomweb:
+        peer.extra["dicomweb_url"] = f"http://{LOOPBACK}:{http_port}/dicom-web"
     try:
         wait_port(dicom_port, timeout, proc)
         wait_port(http_port, timeout, proc)

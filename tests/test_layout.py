@@ -1,0 +1,76 @@
+"""Package boundaries: the service (``dicom_node``) never imports the local peers and the demo
+(``nodetools``), so a production install runs without test tooling, and ``ltdiff_core`` stays
+free of the service."""
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def imported_modules(source: str) -> set[str]:
+    """Every module a source imports: ``import``/``from`` statements at any depth (also lazy imports
+    inside functions) and string literals passed to ``importlib.import_module`` / ``__import__``."""
+    found: set[str] = set()
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Import):
+            found.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            found.add(node.module)
+        elif isinstance(node, ast.Call) and node.args and isinstance(node.args[0], ast.Constant) \
+                and isinstance(node.args[0].value, str):
+            fn = node.func
+            name = fn.attr if isinstance(fn, ast.Attribute) else fn.id if isinstance(fn, ast.Name) else ""
+            if name in ("import_module", "__import__"):
+                found.add(node.args[0].value)
+    return found
+
+
+def is_within(module: str, package: str) -> bool:
+    """``package`` itself or one of its submodules (not a package that merely starts the same)."""
+    return module == package or module.startswith(package + ".")
+
+
+def offenders(package: str, forbidden: str) -> list[str]:
+    """``path: module`` for each import of ``forbidden`` (or a submodule) under ``package``."""
+    files = sorted((ROOT / package).rglob("*.py"))
+    assert files, f"no Python files under {package}/"
+    return [f"{f.relative_to(ROOT)}: {m}" for f in files
+            for m in sorted(imported_modules(f.read_text(encoding="utf-8")))
+            if is_within(m, forbidden)]
+
+
+@pytest.mark.parametrize("source", [
+    "from nodetools import peers",
+    "import nodetools.peers as p",
+    "def demo():\n    from nodetools.demo import main\n    return main()",
+    "import importlib\nmod = importlib.import_module('nodetools.demo')",
+])
+def test_import_finder_sees_every_import_form(source: str) -> None:
+    assert any(is_within(m, "nodetools") for m in imported_modules(source))
+
+
+def test_import_finder_ignores_look_alikes() -> None:
+    assert not any(is_within(m, "nodetools") for m in imported_modules(
+        "import nodetoolsx\nfrom dicom_node import spool\nx = 'nodetools.peers'\n"))
+
+
+def test_service_does_not_import_nodetools() -> None:
+    assert offenders("dicom_node", "nodetools") == []
+
+
+def test_ltdiff_core_does_not_import_the_service_or_tools() -> None:
+    assert offenders("ltdiff_core", "dicom_node") + offenders("ltdiff_core", "nodetools") == []
+
+
+def test_demo_entry_point_parses_its_arguments(capsys: pytest.CaptureFixture[str]) -> None:
+    """``python -m nodetools.demo`` (what ``scripts/main.sh`` runs) resolves from the repository root."""
+    from nodetools import demo
+
+    with pytest.raises(SystemExit) as exc:
+        demo.main(["--help"])
+    assert exc.value.code == 0
+    assert "python -m nodetools.demo" in capsys.readouterr().out
