@@ -87,8 +87,7 @@ class NodeService:
             self.http = ObserveServer(c, self.db)
             self.http.start()
         if not self.db.shared:
-            write_atomic(c.pid_file, f"{os.getpid()}
-".encode())
+            write_atomic(c.pid_file, f"{os.getpid()}\n".encode())
         if "receive" in self.roles:
             self.scp = StorageSCP(c, self.db)
             self.port = self.scp.start()
