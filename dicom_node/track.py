@@ -185,7 +185,8 @@ def renew(s: Session, model: type[db.Job] | type[db.Delivery], ids: Sequence[int
     """Extend the leases ``owner`` still holds; returns how many rows were renewed."""
     if not ids:
         return 0
-    res = s.execute(update(model).where(model.id.in_(list(ids)), model.claimed_by == owner)
+    working = db.PROCESSING if model is db.Job else db.PENDING  # a finished row keeps no lease
+    res = s.execute(update(model).where(model.id.in_(list(ids)), model.claimed_by == owner, model.state == working)
                     .values(lease_expires_at=until).execution_options(synchronize_session=False))
     return int(res.rowcount or 0)
 

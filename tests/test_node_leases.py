@@ -70,9 +70,10 @@ def test_expired_lease_is_reclaimed_and_the_late_worker_is_fenced_off(tmp_path: 
 
     slow = _worker(cfg, database, "host-a:1:process")
     assert [j for j, _, _ in slow._claim_batch()] == [job_id]
-    slow.leases.drop(job_id)  # the worker stalls: nobody renews its lease
     other = _worker(cfg, database, "host-b:2:process")
-    assert other._claim_batch() == []  # lease still valid: nothing to take
+    time.sleep(1.2)  # more than two lease lengths, renewed by the worker's lease thread meanwhile
+    assert other._claim_batch() == []  # still held: nothing to take
+    slow.leases.drop(job_id)  # the worker stalls: nobody renews its lease
     time.sleep(0.7)
     assert [j for j, _, _ in other._claim_batch()] == [job_id]  # expired: claimed again, same job id
     with database.session() as s:
