@@ -109,3 +109,26 @@ def test_expired_lease_is_reclaimed_and_the_late_worker_is_fenced_off(tmp_path: 
     slow.leases.close()
     other.leases.close()
     database.dispose()
+
+
+def test_retention_removes_the_staged_output_of_a_dead_worker(tmp_path: Path) -> None:
+    from dicom_node import retention
+
+    cfg = parse_config({"node": {"data_dir": str(tmp_path / "data")}, "disk": SCRATCH_DISK})
+    database = db.Database(cfg.db_url)
+    database.create_all()
+    now = db.utcnow()
+    with database.session() as s:
+        series = db.Series(series_uid="1.2.826.0.1.3680043.10.999.2", state=db.DONE, instance_count=0,
+                           first_received_at=now, last_received_at=now, state_changed_at=now)
+        s.add(series)
+        s.flush()
+        job = track.queue(s, series, rule_name="r", model="default", destinations=[], seed=0, qa_mode="off", now=now)
+        s.flush()
+        job_id = job.id
+        series.set_state(db.DONE)
+    for name in (f"job-{job_id}", f"job-{job_id}.host-a_1_process.part", f"job-{job_id + 1}.host-a_1_process.part"):
+        (cfg.output_dir / name).mkdir(parents=True)
+    assert retention.purge(cfg, database, older_than_days=0) == 1
+    assert sorted(p.name for p in cfg.output_dir.iterdir()) == [f"job-{job_id + 1}.host-a_1_process.part"]
+    database.dispose()
