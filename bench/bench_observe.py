@@ -47,9 +47,9 @@ def fill(database: db.Database, n_series: int, n_instances: int) -> None:
             {"job_id": i + 1, "destination": "pacs", "state": db.SENT, "attempts": 1 + (i % 10 == 0),
              "next_attempt_at": now, "started_at": now - timedelta(seconds=5 + i % 20), "finished_at": now}
             for i in range(n_series)])
-        conn.execute(insert(db.NodeHeartbeat), [
-            {"ae_title": "LTDIFF", "pid": 1, "hostname": "h", "port": 11112, "started_at": now, "heartbeat_at": now,
-             "model": "ltdiff 1.0", "device": "cpu"}])
+        conn.execute(insert(db.Heartbeat), [
+            {"ae_title": "LTDIFF", "pid": 1, "hostname": "h", "roles": "receive,decide,process,dispatch",
+             "port": 11112, "started_at": now, "heartbeat_at": now, "model": "ltdiff 1.0", "device": "cpu"}])
 
 
 def timed(fn: Callable[[], object], repeat: int) -> float:

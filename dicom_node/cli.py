@@ -27,7 +27,37 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     cfg = _config(args)
     setup_logging(args.log_level or os.environ.get(LOG_LEVEL_ENV) or cfg.logging.level, cfg.logging.format)
-    return NodeService(cfg).serve_forever()
+    return NodeService(cfg, roles=args.roles).serve_forever()
+
+
+def _roles(value: str) -> tuple[str, ...]:
+    from .config import ROLES
+
+    roles = tuple(r.strip() for r in value.split(",") if r.strip())
+    unknown = [r for r in roles if r not in ROLES]
+    if not roles or unknown:
+        raise argparse.ArgumentTypeError(f"roles are a comma list of {', '.join(ROLES)} (got {value!r})")
+    return roles
+
+
+def cmd_db(args: argparse.Namespace) -> int:
+    """``db upgrade`` / ``db current``: the schema version of the configured database."""
+    from . import db, migrate
+
+    cfg = _config(args)
+    database = db.Database(cfg.db_url)
+    try:
+        if args.db_command == "upgrade":
+            before, after = migrate.upgrade(database.engine)
+            print(f"database {database.engine.url.render_as_string(hide_password=True)}: "
+                  + (f"upgraded {before or '(unversioned)'} -> {after}" if before != after else f"at {after} (current)"))
+        else:
+            rev, head = migrate.current(database.engine), migrate.head()
+            print(f"{rev or '(unversioned)'} (head {head}){'' if rev == head else ' -- run: dicom-node db upgrade'}")
+            return 0 if rev == head else 1
+    finally:
+        database.dispose()
+    return 0
 
 
 def cmd_status(args: argparse.Namespace) -> int:
@@ -181,7 +211,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     sp = sub.add_parser("serve", parents=[common], help="run the node (SCP, processing, sending) until SIGTERM")
     sp.add_argument("--log-level", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    sp.add_argument("--roles", type=_roles, metavar="ROLES",
+                    help="comma list of receive,decide,process,dispatch (default: node.roles, all four)")
     sp.set_defaults(func=cmd_serve)
+
+    sp = sub.add_parser("db", parents=[common], help="schema version of the database (Alembic)")
+    sp.add_argument("db_command", choices=["upgrade", "current"],
+                    help="upgrade: to the newest revision (serve does it at start too); current: show the revision")
+    sp.set_defaults(func=cmd_db)
 
     sp = sub.add_parser("status", parents=[common], help="up/down, queue, recent series, failures, throughput")
     sp.add_argument("--json", action="store_true", help="machine-readable output for monitoring")

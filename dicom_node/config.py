@@ -32,6 +32,8 @@ from .tls import DICOM_TLS_PORT, ClientTLS
 from .tls import check as check_tls
 
 QAMode = Literal["refuse", "flag", "off"]  # physics QA gate, see dicom_node.qa_gate
+Role = Literal["receive", "decide", "process", "dispatch"]  # stages a `serve` process runs
+ROLES: tuple[str, ...] = get_args(Role)
 _AE_RE = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}$")  # DICOM AE: 16 chars, no backslash/control
 _UID_ROOT_RE = re.compile(r"^[0-9]+(\.[0-9]+)*\.?$")
 _NAME_RE = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
@@ -171,6 +173,15 @@ class Node(Section):
     network_timeout_s: Positive = 60.0
     max_connections_per_address: Count = 4
     max_pending_connections: Count = 32
+    roles: tuple[Role, ...] = ROLES  # `serve --roles` overrides; all four: the single-box node
+    lease_s: Positive = 60.0  # a claimed job/delivery is another worker's to take after this without renewal
+
+    @field_validator("roles")
+    @classmethod
+    def _roles(cls, roles: tuple[str, ...]) -> tuple[str, ...]:
+        if not roles:
+            raise _invalid(f"must name at least one of {list(ROLES)}")
+        return tuple(r for r in ROLES if r in roles)  # pipeline order, no repeats
 
     @field_validator("database_url")
     @classmethod

@@ -1,9 +1,10 @@
-"""Persistent state: series, instances, processing jobs, deliveries, and the node's heartbeat.
+"""Persistent state: series, instances, processing jobs, deliveries, and process heartbeats.
 
 The database is the single source of truth shared by the receiver, the scheduled jobs and
 ``dicom-node status``; each state change is one committed transaction, so a restart sees exactly
 what had happened. Only portable column types are used (no SQLite-only features), so a
-PostgreSQL URL works when several nodes share one queue.
+PostgreSQL URL works when several processes (roles) share one queue. The schema is versioned by
+Alembic (``dicom_node/migrations``); a change to these models comes with a new revision.
 
 Series states (what an admin sees)::
 
@@ -19,7 +20,8 @@ from pathlib import Path
 from typing import Any
 
 from sqlalchemy import (
-    JSON, Boolean, DateTime, Float, ForeignKey, Integer, String, Text, create_engine, event, select,
+    JSON, Boolean, DateTime, Float, ForeignKey, Integer, String, Text, UniqueConstraint, create_engine, event,
+    select,
 )
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, relationship, sessionmaker
@@ -185,6 +187,8 @@ class Job(Base):
     error: Mapped[str | None] = mapped_column(Text)
     qa_mode: Mapped[str | None] = mapped_column(String(8))      # refuse | flag | off (the rule's), forced (`retry --force`)
     qa: Mapped[dict[str, Any] | None] = mapped_column(JSON)     # QA gate record (dicom_node.qa_gate)
+    claimed_by: Mapped[str | None] = mapped_column(String(128))  # host:pid:role of the processing worker
+    lease_expires_at: Mapped[datetime | None] = mapped_column(DateTime)  # renewed while it runs
 
     series: Mapped[Series] = relationship(back_populates="jobs")
     deliveries: Mapped[list[Delivery]] = relationship(back_populates="job", cascade="all, delete-orphan")
@@ -203,6 +207,8 @@ class Delivery(Base):
     started_at: Mapped[datetime | None] = mapped_column(DateTime)
     finished_at: Mapped[datetime | None] = mapped_column(DateTime)
     error: Mapped[str | None] = mapped_column(Text)
+    claimed_by: Mapped[str | None] = mapped_column(String(128))  # host:pid:role of the sending dispatcher
+    lease_expires_at: Mapped[datetime | None] = mapped_column(DateTime)
 
     job: Mapped[Job] = relationship(back_populates="deliveries")
     sends: Mapped[list[InstanceSend]] = relationship(back_populates="delivery", cascade="all, delete-orphan")
@@ -225,20 +231,29 @@ class InstanceSend(Base):
     delivery: Mapped[Delivery] = relationship(back_populates="sends")
 
 
-class NodeHeartbeat(Base):
-    """Liveness of a running ``dicom-node serve`` (one row per AE title)."""
+class Heartbeat(Base):
+    """Liveness of one running ``dicom-node serve`` process (one row per host and PID): which
+    roles it runs, and for a receiver its AE title and port. Read by ``dicom-node status`` from
+    any host sharing the database."""
 
-    __tablename__ = "node"
-    ae_title: Mapped[str] = mapped_column(String(16), primary_key=True)
-    pid: Mapped[int] = mapped_column(Integer)
+    __tablename__ = "heartbeats"
+    __table_args__ = (UniqueConstraint("hostname", "pid", name="uq_heartbeats_host_pid"),)
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
     hostname: Mapped[str] = mapped_column(String(128))
-    port: Mapped[int] = mapped_column(Integer)
+    pid: Mapped[int] = mapped_column(Integer)
+    roles: Mapped[str] = mapped_column(String(64))  # comma list, e.g. "receive,decide"
+    ae_title: Mapped[str | None] = mapped_column(String(16))
+    port: Mapped[int | None] = mapped_column(Integer)
     started_at: Mapped[datetime] = mapped_column(DateTime)
     heartbeat_at: Mapped[datetime] = mapped_column(DateTime)
     stopped_at: Mapped[datetime | None] = mapped_column(DateTime)
     model: Mapped[str | None] = mapped_column(String(256))
     device: Mapped[str | None] = mapped_column(String(32))
     version: Mapped[str | None] = mapped_column(String(64))
+
+    @property
+    def role_list(self) -> list[str]:
+        return [r for r in self.roles.split(",") if r]
 
 
 def make_engine(url: str) -> Engine:
@@ -260,8 +275,8 @@ def make_engine(url: str) -> Engine:
 
 
 class Database:
-    """Engine + session factory; ``create_all`` is idempotent, so starting the node migrates an
-    empty database."""
+    """Engine + session factory; ``create_all`` upgrades the schema to the newest revision
+    (:mod:`dicom_node.migrate`), so starting the node migrates an empty or older database."""
 
     def __init__(self, url: str) -> None:
         self.url = url
@@ -270,9 +285,15 @@ class Database:
         self.engine = make_engine(url)
         self.Session = sessionmaker(self.engine, expire_on_commit=False)
 
+    @property
+    def shared(self) -> bool:
+        """Several processes may use this database at once (PostgreSQL); SQLite serves one process."""
+        return self.engine.dialect.name != "sqlite"
+
     def create_all(self) -> None:
-        Base.metadata.create_all(self.engine)
-        add_missing_columns(self.engine)
+        from .migrate import upgrade
+
+        upgrade(self.engine)
 
     @contextlib.contextmanager
     def session(self) -> Iterator[Session]:
@@ -289,29 +310,6 @@ class Database:
 
     def dispose(self) -> None:
         self.engine.dispose()
-
-
-def add_missing_columns(engine: Engine) -> list[str]:
-    """Additive migration: every column a newer version defines on an existing table is added
-    in place (nullable at the SQL level: old rows read NULL, new rows get the ORM default), so an
-    upgraded node starts on its old database. ``create_all`` creates missing tables only; columns
-    are never dropped or changed here."""
-    from sqlalchemy import inspect, text
-
-    added = []
-    insp = inspect(engine)
-    with engine.begin() as conn:
-        for table in Base.metadata.sorted_tables:
-            if not insp.has_table(table.name):
-                continue
-            have = {c["name"] for c in insp.get_columns(table.name)}
-            for col in table.columns:
-                if col.name in have or col.primary_key:
-                    continue
-                ddl = col.type.compile(dialect=engine.dialect)
-                conn.execute(text(f'ALTER TABLE {table.name} ADD COLUMN "{col.name}" {ddl}'))
-                added.append(f"{table.name}.{col.name}")
-    return added
 
 
 def series_by_uid(s: Session, uid: str) -> Series | None:

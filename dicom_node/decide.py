@@ -11,6 +11,8 @@ expressions (searched, case-insensitive); every other attribute is a shell-style
 (``Br40*``, case-sensitive as DICOM code strings are); a list means "any of these".
 Multi-valued attributes (ConvolutionKernel ``Br40\\3``) match on the full or the first value.
 Before a series is queued, series-level checks (:mod:`dicom_node.anomalies`) may refuse it.
+Series rows are locked while decided (``FOR UPDATE SKIP LOCKED`` on PostgreSQL), so two decide
+processes sharing a queue never route the same series twice.
 """
 from __future__ import annotations
 
@@ -97,7 +99,8 @@ class Decider:
         now = db.utcnow()
         cfg = self.config.completeness
         with self.db.session() as s:
-            for series in s.scalars(select(db.Series).where(db.Series.state == db.RECEIVED)):
+            for series in s.scalars(select(db.Series).where(db.Series.state == db.RECEIVED)
+                                    .with_for_update(skip_locked=True, of=db.Series)):
                 reason = completeness_reason(
                     SeriesProgress(series.instance_count, series.expected_count, series.last_received_at), cfg, now
                 )
@@ -110,7 +113,8 @@ class Decider:
         now = db.utcnow()
         decided = 0
         with self.db.session() as s:
-            for series in s.scalars(select(db.Series).where(db.Series.state == db.COMPLETE)):
+            for series in s.scalars(select(db.Series).where(db.Series.state == db.COMPLETE)
+                                    .with_for_update(skip_locked=True, of=db.Series)):
                 rule = match_rule(self.config.rules, series_attributes(series))
                 decided += 1
                 try:

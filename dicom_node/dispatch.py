@@ -9,6 +9,12 @@ sender: permanent ones (rejected association, no accepted context, 0xA9xx/0xCxxx
 delivery at once; transient ones are retried with capped exponential backoff until
 ``max_retries`` or the time budget ``retry_for_s`` is spent (the last attempt is made at the end
 of the budget). When every delivery of a job is final, :func:`dicom_node.track.finish` closes it.
+
+Several dispatchers may share one queue: each attempt claims its delivery with a lease
+(:func:`dicom_node.track.claim_delivery`, renewed while sending), so one dispatcher sends a
+delivery at a time; a dispatcher that dies leaves it to another once the lease has expired, and
+the per-instance send state committed so far keeps the instances already acknowledged from
+being sent again.
 """
 from __future__ import annotations
 
@@ -17,11 +23,10 @@ import threading
 from datetime import timedelta
 from typing import Any
 
-from sqlalchemy import select
-
 from . import db, track
 from .audit import audit_for
 from .config import NodeConfig
+from .lease import LeaseKeeper, worker_id
 from .logs import log_event
 from .negotiation import PERMANENT
 from .senders import sender_for
@@ -42,23 +47,25 @@ class Dispatcher:
         self.db = database
         self.stop = stop or threading.Event()
         self.audit = audit_for(config)
+        self.owner = worker_id("dispatch")
+        self.lease_s = config.node.lease_s
+        self.leases = LeaseKeeper(database, db.Delivery, self.owner, self.lease_s)
 
     def send(self) -> int:
         """Attempt every delivery that is due; returns the number of associations made."""
         done = 0
         while not self.stop.is_set():
             with self.db.session() as s:
-                d = s.scalars(
-                    select(db.Delivery)
-                    .where(db.Delivery.state == db.PENDING, db.Delivery.next_attempt_at <= db.utcnow())
-                    .order_by(db.Delivery.next_attempt_at, db.Delivery.id)
-                ).first()
+                d = track.claim_delivery(s, db.utcnow(), self.owner, self.lease_s)
                 if d is None:
                     return done
                 delivery_id, name = d.id, d.destination
                 todo = [(x.id, x.path) for x in d.sends if x.state != db.SENT]
-                d.started_at = d.started_at or db.utcnow()
-            self._attempt(delivery_id, name, todo)
+            self.leases.hold(delivery_id)
+            try:
+                self._attempt(delivery_id, name, todo)
+            finally:
+                self.leases.drop(delivery_id)
             done += 1
         return done
 
@@ -88,8 +95,14 @@ class Dispatcher:
             outcome_error, failure, results = outcome.error, outcome.failure, outcome.results
         now = db.utcnow()
         with self.db.session() as s:
-            d = s.get(db.Delivery, delivery_id)
-            assert d is not None
+            d = s.get(db.Delivery, delivery_id, with_for_update=True)
+            if d is None or d.claimed_by != self.owner:
+                # The lease expired while this attempt ran and another dispatcher holds the
+                # delivery now: its attempt records the outcome (acknowledged instances are committed).
+                log_event(log, "delivery_lease_lost", level=logging.WARNING, delivery=delivery_id,
+                          claimed_by=d.claimed_by if d is not None else None)
+                return
+            track.release_delivery(d)
             d.attempts += 1
             by_id = {x.id: x for x in d.sends}
             for (send_id, _), res in zip(todo, results):

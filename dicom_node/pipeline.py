@@ -1,5 +1,8 @@
 """The stages behind the receiver, composed for one process: decide, process, dispatch, retention.
 
+A process runs the steps of its roles only (``serve --roles``, :mod:`dicom_node.scheduler`);
+processes with different roles share the queue through the database.
+
 Each stage is idempotent and commits every state change (through :mod:`dicom_node.track`)
 before acting on it, so a crash at any point leaves a state a restart resumes from
 (:meth:`Pipeline.recover`). :mod:`dicom_node.scheduler` runs the steps as interval jobs.
@@ -20,6 +23,7 @@ from . import db, retention, track
 from .config import NodeConfig
 from .decide import Decider
 from .dispatch import Dispatcher
+from .lease import owner_gone
 from .logs import log_event
 from .process import ModelCache, Processor
 from .resend import retry
@@ -46,9 +50,11 @@ class Pipeline:
         return self.processor.last_model
 
     def recover(self) -> dict[str, int]:
-        """Resume after a restart (see :func:`dicom_node.track.recover`); nothing received is deleted."""
+        """Resume after a restart (see :func:`dicom_node.track.recover`); nothing received is deleted.
+        On a shared database only jobs whose lease expired or whose worker on this host is gone
+        are queued again; the other workers keep theirs."""
         with self.db.session() as s:
-            counts = track.recover(s)
+            counts = track.recover(s, exclusive=not self.db.shared, dead=owner_gone)
         if counts["requeued"] or counts["sending"]:
             log_event(track.log, "recovered", jobs_requeued=counts["requeued"], jobs_sending=counts["sending"])
         return counts

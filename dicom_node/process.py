@@ -7,6 +7,12 @@ check the geometry against the checkpoint's training spacing, run the QA gate on
 (:mod:`dicom_node.derive`) and write it atomically under ``output_dir/job-N/``. Every state change
 goes through :mod:`dicom_node.track`; a crash at any point leaves the job ``processing``, which a
 restart queues again and rebuilds (the partial output directory is discarded).
+
+Several process workers (``serve --roles process`` on several hosts) share one queue: a claim is
+atomic (``FOR UPDATE SKIP LOCKED``) and leased (:mod:`dicom_node.lease`); the output is written
+to a staging directory of this attempt and moved to ``job-N/`` only in the transaction that
+commits the result, with the job row locked and still owned by this worker, so a worker that
+lost its lease neither overwrites nor commits over the worker that took the job over.
 """
 from __future__ import annotations
 
@@ -27,6 +33,7 @@ from . import db, track
 from .anomalies import spacing_refusal
 from .audit import audit_for
 from .config import NodeConfig
+from .lease import LeaseKeeper, worker_id
 from .logs import log_event
 from .spool import safe_name
 from .watermark import Watermark
@@ -85,13 +92,18 @@ class Processor:
         self.audit = audit_for(config)
         self.watermark = Watermark(config, database)
         self._waiting_for_disk = False
+        self.owner = worker_id("process")
+        self.lease_s = config.node.lease_s
+        self.leases = LeaseKeeper(database, db.Job, self.owner, self.lease_s)
 
     def _claim_batch(self) -> list[tuple[int, str, list[Path]]]:
         """Atomically move a batch of queued jobs (same model) to ``processing``."""
         limit = self.config.processing.max_batch_slices
         out: list[tuple[int, str, list[Path]]] = []
         with self.db.session() as s:
-            queued = s.scalars(select(db.Job).where(db.Job.state == db.QUEUED).order_by(db.Job.id)).all()
+            track.reclaim_expired(s, db.utcnow())
+        with self.db.session() as s:
+            queued = track.claimable_jobs(s, limit=64)
             if not queued:
                 return []
             model = queued[0].model
@@ -110,7 +122,8 @@ class Processor:
                     self._waiting_for_disk = True
                     break
                 self._waiting_for_disk = False
-                track.claim(job, now)
+                track.claim(job, now, self.owner, self.lease_s)
+                self.leases.hold(job.id)
                 paths = [self.config.spool_dir / i.path for i in job.series.instances if not i.excluded]
                 out.append((job.id, model, paths))
                 total += n
@@ -120,9 +133,19 @@ class Processor:
 
     def process(self) -> int:
         """Run one batch of queued series through the model; returns the number of jobs handled."""
-        batch = self._claim_batch()
+        try:
+            batch = self._claim_batch()
+        except BaseException:
+            self.leases.drop(*self.leases.held())
+            raise
         if not batch:
             return 0
+        try:
+            return self._process(batch)
+        finally:
+            self.leases.drop(*(job_id for job_id, _, _ in batch))
+
+    def _process(self, batch: list[tuple[int, str, list[Path]]]) -> int:
         from ltdiff_core.dicomio.reader import SeriesError, read_series
 
         model_key = batch[0][1]
@@ -195,7 +218,7 @@ class Processor:
                     continue
                 # Disk full while writing outputs: not the series' fault; queue it again and
                 # wait for space (the claim step checks room first).
-                shutil.rmtree(self.config.output_dir / f"job-{job_id}", ignore_errors=True)
+                shutil.rmtree(self._staging(job_id), ignore_errors=True)
                 why = f"no space for outputs: {exc.strerror}"
                 self._with_job(job_id, lambda job: track.requeue(job, why))
             except Exception as exc:
@@ -250,10 +273,7 @@ class Processor:
         return res.note()
 
     def _store_qa(self, job_id: int, res: Any) -> None:
-        with self.db.session() as s:
-            job = s.get(db.Job, job_id)
-            if job is not None:
-                job.qa = {**res.record(), **res.extra}
+        self._with_job(job_id, lambda job: setattr(job, "qa", {**res.record(), **res.extra}))
 
     def _settings(self, job_ids: Sequence[int]) -> dict[int, tuple[int | None, int]]:
         """(steps, seed) per job: the rule's values, else the processing defaults."""
@@ -296,39 +316,72 @@ class Processor:
         derived = derive_series(sr.datasets, out_hu, dinfo)
         annotate(derived, qa_note)
         out_dir = self.config.output_dir / f"job-{job_id}"
-        if out_dir.exists():  # partial output of an interrupted run
-            shutil.rmtree(out_dir)
+        staging = self._staging(job_id)
+        shutil.rmtree(staging, ignore_errors=True)  # partial output of an interrupted attempt
+        staging.mkdir(parents=True)
         rels = []
         for ds in derived:
-            rel = f"job-{job_id}/{safe_name(str(ds.SOPInstanceUID))}.dcm"
-            with open_atomic(self.config.output_dir / rel) as fh:
+            name = f"{safe_name(str(ds.SOPInstanceUID))}.dcm"
+            with open_atomic(staging / name) as fh:
                 ds.save_as(fh, enforce_file_format=True)
-            rels.append((str(ds.SOPInstanceUID), rel))
+            rels.append((str(ds.SOPInstanceUID), f"job-{job_id}/{name}"))
         derive_s = time.monotonic() - t0
         out_uid = str(derived[0].SeriesInstanceUID) if derived else None
-        with self.db.session() as s:
-            job = s.get(db.Job, job_id)
-            assert job is not None
-            job.model_name = info.get("name")
-            job.model_version = str(info.get("version")) if info.get("version") is not None else None
-            job.model_sha256 = info.get("sha256")
-            job.method = info.get("method")
-            job.sampler = sampler
-            job.seed = seed
-            job.device = device
-            job.read_s, job.model_s, job.derive_s = round(read_s, 3), round(model_s, 3), round(derive_s, 3)
-            track.processed(job, self.audit, out_uid, rels, db.utcnow())
+        try:
+            self._commit_output(job_id, staging, out_dir, lambda job: self._record(
+                job, info, sampler, seed, device, read_s, model_s, derive_s, out_uid, rels))
+        except track.LeaseLost as exc:
+            shutil.rmtree(staging, ignore_errors=True)
+            log_event(log, "job_lease_lost", level=logging.WARNING, job=job_id, reason=str(exc))
+            return
         log_event(log, "series_processed", series_uid=sr.series_uid, job=job_id, slices=len(derived),
-                  output_series_uid=out_uid,
+                  output_series_uid=out_uid, worker=self.owner,
                   model=info.get("name"), device=device, read_s=round(read_s, 2), model_s=round(model_s, 2),
                   derive_s=round(derive_s, 2))
 
-    def _with_job(self, job_id: int, transition: Callable[[db.Job], None]) -> None:
-        """Apply one :mod:`dicom_node.track` transition to a job in its own transaction."""
+    def _staging(self, job_id: int) -> Path:
+        """This worker's output directory for one job before it is committed as ``job-N/``."""
+        return self.config.output_dir / f"job-{job_id}.{safe_name(self.owner)}.part"
+
+    def _commit_output(self, job_id: int, staging: Path, out_dir: Path, record: Callable[[db.Job], None]) -> None:
+        """Lock the job row, check this worker still owns it, move the staged output into place
+        and commit the result in the same transaction (:class:`track.LeaseLost` otherwise)."""
         with self.db.session() as s:
-            job = s.get(db.Job, job_id)
-            if job is not None:
-                transition(job)
+            job = s.get(db.Job, job_id, with_for_update=True)
+            if job is None or not track.owns(job, self.owner):
+                raise track.LeaseLost(f"job {job_id} is no longer claimed by {self.owner}"
+                                      + (f" (now {job.state}, {job.claimed_by})" if job is not None else ""))
+            if out_dir.exists():  # output of an earlier attempt whose commit did not happen
+                shutil.rmtree(out_dir)
+            staging.rename(out_dir)
+            record(job)
+
+    def _record(self, job: db.Job, info: dict[str, Any], sampler: dict[str, Any], seed: int, device: str,
+                read_s: float, model_s: float, derive_s: float, out_uid: str | None,
+                rels: Sequence[tuple[str, str]]) -> None:
+        """Provenance of the run and ``processing -> sending | done`` (fenced by the owner)."""
+        job.model_name = info.get("name")
+        job.model_version = str(info.get("version")) if info.get("version") is not None else None
+        job.model_sha256 = info.get("sha256")
+        job.method = info.get("method")
+        job.sampler = sampler
+        job.seed = seed
+        job.device = device
+        job.read_s, job.model_s, job.derive_s = round(read_s, 3), round(model_s, 3), round(derive_s, 3)
+        track.processed(job, self.audit, out_uid, rels, db.utcnow(), owner=self.owner)
+
+    def _with_job(self, job_id: int, transition: Callable[[db.Job], None]) -> None:
+        """Apply one :mod:`dicom_node.track` transition to a job in its own transaction, only
+        while this worker still owns it (a worker that lost its lease changes nothing)."""
+        with self.db.session() as s:
+            job = s.get(db.Job, job_id, with_for_update=True)
+            if job is None:
+                return
+            if not track.owns(job, self.owner):
+                log_event(log, "job_lease_lost", level=logging.WARNING, job=job_id, state=job.state,
+                          claimed_by=job.claimed_by)
+                return
+            transition(job)
 
     def _fail(self, job_id: int, reason: str) -> None:
         self._with_job(job_id, lambda job: track.fail(job, self.audit, reason))

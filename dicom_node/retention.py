@@ -36,6 +36,8 @@ def purge(config: NodeConfig, database: db.Database, older_than_days: float | No
             shutil.rmtree(config.quarantine_dir / safe_name(series.series_uid), ignore_errors=True)
             for job in series.jobs:
                 shutil.rmtree(config.output_dir / f"job-{job.id}", ignore_errors=True)
+                for staged in config.output_dir.glob(f"job-{job.id}.*.part"):  # left by a worker that died
+                    shutil.rmtree(staged, ignore_errors=True)
             s.delete(series)
             n += 1
         for r in s.scalars(select(db.Refusal).where(db.Refusal.received_at <= cutoff)):

@@ -1,6 +1,11 @@
 """The running node: start-up, heartbeat, and clean shutdown on SIGTERM/SIGINT.
 
-Start-up order makes a restart safe: database first (create tables, resume interrupted jobs),
+A process runs the roles it is given (``serve --roles receive,decide``; default all four):
+``receive`` is the DICOM listener, ``decide``/``process``/``dispatch`` are scheduled steps. On
+SQLite one process serves the data directory (a pidfile refuses a second one); on PostgreSQL any
+number of processes on any hosts share the queue, and each writes its own heartbeat row.
+
+Start-up order makes a restart safe: database first (upgrade the schema, resume interrupted jobs),
 then the scheduler, then the listening socket. Shutdown runs in reverse: stop accepting
 associations and let open ones finish, let a running job finish (a job interrupted anyway is
 resumed at the next start), stop the scheduler, mark the heartbeat stopped, remove the pidfile.
@@ -12,10 +17,13 @@ import os
 import signal
 import socket
 import threading
+from collections.abc import Sequence
 from typing import Any
 
+from sqlalchemy import delete, select
+
 from . import db
-from .config import NodeConfig
+from .config import ROLES, ConfigError, NodeConfig
 from .logs import log_event
 from .scheduler import build_scheduler
 from .receive import StorageSCP
@@ -36,8 +44,9 @@ def software_version() -> str:
 class NodeService:
     """One ``dicom-node serve`` process."""
 
-    def __init__(self, config: NodeConfig) -> None:
+    def __init__(self, config: NodeConfig, roles: Sequence[str] | None = None) -> None:
         self.config = config
+        self.roles = tuple(r for r in ROLES if r in (roles or config.node.roles))
         self.stop_event = threading.Event()
         self.db = db.Database(config.db_url)
         self.pipeline = Pipeline(config, self.db, self.stop_event)
@@ -61,41 +70,56 @@ class NodeService:
         c = self.config
         for d in (c.data_dir, c.spool_dir, c.output_dir):
             d.mkdir(parents=True, exist_ok=True)
-        self._check_pidfile()
+        if not self.db.shared:
+            if set(self.roles) != set(ROLES):
+                raise ConfigError(f"serve --roles {','.join(self.roles)}: the other roles must run in other processes, "
+                                  "which need a shared database (node.database_url = \"postgresql+psycopg://...\"); "
+                                  f"SQLite ({c.db_url}) serves one process running every role")
+            self._check_pidfile()
         self.db.create_all()
-        self.pipeline.recover()
-        if c.http.enabled:  # before the DICOM listener: a port already taken stops the start here
+        if "process" in self.roles:
+            self.pipeline.recover()
+        if c.http.enabled and "receive" in self.roles:
+            # Before the DICOM listener: a port already taken stops the start here. One HTTP
+            # endpoint per node: the receiver's process serves it (it reads the shared database).
             from .observe.server import ObserveServer  # imports status, which imports this module
 
             self.http = ObserveServer(c, self.db)
             self.http.start()
-        write_atomic(c.pid_file, f"{os.getpid()}\n".encode())
-        self.scp = StorageSCP(c, self.db)
-        self.port = self.scp.start()
+        if not self.db.shared:
+            write_atomic(c.pid_file, f"{os.getpid()}\n".encode())
+        if "receive" in self.roles:
+            self.scp = StorageSCP(c, self.db)
+            self.port = self.scp.start()
         self.heartbeat(started=True)
-        self.scheduler = build_scheduler(c, self.pipeline, self.heartbeat)
+        self.scheduler = build_scheduler(c, self.pipeline, self.heartbeat, self.roles)
         self.scheduler.start()
         log_event(log, "node_started", ae_title=c.ae_title, port=self.port, pid=os.getpid(), data_dir=str(c.data_dir),
-                  database=c.db_url.split("://")[0], destinations=",".join(d.name for d in c.destinations),
+                  roles=",".join(self.roles), database=c.db_url.split("://")[0],
+                  destinations=",".join(d.name for d in c.destinations),
                   rules=",".join(r.name for r in c.rules), version=software_version())
-        return self.port
+        return int(self.port or 0)
 
     def heartbeat(self, started: bool = False, stopped: bool = False) -> None:
-        """Liveness for ``dicom-node status``: PID, AE, port, model and device in use."""
+        """Liveness for ``dicom-node status`` (one row per host and PID): roles, AE and port of
+        a receiver, model and device of a process worker."""
         now = db.utcnow()
+        host, pid = socket.gethostname(), os.getpid()
         lm = self.pipeline.last_model
         with self.db.session() as s:
-            row = s.get(db.NodeHeartbeat, self.config.ae_title)
+            if started:  # rows of earlier processes on this host that are gone
+                for old in s.scalars(select(db.Heartbeat).where(db.Heartbeat.hostname == host,
+                                                                 db.Heartbeat.pid != pid)):
+                    if not pid_alive(old.pid):
+                        s.delete(old)
+                s.execute(delete(db.Heartbeat).where(db.Heartbeat.hostname == host, db.Heartbeat.pid == pid))
+            row = s.scalars(select(db.Heartbeat).where(db.Heartbeat.hostname == host, db.Heartbeat.pid == pid)).first()
             if row is None:
-                row = db.NodeHeartbeat(ae_title=self.config.ae_title, started_at=now)
+                row = db.Heartbeat(hostname=host, pid=pid, started_at=now)
                 s.add(row)
-            if started:
-                row.started_at = now
-                row.stopped_at = None
-                row.model = row.device = None
-            row.pid = os.getpid()
-            row.hostname = socket.gethostname()
-            row.port = int(self.port or self.config.port)
+            row.roles = ",".join(self.roles)
+            row.ae_title = self.config.ae_title
+            row.port = int(self.port) if self.port else None
             row.heartbeat_at = now
             row.version = software_version()
             if lm:
@@ -128,6 +152,8 @@ class NodeService:
                 self.config.pid_file.unlink()
         except OSError:
             pass
+        for worker in (self.pipeline.processor, self.pipeline.dispatcher):
+            worker.leases.close()
         self.db.dispose()
         log_event(log, "node_stopped", ae_title=self.config.ae_title)
 

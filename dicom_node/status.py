@@ -4,7 +4,7 @@ failures with reasons, throughput, spool usage, model and device in use."""
 from __future__ import annotations
 
 import json
-import os
+import socket
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -12,7 +12,7 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from . import db
-from .config import NodeConfig
+from .config import ROLES, NodeConfig
 from .service import HEARTBEAT_S, pid_alive
 from .spool import disk_usage
 
@@ -130,8 +130,8 @@ def series_dict(s: db.Series, with_instances: bool = False) -> dict[str, Any]:
     return out
 
 
-def heartbeat_fresh(hb: db.NodeHeartbeat | None, now: datetime) -> bool:
-    """A running node's heartbeat (written every HEARTBEAT_S by its scheduler) is recent."""
+def heartbeat_fresh(hb: db.Heartbeat | None, now: datetime) -> bool:
+    """A running process's heartbeat (written every HEARTBEAT_S by its scheduler) is recent."""
     return hb is not None and hb.stopped_at is None and (now - hb.heartbeat_at).total_seconds() < 3 * HEARTBEAT_S
 
 
@@ -152,16 +152,16 @@ def collect_status(config: NodeConfig, last: int = 10, with_instances: bool = Fa
         database.create_all()
         now = db.utcnow()
         with database.session() as s:
-            hb = s.get(db.NodeHeartbeat, config.ae_title)
+            workers = workers_status(s, now)
+            # The node is up when every role runs somewhere; its face is the receiver of this AE.
+            up = all(any(r in w["roles"] and w["up"] for w in workers) for r in ROLES)
+            hb = next((w for w in workers if "receive" in w["roles"] and w["ae_title"] == config.ae_title), None)
+            hb = hb or (workers[0] if workers else None)
             pid = None
             try:
                 pid = int(config.pid_file.read_text().strip())
             except (OSError, ValueError):
                 pass
-            fresh = heartbeat_fresh(hb, now)
-            local = hb is not None and hb.hostname == os.uname().nodename
-            alive = pid is not None and pid_alive(pid) if local or hb is None else True
-            up = bool(fresh and alive)
             recent = s.scalars(select(db.Series).order_by(db.Series.last_received_at.desc()).limit(last)).all()
             failures = s.scalars(
                 select(db.Series).where(db.Series.state == db.FAILED).order_by(db.Series.state_changed_at.desc()).limit(20)
@@ -177,17 +177,19 @@ def collect_status(config: NodeConfig, last: int = 10, with_instances: bool = Fa
             return {
                 "node": {
                     "up": up,
-                    "pid": hb.pid if hb else pid,
-                    "host": hb.hostname if hb else None,
+                    "pid": hb["pid"] if hb else pid,
+                    "host": hb["host"] if hb else None,
                     "ae_title": config.ae_title,
-                    "port": hb.port if hb else config.port,
-                    "started_at": _iso(hb.started_at) if hb else None,
-                    "heartbeat_at": _iso(hb.heartbeat_at) if hb else None,
-                    "stopped_at": _iso(hb.stopped_at) if hb else None,
-                    "version": hb.version if hb else None,
-                    "model": hb.model if hb else None,
-                    "device": (hb.device if hb and hb.device else None) or config.processing.device,
+                    "port": (hb["port"] if hb else None) or config.port,
+                    "started_at": hb["started_at"] if hb else None,
+                    "heartbeat_at": hb["heartbeat_at"] if hb else None,
+                    "stopped_at": hb["stopped_at"] if hb else None,
+                    "version": hb["version"] if hb else None,
+                    "model": next((w["model"] for w in workers if w["model"]), None),
+                    "device": next((w["device"] for w in workers if w["device"]), None) or config.processing.device,
+                    "roles_down": [r for r in ROLES if not any(r in w["roles"] and w["up"] for w in workers)],
                 },
+                "workers": workers,
                 "queue": state_counts(s),
                 "pending_deliveries": pending_deliveries(s),
                 "throughput": {
@@ -218,6 +220,31 @@ def collect_status(config: NodeConfig, last: int = 10, with_instances: bool = Fa
         database.dispose()
 
 
+def workers_status(s: Any, now: datetime) -> list[dict[str, Any]]:
+    """Every process's heartbeat (host, pid, roles, last beat, up/down) and what it holds now.
+    A row is up when its beat is fresh and it has not stopped; on this host the PID must run too."""
+    here = socket.gethostname()
+    claimed: dict[str, int] = {}
+    for owner, n in s.execute(select(db.Job.claimed_by, func.count()).where(db.Job.state == db.PROCESSING)
+                              .group_by(db.Job.claimed_by)).all():
+        if owner:
+            key = owner.rsplit(":", 1)[0]
+            claimed[key] = claimed.get(key, 0) + int(n)
+    out = []
+    for hb in s.scalars(select(db.Heartbeat).order_by(db.Heartbeat.started_at.desc())):
+        fresh = heartbeat_fresh(hb, now)
+        alive = pid_alive(hb.pid) if hb.hostname == here else True
+        out.append({
+            "host": hb.hostname, "pid": hb.pid, "roles": hb.role_list, "up": bool(fresh and alive),
+            "ae_title": hb.ae_title, "port": hb.port,
+            "started_at": _iso(hb.started_at), "heartbeat_at": _iso(hb.heartbeat_at),
+            "beat_age_s": round((now - hb.heartbeat_at).total_seconds(), 1), "stopped_at": _iso(hb.stopped_at),
+            "version": hb.version, "model": hb.model, "device": hb.device,
+            "jobs_processing": claimed.get(f"{hb.hostname}:{hb.pid}", 0),
+        })
+    return out
+
+
 def _mb(n: int) -> str:
     return f"{n / 1e6:.1f} MB"
 
@@ -229,6 +256,12 @@ def format_status(st: dict[str, Any]) -> str:
         f"dicom-node {'UP' if n['up'] else 'DOWN'}  AE {n['ae_title']}  port {n['port']}  PID {n['pid']}"
         f"  host {n['host']}  heartbeat {n['heartbeat_at']}",
         f"model {n['model'] or '(none loaded yet)'}  device {n['device']}  version {n['version']}",
+        *(["roles without a running process: " + ", ".join(n["roles_down"])] if n.get("roles_down") else []),
+        *[f"  {'up  ' if w['up'] else 'DOWN'} {','.join(w['roles']):<31} {w['host']}:{w['pid']}"
+          f"  beat {w['beat_age_s']:.0f} s ago" + (f"  AE {w['ae_title']} port {w['port']}" if w["port"] else "")
+          + (f"  processing {w['jobs_processing']}" if w["jobs_processing"] else "")
+          + (f"  stopped {w['stopped_at']}" if w["stopped_at"] else "")
+          for w in st.get("workers", [])],
         "queue: " + "  ".join(f"{k} {v}" for k, v in st["queue"].items()),
         f"pending deliveries {st['pending_deliveries']}  throughput {st['throughput']['slices_per_min_last_hour']}"
         f" slices/min (last hour)  received {st['throughput']['received_images_last_hour']} images (last hour)",

@@ -14,11 +14,11 @@ that creates a series, reopens it, or marks it grown after processing.
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from datetime import datetime, timedelta
 
 from pydicom.dataset import Dataset
-from sqlalchemy import select
+from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
 from . import db
@@ -148,20 +148,80 @@ def queue(s: Session, series: db.Series, *, rule_name: str, model: str, destinat
 
 
 # ---------------------------------------------------------------------- process
-def claim(job: db.Job, now: datetime) -> None:
-    """``queued -> processing`` for one job of a batch."""
+class LeaseLost(RuntimeError):
+    """The worker no longer owns the job (its lease expired and another worker claimed it): its
+    result must not be committed."""
+
+
+def claimable_jobs(s: Session, limit: int) -> list[db.Job]:
+    """Queued jobs in queue order, locked for this transaction; on PostgreSQL rows another worker
+    is claiming right now are skipped (``FOR UPDATE SKIP LOCKED``), so two workers never claim the
+    same job. SQLite has one writer at a time and serves one process."""
+    q = (select(db.Job).where(db.Job.state == db.QUEUED).order_by(db.Job.id).limit(limit)
+         .with_for_update(skip_locked=True, of=db.Job))
+    return list(s.scalars(q))
+
+
+def claim(job: db.Job, now: datetime, owner: str = "", lease_s: float = 60.0) -> None:
+    """``queued -> processing`` for one job of a batch, owned by ``owner`` (``host:pid:role``)
+    until ``now + lease_s`` unless renewed."""
     job.state = db.PROCESSING
     job.processing_started_at = now
     job.instance_count = job.series.instance_count
     job.attempts += 1
     job.error = None
+    job.claimed_by = owner or None
+    job.lease_expires_at = now + timedelta(seconds=lease_s)
     job.series.set_state(db.PROCESSING)
 
 
+def owns(job: db.Job, owner: str) -> bool:
+    """Whether ``owner`` still holds the job (lock the row first: ``s.get(..., with_for_update=True)``)."""
+    return job.state == db.PROCESSING and (job.claimed_by or "") == owner
+
+
+def renew(s: Session, model: type[db.Job] | type[db.Delivery], ids: Sequence[int], owner: str,
+          until: datetime) -> int:
+    """Extend the leases ``owner`` still holds; returns how many rows were renewed."""
+    if not ids:
+        return 0
+    working = db.PROCESSING if model is db.Job else db.PENDING  # a finished row keeps no lease
+    res = s.execute(update(model).where(model.id.in_(list(ids)), model.claimed_by == owner, model.state == working)
+                    .values(lease_expires_at=until).execution_options(synchronize_session=False))
+    return int(res.rowcount or 0)
+
+
+def reclaim_expired(s: Session, now: datetime) -> list[int]:
+    """``processing -> queued`` for jobs whose worker stopped renewing its lease (it died, or lost
+    its host): another worker claims them and rebuilds their output with the same job id. A job
+    with no lease at all was claimed by a node older than leases."""
+    q = (select(db.Job).where(db.Job.state == db.PROCESSING,
+                              (db.Job.lease_expires_at < now) | db.Job.lease_expires_at.is_(None))
+         .with_for_update(skip_locked=True, of=db.Job))
+    ids = []
+    for job in s.scalars(q):
+        log_event(log, "job_lease_expired", level=logging.WARNING, job=job.id, series_uid=job.series.series_uid,
+                  claimed_by=job.claimed_by)
+        _unclaim(job)
+        ids.append(job.id)
+    return ids
+
+
+def _unclaim(job: db.Job) -> None:
+    job.state, job.processing_started_at = db.QUEUED, None
+    job.claimed_by = job.lease_expires_at = None
+    job.series.set_state(db.QUEUED)
+
+
 def processed(job: db.Job, audit: AuditLog, output_series_uid: str | None, rels: Sequence[tuple[str, str]],
-              now: datetime) -> None:
+              now: datetime, owner: str | None = None) -> None:
     """``processing -> sending`` (one pending delivery per destination, per-instance send rows),
-    or ``done`` when the rule has no destination."""
+    or ``done`` when the rule has no destination. With ``owner``: only while that worker still
+    owns the job (else :class:`LeaseLost`, and the caller's transaction rolls back), so a worker
+    that lost its lease never commits a second output over the new owner's."""
+    if owner is not None and not owns(job, owner):
+        raise LeaseLost(f"job {job.id} is {job.state}, claimed by {job.claimed_by}, not {owner}")
+    job.lease_expires_at = None
     job.output_series_uid = output_series_uid
     job.output_count = len(rels)
     job.processing_finished_at = now
@@ -181,8 +241,8 @@ def processed(job: db.Job, audit: AuditLog, output_series_uid: str | None, rels:
 
 def requeue(job: db.Job, note: str) -> None:
     """``processing -> queued`` (disk full while writing outputs: not the series' fault)."""
-    job.state, job.processing_started_at, job.error = db.QUEUED, None, note
-    job.series.set_state(db.QUEUED)
+    _unclaim(job)
+    job.error = note
     log_event(log, "job_requeued", level=logging.WARNING, job=job.id, reason=note)
 
 
@@ -190,7 +250,7 @@ def refuse_job(job: db.Job, audit: AuditLog, reason: str, kind: str = "geometry"
     """``processing -> refused``: the model cannot (or must not) handle this series; the reason is
     kept and shown, never ``done`` with a warning."""
     now = db.utcnow()
-    job.state, job.error, job.finished_at = db.REFUSED, reason, now
+    job.state, job.error, job.finished_at, job.lease_expires_at = db.REFUSED, reason, now, None
     job.processing_finished_at = now
     job.series.set_state(db.REFUSED, reason)
     job.series.anomalies.append(db.Anomaly(kind=kind, detail=reason))
@@ -211,6 +271,7 @@ def finish(job: db.Job, audit: AuditLog, now: datetime, error: str | None = None
     job.state = db.FAILED if error else db.DONE
     job.error = error
     job.finished_at = now
+    job.lease_expires_at = None
     series = job.series
     if job.instance_count is not None and series.instance_count > job.instance_count:
         series.grown_after_processing = True
@@ -243,15 +304,49 @@ def reopen_for_retry(series: db.Series, *, force: bool, stable_age_s: float) -> 
     series.last_received_at = db.utcnow() - timedelta(seconds=stable_age_s)
 
 
-def recover(s: Session) -> dict[str, int]:
+def recover(s: Session, *, exclusive: bool = True, dead: Callable[[str], bool] | None = None) -> dict[str, int]:
     """After a restart: jobs left in ``processing`` are queued again (their partial output is
-    rebuilt); ``sending`` jobs keep their per-instance send state and continue."""
+    rebuilt); ``sending`` jobs keep their per-instance send state and continue.
+
+    ``exclusive`` (SQLite: this process is the only worker): every ``processing`` job. Shared
+    database: only jobs whose lease expired, and jobs claimed by a worker ``dead`` says is gone
+    (same host, process no longer running); other workers' jobs are left to them."""
     counts = {"requeued": 0, "sending": 0}
-    for job in s.scalars(select(db.Job).where(db.Job.state == db.PROCESSING)):
-        job.state = db.QUEUED
-        job.processing_started_at = None
-        job.series.set_state(db.QUEUED)
-        counts["requeued"] += 1
+    if exclusive:
+        for job in s.scalars(select(db.Job).where(db.Job.state == db.PROCESSING)):
+            _unclaim(job)
+            counts["requeued"] += 1
+    else:
+        counts["requeued"] = len(reclaim_expired(s, db.utcnow()))
+        for job in s.scalars(select(db.Job).where(db.Job.state == db.PROCESSING)
+                             .with_for_update(skip_locked=True, of=db.Job)):
+            if job.claimed_by and dead is not None and dead(job.claimed_by):
+                log_event(log, "job_owner_gone", level=logging.WARNING, job=job.id, claimed_by=job.claimed_by)
+                _unclaim(job)
+                counts["requeued"] += 1
     counts["sending"] = len(s.scalars(select(db.Job.id).where(db.Job.state == db.SENDING)).all())
     return counts
 
+
+# ---------------------------------------------------------------------- dispatch claims
+def claim_delivery(s: Session, now: datetime, owner: str, lease_s: float) -> db.Delivery | None:
+    """The next due delivery no other dispatcher holds (pending, due, lease free or expired),
+    locked and claimed by ``owner`` until ``now + lease_s``: one dispatcher sends a delivery at a
+    time, and per-instance send state keeps it exactly-once per instance."""
+    q = (select(db.Delivery)
+         .where(db.Delivery.state == db.PENDING, db.Delivery.next_attempt_at <= now,
+                db.Delivery.lease_expires_at.is_(None) | (db.Delivery.lease_expires_at < now))
+         .order_by(db.Delivery.next_attempt_at, db.Delivery.id).limit(1)
+         .with_for_update(skip_locked=True, of=db.Delivery))
+    d = s.scalars(q).first()
+    if d is not None:
+        if d.claimed_by and d.claimed_by != owner:
+            log_event(log, "delivery_lease_expired", level=logging.WARNING, delivery=d.id, claimed_by=d.claimed_by)
+        d.claimed_by, d.lease_expires_at = owner, now + timedelta(seconds=lease_s)
+        d.started_at = d.started_at or now
+    return d
+
+
+def release_delivery(d: db.Delivery) -> None:
+    """The attempt is recorded: the delivery is free for the next due attempt (any dispatcher)."""
+    d.claimed_by = d.lease_expires_at = None

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Bootstrap the project environment: a local .venv with the package installed
 # (reused when present and up to date) and the Debian DICOM peers used by the
-# tests and the demo (dcmtk, dicom3tools, orthanc, orthanc-dicomweb, chromium). Sourced by main.sh and test.sh.
+# tests and the demo (dcmtk, dicom3tools, orthanc, orthanc-dicomweb, chromium, postgresql).
+# Sourced by main.sh and test.sh.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 VENV="$ROOT/.venv"
@@ -15,6 +16,8 @@ command -v Orthanc   >/dev/null 2>&1 || need_apt+=(orthanc)
 [ -e /usr/share/orthanc/plugins/libOrthancDicomWeb.so ] || need_apt+=(orthanc-dicomweb)
 command -v openssl   >/dev/null 2>&1 || need_apt+=(openssl)    # throw-away CA for the DICOM TLS tests
 command -v chromium  >/dev/null 2>&1 || need_apt+=(chromium)   # headless browser for the status page test
+# PostgreSQL server binaries for the multi-role tests (a throw-away cluster per test module).
+ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || need_apt+=(postgresql)
 if [ ${#need_apt[@]} -gt 0 ]; then
   echo "[bootstrap] installing Debian packages: ${need_apt[*]}"
   SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO="sudo"
@@ -23,6 +26,7 @@ if [ ${#need_apt[@]} -gt 0 ]; then
   DEBIAN_FRONTEND=noninteractive RUNLEVEL=1 $SUDO apt-get install -y -qq --no-install-recommends "${need_apt[@]}" >/dev/null
   if command -v systemctl >/dev/null 2>&1 && [ -d /run/systemd/system ]; then
     $SUDO systemctl stop orthanc 2>/dev/null || true
+    $SUDO systemctl stop postgresql 2>/dev/null || true
   fi
   pkill -x Orthanc 2>/dev/null || true
 fi

@@ -134,8 +134,8 @@ def test_healthz_names_the_failed_check(idle: tuple[ObserveServer, Any]) -> None
 
     now = db.utcnow()
     with server.db.session() as s:
-        s.add(db.NodeHeartbeat(ae_title=cfg.ae_title, pid=os.getpid(), hostname="h", port=1, started_at=now,
-                               heartbeat_at=now))
+        s.add(db.Heartbeat(ae_title=cfg.ae_title, pid=os.getpid(), hostname=socket.gethostname(), roles="receive",
+                           port=1, started_at=now, heartbeat_at=now))
     status, _, body = get(server.port, "/healthz")
     assert status == 200 and json.loads(body)["ok"] is True
 
@@ -146,7 +146,7 @@ def test_healthz_names_the_failed_check(idle: tuple[ObserveServer, Any]) -> None
     assert status == 503 and not report["checks"]["spool"]["ok"] and report["checks"]["database"]["ok"]
 
     with server.db.session() as s:
-        s.get(db.NodeHeartbeat, cfg.ae_title).stopped_at = db.utcnow()
+        s.scalars(db.select(db.Heartbeat).where(db.Heartbeat.pid == os.getpid())).one().stopped_at = db.utcnow()
     assert not json.loads(get(server.port, "/healthz")[2])["checks"]["scheduler"]["ok"]
 
 
@@ -240,7 +240,8 @@ def test_metrics_are_read_from_the_database(node: tuple[NodeRig, int], processed
         return [dict(labels) for (name, labels), v in metrics(port).items() if name == "dicom_node_model_loaded" and v == 1]
     loaded = wait_for(loaded_models, 15, 0.5, "model_loaded in /metrics")
     assert len(loaded) == 1 and loaded[0]["ae_title"] == "LTDIFF" and "linear" in loaded[0]["model"]
-    assert 0 <= m[("dicom_node_heartbeat_age_seconds", (("ae_title", "LTDIFF"),))] < 15
+    ages = {dict(labels)["roles"]: v for (name, labels), v in m.items() if name == "dicom_node_heartbeat_age_seconds"}
+    assert list(ages) == ["receive,decide,process,dispatch"] and 0 <= ages["receive,decide,process,dispatch"] < 15
 
 
 def test_healthz_is_ok_on_a_running_node(node: tuple[NodeRig, int], processed: dict[str, Any]) -> None:

@@ -197,16 +197,18 @@ def test_rule_qa_key_is_validated() -> None:
 
 
 def test_older_database_gets_the_new_columns(tmp_path: Path) -> None:
-    """A database written before the QA columns existed is upgraded at start-up (create_all)."""
+    """A database written before the QA columns existed (and before schema versions) is upgraded
+    at start-up (create_all)."""
     import sqlite3
 
-    from dicom_node import db
+    from dicom_node import db, migrate
 
     url = f"sqlite:///{tmp_path / 'old.sqlite'}"
     d = db.Database(url)
-    d.create_all()
+    migrate.upgrade(d.engine, "0001")  # the schema of the last release before versions were recorded
     d.dispose()
     con = sqlite3.connect(tmp_path / "old.sqlite")
+    con.execute("DROP TABLE alembic_version")
     con.execute("ALTER TABLE jobs DROP COLUMN qa")
     con.execute("ALTER TABLE jobs DROP COLUMN qa_mode")
     con.execute("ALTER TABLE series DROP COLUMN qa_force")

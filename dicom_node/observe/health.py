@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import os
+import socket
 import tempfile
 from typing import Any
 
@@ -45,7 +46,9 @@ def check_spool(config: NodeConfig) -> tuple[bool, str]:
 def check_scheduler(config: NodeConfig, database: db.Database) -> tuple[bool, str]:
     try:
         with database.session() as s:
-            hb = s.scalars(select(db.NodeHeartbeat).where(db.NodeHeartbeat.ae_title == config.ae_title)).first()
+            # This process's own heartbeat (the endpoint runs inside a `serve` process).
+            hb = s.scalars(select(db.Heartbeat).where(db.Heartbeat.hostname == socket.gethostname(),
+                                                       db.Heartbeat.pid == os.getpid())).first()
             now = db.utcnow()
             if hb is None:
                 return False, "no heartbeat recorded"

@@ -120,14 +120,15 @@ class NodeCollector(Collector):
             c.add_metric([], float(retries))
             yield c
 
-            loaded = GaugeMetricFamily(f"{p}_model_loaded", "Model loaded by a running node (1 per model), from "
-                                       "its heartbeat.", labels=["ae_title", "model", "device"])
-            age = GaugeMetricFamily(f"{p}_heartbeat_age_seconds", "Seconds since a running node's last heartbeat.",
-                                    labels=["ae_title"])
-            for hb in s.scalars(select(db.NodeHeartbeat).where(db.NodeHeartbeat.stopped_at.is_(None))):
-                age.add_metric([hb.ae_title], max((now - hb.heartbeat_at).total_seconds(), 0.0))
+            loaded = GaugeMetricFamily(f"{p}_model_loaded", "Model loaded by a running process (1 per model), from "
+                                       "its heartbeat.", labels=["ae_title", "host", "pid", "model", "device"])
+            age = GaugeMetricFamily(f"{p}_heartbeat_age_seconds", "Seconds since a running process's last heartbeat.",
+                                    labels=["ae_title", "host", "pid", "roles"])
+            for hb in s.scalars(select(db.Heartbeat).where(db.Heartbeat.stopped_at.is_(None))):
+                who = [hb.ae_title or "", hb.hostname, str(hb.pid)]
+                age.add_metric([*who, hb.roles], max((now - hb.heartbeat_at).total_seconds(), 0.0))
                 if hb.model:
-                    loaded.add_metric([hb.ae_title, hb.model, hb.device or ""], 1.0)
+                    loaded.add_metric([*who, hb.model, hb.device or ""], 1.0)
             yield loaded
             yield age
 

@@ -1,0 +1,134 @@
+"""Leased claims on SQLite and on a real PostgreSQL server: a job whose worker stopped renewing
+its lease is claimed again by another worker, and the first worker, waking up late, can neither
+overwrite the new owner's output nor commit over it. The schema Alembic builds on PostgreSQL is
+the one the models describe."""
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from alembic.autogenerate import compare_metadata
+from alembic.migration import MigrationContext
+
+from dicom_node import db, migrate, track
+from dicom_node.config import parse_config
+from nodetools.peers import SCRATCH_DISK
+from dicom_node.process import Processor
+
+from nodetools.postgres import PostgresServer, start_postgres
+
+
+@pytest.fixture(scope="module")
+def postgres() -> Iterator[PostgresServer]:
+    server = start_postgres()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'q.sqlite'}"
+    return request.getfixturevalue("postgres").create_database(f"leases_{tmp_path.name[-20:].lower()}".replace("-", "_"))
+
+
+def test_postgres_schema_matches_the_models(postgres: PostgresServer) -> None:
+    database = db.Database(postgres.create_database("schema"))
+    assert migrate.upgrade(database.engine) == (None, migrate.head())
+    with database.engine.connect() as conn:
+        assert compare_metadata(MigrationContext.configure(conn), db.Base.metadata) == []
+    assert migrate.upgrade(database.engine) == (migrate.head(), migrate.head())
+    database.dispose()
+
+
+def _worker(cfg: object, database: db.Database, owner: str) -> Processor:
+    p = Processor(cfg, database)  # type: ignore[arg-type]
+    p.owner = p.leases.owner = owner
+    return p
+
+
+def test_expired_lease_is_reclaimed_and_the_late_worker_is_fenced_off(tmp_path: Path, database_url: str) -> None:
+    cfg = parse_config({"node": {"data_dir": str(tmp_path / "data"), "database_url": database_url, "lease_s": 0.5},
+                        "disk": SCRATCH_DISK})
+    database = db.Database(database_url)
+    database.create_all()
+    now = db.utcnow()
+    with database.session() as s:
+        series = db.Series(series_uid="1.2.826.0.1.3680043.10.999.1", state=db.COMPLETE, instance_count=0,
+                           first_received_at=now, last_received_at=now, state_changed_at=now)
+        s.add(series)
+        s.flush()
+    with database.session() as s:
+        series = s.scalars(db.select(db.Series)).one()
+        job = track.queue(s, series, rule_name="r", model="default", destinations=[], seed=0, qa_mode="off", now=now)
+        s.flush()
+        job_id = job.id
+
+    slow = _worker(cfg, database, "host-a:1:process")
+    assert [j for j, _, _ in slow._claim_batch()] == [job_id]
+    other = _worker(cfg, database, "host-b:2:process")
+    time.sleep(1.2)  # more than two lease lengths, renewed by the worker's lease thread meanwhile
+    assert other._claim_batch() == []  # still held: nothing to take
+    slow.leases.drop(job_id)  # the worker stalls: nobody renews its lease
+    time.sleep(0.7)
+    assert [j for j, _, _ in other._claim_batch()] == [job_id]  # expired: claimed again, same job id
+    with database.session() as s:
+        job = s.get_one(db.Job, job_id)
+        assert (job.state, job.claimed_by, job.attempts) == (db.PROCESSING, "host-b:2:process", 2)
+
+    out_dir = cfg.output_dir / f"job-{job_id}"
+
+    def output(p: Processor, marker: str) -> Path:
+        staging = p._staging(job_id)
+        staging.mkdir(parents=True)
+        (staging / "1.dcm").write_text(marker)
+        return staging
+
+    def record(p: Processor) -> object:
+        return lambda job: track.processed(job, p.audit, "9.9", [("9.9.1", f"job-{job_id}/1.dcm")], db.utcnow(),
+                                           owner=p.owner)
+
+    # The late worker wakes up while the new owner is still running: no commit, nothing moved.
+    with pytest.raises(track.LeaseLost):
+        slow._commit_output(job_id, output(slow, "late"), out_dir, record(slow))
+    assert not out_dir.exists()
+    slow._fail(job_id, "late failure")  # a late failure changes nothing either
+    other._commit_output(job_id, output(other, "owner"), out_dir, record(other))
+    assert (out_dir / "1.dcm").read_text() == "owner"
+    # ... or after the new owner committed: its output stays.
+    with pytest.raises(track.LeaseLost):
+        slow._commit_output(job_id, slow._staging(job_id), out_dir, record(slow))
+    assert (out_dir / "1.dcm").read_text() == "owner"
+    with database.session() as s:
+        job = s.get_one(db.Job, job_id)
+        assert (job.state, job.error, job.output_series_uid, job.claimed_by) == (db.DONE, None, "9.9", "host-b:2:process")
+    slow.leases.close()
+    other.leases.close()
+    database.dispose()
+
+
+def test_retention_removes_the_staged_output_of_a_dead_worker(tmp_path: Path) -> None:
+    from dicom_node import retention
+
+    cfg = parse_config({"node": {"data_dir": str(tmp_path / "data")}, "disk": SCRATCH_DISK})
+    database = db.Database(cfg.db_url)
+    database.create_all()
+    now = db.utcnow()
+    with database.session() as s:
+        series = db.Series(series_uid="1.2.826.0.1.3680043.10.999.2", state=db.DONE, instance_count=0,
+                           first_received_at=now, last_received_at=now, state_changed_at=now)
+        s.add(series)
+        s.flush()
+        job = track.queue(s, series, rule_name="r", model="default", destinations=[], seed=0, qa_mode="off", now=now)
+        s.flush()
+        job_id = job.id
+        series.set_state(db.DONE)
+    for name in (f"job-{job_id}", f"job-{job_id}.host-a_1_process.part", f"job-{job_id + 1}.host-a_1_process.part"):
+        (cfg.output_dir / name).mkdir(parents=True)
+    assert retention.purge(cfg, database, older_than_days=0) == 1
+    assert sorted(p.name for p in cfg.output_dir.iterdir()) == [f"job-{job_id + 1}.host-a_1_process.part"]
+    database.dispose()
