@@ -1,7 +1,7 @@
 """CPU inference of the default model: time per stage, then each optimisation against the previous.
 
     python bench/bench_inference.py [--model PATH] [--new-default PATH|derive] [--threads 2]
-                                    [--repeats 5] [--size 512] [--skip-profile] [--modules] [--onnx]
+                                    [--repeats 5] [--size 512] [--skip-profile] [--modules] [--onnx] [--onnx-profile]
 
 Part 1 times every stage of one 512^2 slice (first guess G, padding, encoder A, encoder G, each
 denoiser step, each decoder pass, rest = tiling and pre/post) by wrapping the calls.
@@ -13,7 +13,8 @@ rung 4, the torch path that is the default now.
 Part 3 (``--modules``) times each network call against its previous path.
 ``--onnx`` adds ONNX Runtime rungs (``ltdiff_core.onnx_runtime``: the same networks exported and run
 by ORT's CPU provider at graph level ALL, at level EXTENDED to isolate ORT's blocked NCHWc
-convolutions, and with one thread) to parts 2 and 3; the graphs go to ``LTDIFF_ONNX_CACHE``.
+convolutions, and with one thread) to parts 2 and 3, plus two concat-free decoder graphs to part 3;
+``--onnx-profile`` prints each graph's time per ONNX operator type. Graphs go to ``LTDIFF_ONNX_CACHE``.
 
 ``--new-default derive`` writes a copy of the current checkpoint whose metadata is the new
 default's sampling (delta decoding, strength 1, eta 1, 10 steps): same networks, so the same
@@ -122,6 +123,115 @@ def _reopen_onnx(s: Any, optimization: str) -> None:
         for attr, value in list(vars(net).items()):
             if isinstance(value, OrtGraph):
                 setattr(net, attr, OrtGraph(value.model, value.threads, optimization))
+
+
+def _decode_concat_free(ae: Any, z: Any, deconv_as_conv: bool = False) -> Any:
+    """Decoder with each UpCat's ``conv(cat[skips, up(x)])`` as a sum of per-input convolutions
+    (the first conv is linear in its input channels), optionally with the 2x2 stride-2 transposed
+    convolution as a 1x1 convolution + pixel shuffle. Same values up to rounding; an ONNX Runtime
+    graph without Concat nodes (and the layout reorders ORT puts around them)."""
+    import torch.nn.functional as F
+
+    def up(block: Any, x: Any) -> Any:
+        if not deconv_as_conv:
+            return block.upsample(x)
+        d = block.upsample.deconv  # weight (Cin, Cout, 2, 2)
+        cin, cout = d.weight.shape[:2]
+        w = d.weight.permute(1, 2, 3, 0).reshape(cout * 4, cin, 1, 1)
+        return F.pixel_shuffle(F.conv2d(x, w, d.bias.repeat_interleave(4)), 2)
+
+    def upcat(block: Any, x: Any, skips: list[Any]) -> Any:
+        conv0, out, start = block.convs.conv_0, None, 0
+        for part in skips + [up(block, x)]:
+            n = part.shape[1]
+            y = F.conv2d(part, conv0.conv.weight[:, start:start + n], conv0.conv.bias if start == 0 else None,
+                         padding=conv0.conv.padding)
+            out, start = (y if out is None else out + y), start + n
+        return block.convs.conv_1(conv0.adn(out))
+
+    L = ae.config.depth
+    zs = ae.unpack(z)
+    grid = {(i, 0): ae.lift[str(i)](zi) for i, zi in enumerate(zs)}
+    for j in range(1, L + 1):
+        for i in range(0, L - j + 1):
+            grid[(i, j)] = upcat(ae.up[f"{i}_{j}"], grid[(i + 1, j - 1)], [grid[(i, k)] for k in range(j)])
+    return ae.heads[-1](grid[(0, L)])
+
+
+def _onnx_decoder_variant(ae: Any, deconv_as_conv: bool, threads: int) -> Any:
+    """ORT session (level ALL) of :func:`_decode_concat_free` for a multiscale autoencoder."""
+    import copy
+    import io
+    import warnings
+
+    import torch
+
+    from ltdiff_core.onnx_runtime import OPSET, OrtGraph
+
+    clone = copy.deepcopy(ae).to(memory_format=torch.contiguous_format)
+
+    class Decode(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.ae = clone
+
+        def forward(self, z: torch.Tensor) -> torch.Tensor:
+            return _decode_concat_free(self.ae, z, deconv_as_conv)
+
+    buf = io.BytesIO()
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(Decode(), (torch.randn(2, ae.config.latent_dim, 8, 6),), buf, opset_version=OPSET,
+                          dynamo=False, input_names=["z"], output_names=["out"],
+                          dynamic_axes={"z": {0: "b", 2: "h", 3: "w"}, "out": {0: "b", 2: "h", 3: "w"}})
+    return OrtGraph(buf.getvalue(), threads)
+
+
+def onnx_profile(model: str | None, size: int) -> list[tuple[str, str, float, int]]:
+    """Share of each ONNX operator type in one call of each graph (ORT's profiler, level ALL)."""
+    import collections
+    import os
+
+    import onnxruntime as ort
+    import torch
+
+    from ltdiff_core import Standardizer
+    from ltdiff_core.onnx_runtime import session_options
+
+    s = Standardizer.from_checkpoint(model, device="cpu", runtime="onnx")
+    ae, den = s._nets["autoencoder"], s._nets["denoiser"]
+    lat = (size + 16) // ae.config.factor  # the padded 528^2 tile of a 512^2 slice
+    rng = np.random.default_rng(0)
+    ld = ae.config.latent_dim
+    feeds = {"autoencoder.encode": [rng.standard_normal((1, 1, lat * ae.config.factor, lat * ae.config.factor),
+                                                        np.float32)],
+             "autoencoder.decode": [rng.standard_normal((1, ld, lat, lat), np.float32)],
+             "denoiser.step": [rng.standard_normal((1, ld, lat, lat), np.float32), np.array([100]),
+                               rng.standard_normal((1, den.config.channels[0], lat, lat), np.float32)]}
+    graphs = {"autoencoder.encode": s._exec["autoencoder"]._encode,
+              "autoencoder.decode": s._exec["autoencoder"]._decode,
+              "denoiser.step": s._exec["denoiser"]._step}
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for name, g in graphs.items():
+            so = session_options(torch.get_num_threads())
+            so.enable_profiling = True
+            so.profile_file_prefix = os.path.join(tmp, name)
+            src = str(g.model) if isinstance(g.model, Path) else g.model
+            sess = ort.InferenceSession(src, so, providers=["CPUExecutionProvider"])
+            feed = dict(zip([i.name for i in sess.get_inputs()], feeds[name]))
+            for _ in range(3):
+                sess.run(None, feed)
+            events = json.loads(Path(sess.end_profiling()).read_text())
+            dur: collections.Counter[str] = collections.Counter()
+            count: collections.Counter[str] = collections.Counter()
+            for e in events:
+                if e.get("cat") == "Node" and e["name"].endswith("_kernel_time"):
+                    dur[e["args"]["op_name"]] += e["dur"]
+                    count[e["args"]["op_name"]] += 1
+            total = sum(dur.values())
+            rows += [(name, op, d / total, count[op] // 3) for op, d in dur.most_common(8)]
+    return rows
 
 
 RUNGS: list[tuple[str, dict[str, Any]]] = [
@@ -276,6 +386,11 @@ def module_ab(model: str | None, size: int, repeats: int, onnx: bool = False) ->
         cases["encoder"].append((f"ONNX Runtime {level}", lambda ae_o=ae_o: ae_o.encode(x)))
         cases["decoder"].append((f"ONNX Runtime {level}", lambda ae_o=ae_o: ae_o.decode(z)))
         cases["denoiser step"].append((f"ONNX Runtime {level}", lambda den_o=den_o: den_o(z, t, cond)))
+    if onnx and ae_new.multiscale:
+        threads = torch.get_num_threads()
+        for label, deconv in (("ORT ALL, concat-free", False), ("ORT ALL, concat-free, deconv 1x1", True)):
+            g_ = _onnx_decoder_variant(ae_new, deconv, threads)
+            cases["decoder"].append((label, lambda g_=g_: torch.from_numpy(g_.run(z.numpy()))))
     rows = []
     with torch.inference_mode():
         for d in (den_new, den_cond, den_cl):
@@ -314,6 +429,8 @@ def main() -> None:
     p.add_argument("--modules", action="store_true", help="also the per-network A/B (part 3)")
     p.add_argument("--onnx", action="store_true",
                    help="add the ONNX Runtime rungs and per-network variants (needs the [onnx] extra)")
+    p.add_argument("--onnx-profile", action="store_true",
+                   help="share of each ONNX operator type per graph (ORT profiler; needs the [onnx] extra)")
     args = p.parse_args()
 
     import torch
@@ -334,6 +451,10 @@ def main() -> None:
             print(f"\n== {label}: stages of one {args.size}^2 slice (s) ==")
             for name, sec in profile_stages(model, args.size):
                 print(f"  {name:<62s} {sec:7.3f}")
+        if args.onnx_profile and label == "current default":
+            print(f"\n== ONNX Runtime operator shares per graph at {args.size}^2 (level ALL, 3 runs) ==")
+            for graph, op, share, n in onnx_profile(model, args.size):
+                print(f"  {graph:<20s} {op:<24s} {100 * share:5.1f} %  x{n}")
         if args.modules and label == "current default":  # same networks in both models
             print(f"\n== per-network A/B at {args.size}^2, {args.repeats} interleaved repeats ==")
             print(f"  {'stage':<14s} {'variant':<34s} {'wall s':>7s} {'/ref':>6s} {'cpu s':>7s} {'/ref':>6s} {'max diff':>9s}")
