@@ -47,6 +47,7 @@ class Standardizer:
         tile_overlap: int = 64,
         strength: float | None = None,
         cuda_bf16: bool = True,
+        runtime: str | None = None,
     ) -> None:
         meta = ckpt.metadata
         self.cuda_bf16 = bool(cuda_bf16)  # bf16 autocast on CUDA; False runs fp32 (bench/bench_gpu.py compares)
@@ -72,6 +73,10 @@ class Standardizer:
         self.tile_size, self.tile_overlap = int(tile_size), int(tile_overlap)
         self.device = "cpu"
         self._nets: dict[str, Any] = {}
+        self._exec: dict[str, Any] = {}  # what the sampler calls (torch modules or ONNX stand-ins)
+        from .onnx_runtime import resolve_runtime
+
+        self.runtime = "torch" if self.method == "linear" else resolve_runtime(runtime)  # None: LTDIFF_RUNTIME
         if self.method == "linear":
             self.filter = LinearKernelFilter.from_tensors(ckpt.tensors, "linear")
             self.factor = 1
@@ -84,16 +89,17 @@ class Standardizer:
 
             configure_threads_from_env()
             prepare_for_inference(self._nets, self.device)  # memory layout etc.; see runtime.py
+            self._exec = self._execution_networks(meta["weights_sha256"])
             if self.method == "direct":
                 self.factor = self._nets["direct"].config.factor
             else:
                 from .diffusion import ConditionalLatentInferer, ScheduleConfig
 
-                ae = self._nets["autoencoder"]
+                ae = self._exec["autoencoder"]
                 if self.variant == "autoencoder" and "denoiser" not in self._nets:
                     self.factor = ae.config.factor
                     return
-                den = self._nets["denoiser"]
+                den = self._exec["denoiser"]
                 # the denoiser UNet halves the latent grid len(channels) - 1 times
                 self.factor = ae.config.factor * 2 ** (len(den.config.channels) - 1)
                 if self.variant == "autoencoder":
@@ -141,6 +147,7 @@ class Standardizer:
             "weights_sha256": m["weights_sha256"], "method": self.method, "variant": self.variant,
             "default_steps": self.sampling.get("default_steps"), "strength": self.sampling.get("strength"),
             "trained_on": m.get("training", {}).get("data"), "device": self.device, "path": str(self.ckpt.path),
+            "runtime": self.runtime,
         }
 
     # --- public API ----------------------------------------------------------------------
@@ -215,6 +222,16 @@ class Standardizer:
         return [o[0] if v.ndim == 2 else o for o, v in zip(outs, vols)]
 
     # --- internals -----------------------------------------------------------------------
+    def _execution_networks(self, weights_sha256: str) -> dict[str, Any]:
+        """What the sampler calls: the torch modules, or their ONNX Runtime stand-ins (CPU only)."""
+        if self.runtime == "torch":
+            return self._nets
+        if self.device != "cpu":
+            raise ValueError(f"runtime 'onnx' runs on the CPU only, not on {self.device!r}")
+        from .onnx_runtime import onnx_networks
+
+        return onnx_networks(self._nets, weights_sha256)
+
     def _pixel_mm(self, spacing: Sequence[float]) -> tuple[float, float]:
         sp = [float(s) for s in spacing]
         if len(sp) not in (2, 3) or min(sp[-2:]) <= 0:
@@ -261,9 +278,9 @@ class Standardizer:
         cuda = self.device.startswith("cuda")
         with torch.inference_mode(), torch.autocast("cuda", dtype=torch.bfloat16, enabled=cuda and self.cuda_bf16):
             if self.method == "direct":
-                y = self._nets["direct"](t)
+                y = self._exec["direct"](t)
             elif self.variant == "autoencoder":
-                ae = self._nets["autoencoder"]
+                ae = self._exec["autoencoder"]
                 y = ae.decode(ae.encode(t))
             else:
                 y = self._diffuse(t, keys, steps)

@@ -36,7 +36,7 @@ if [ ! -f "$stamp" ]; then
   echo "[bootstrap] creating/updating virtual environment in .venv"
   [ -x "$VENV/bin/python" ] || "$PY" -m venv "$VENV"
   "$VENV/bin/python" -m pip install -q --upgrade pip setuptools wheel
-  "$VENV/bin/python" -m pip install -q -e "$ROOT[test]"
+  "$VENV/bin/python" -m pip install -q -e "$ROOT[test,onnx]"  # [onnx]: so CI tests the ONNX Runtime path
   rm -f "$VENV"/.installed-*
   touch "$stamp"
 fi

@@ -94,10 +94,15 @@ class ConditionalDenoiser(nn.Module):
         Follows ``DiffusionModelUNet.forward`` (no context, no class labels, no ControlNet
         residuals: none are configured here).
         """
+        return self.forward_with_condition_features(z_t, t, self.condition_features(cond))
+
+    def forward_with_condition_features(self, z_t: torch.Tensor, t: torch.Tensor, feats: torch.Tensor) -> torch.Tensor:
+        """One step from the noisy latent and the condition's precomputed first-layer share
+        (:meth:`condition_features`); also the graph ``ltdiff_core.onnx_runtime`` exports."""
         unet = self.unet
         conv = unet.conv_in.conv
         h = F.conv2d(z_t, conv.weight[:, :self.config.latent_dim].contiguous(), None, padding=conv.padding)
-        h = h + self.condition_features(cond)
+        h = h + feats
         emb = unet.time_embed(get_timestep_embedding(t, unet.block_out_channels[0]).to(dtype=h.dtype))
         res: list[torch.Tensor] = [h]
         for block in unet.down_blocks:
