@@ -84,6 +84,7 @@ class Processor:
         self.audit = audit_for(config)
         self.watermark = Watermark(config, database)
         self._waiting_for_disk = False
+        self._streamed: dict[int, int] = {}  # job id -> slices taken from the stream cache
 
     def _claim_batch(self) -> list[tuple[int, str, list[Path]]]:
         """Atomically move a batch of queued jobs (same model) to ``processing``."""
@@ -265,21 +266,15 @@ class Processor:
                 out[job.id] = (steps, job.seed or 0)
         return out
 
-    @staticmethod
-    def _run_model(std: Any, loaded: list[tuple[int, Any, float]],
+    def _run_model(self, std: Any, loaded: list[tuple[int, Any, float]],
                    steps_by_job: dict[int, tuple[int | None, int]]) -> list[Any]:
-        """One call for the whole batch when the model supports it (fills the device), else one
-        call per series. Series with different sampler settings are never mixed in one call."""
-        batch_fn = getattr(std, "standardize_batch", None)
-        settings = {steps_by_job[j] for j, _, _ in loaded}
-        if batch_fn is not None and len(loaded) > 1 and len(settings) == 1:
-            steps, seed = settings.pop()
-            return list(batch_fn([sr.hu for _, sr, _ in loaded], [sr.spacing for _, sr, _ in loaded],
-                                 steps=steps, seed=seed))
-        outs = []
-        for job_id, sr, _ in loaded:
-            steps, seed = steps_by_job[job_id]
-            outs.append(std.standardize(sr.hu, sr.spacing, steps=steps, seed=seed))
+        """Outputs of the batch: slices standardized while the series arrived come from the stream
+        cache, the others go through the model in one call per sampler setting (which fills the
+        device). Every slice's random stream is keyed by its SOPInstanceUID (dicom_node.stream)."""
+        from .stream import run_with_cache
+
+        outs, used = run_with_cache(self.config, self.db, std, loaded, steps_by_job)
+        self._streamed.update(used)
         return outs
 
     def _derive_and_store(self, job_id: int, sr: Any, out_hu: Any, std: Any, info: dict[str, Any], device: str,
@@ -317,11 +312,12 @@ class Processor:
             job.seed = seed
             job.device = device
             job.read_s, job.model_s, job.derive_s = round(read_s, 3), round(model_s, 3), round(derive_s, 3)
+            job.streamed_slices = self._streamed.pop(job_id, None)
             track.processed(job, self.audit, out_uid, rels, db.utcnow())
         log_event(log, "series_processed", series_uid=sr.series_uid, job=job_id, slices=len(derived),
                   output_series_uid=out_uid,
                   model=info.get("name"), device=device, read_s=round(read_s, 2), model_s=round(model_s, 2),
-                  derive_s=round(derive_s, 2))
+                  derive_s=round(derive_s, 2), streamed_slices=job.streamed_slices)
 
     def _with_job(self, job_id: int, transition: Callable[[db.Job], None]) -> None:
         """Apply one :mod:`dicom_node.track` transition to a job in its own transaction."""
