@@ -187,7 +187,6 @@ def drop_stream(s: Session, series: db.Series, reason: str) -> list[int]:
     for job in list(series.jobs):
         if job.state == db.STREAMING:
             dropped.append(job.id)
-            series.jobs.remove(job)
             s.delete(job)
             log_event(log, "stream_dropped", job=job.id, series_uid=series.series_uid, reason=reason)
     return dropped
