@@ -153,6 +153,7 @@ def queue(s: Session, series: db.Series, *, rule_name: str, model: str, destinat
         job.state, job.rule_name, job.model, job.destinations, job.seed = db.QUEUED, rule_name, model, \
             list(destinations), seed
         job.qa_mode = qa
+        job.created_at = now  # queued from now on (streaming started at the job's stream_started event)
     else:
         job = db.Job(series_id=series.id, version=len(series.jobs) + 1, state=db.QUEUED, rule_name=rule_name,
                      model=model, destinations=list(destinations), seed=seed, created_at=now, qa_mode=qa)
