@@ -11,9 +11,11 @@ with its last instance in both modes (no stable-age wait). Before the timed seri
 warm-up series (new UIDs) goes through the same node, so the model is loaded in both modes.
 
 Printed per mode: latency = (Orthanc holds every output instance, polled every 50 ms) - (C-STORE
-response of the last input instance); the slices standardized while receiving (from the cache);
-the model time of the process step at completion (the slices still unprocessed, from the job's
-provenance); the ratio latency / that model time (goal <= 1.2); and the other stages.
+response of the last input instance); the slices already standardized at that moment (rows in the
+stream cache); the model time per slice of the process step at completion (job provenance); the
+model time for the slices unprocessed at the end = that per-slice time x the slices not yet
+standardized when the last instance arrived; the ratio latency / that model time (goal <= 1.2);
+and the other stages.
 """
 from __future__ import annotations
 
@@ -92,6 +94,23 @@ def renamed(datasets: list[pydicom.Dataset]) -> list[pydicom.Dataset]:
     return out
 
 
+def cached_now(cfg: Path) -> int:
+    """Slice outputs in the node's stream cache right now (all of the timed series: the warm-up's
+    job has been processed, so its rows are gone or not counted)."""
+    from sqlalchemy import func, select
+
+    from dicom_node import db
+    from dicom_node.config import load_config
+
+    database = db.Database(load_config(cfg).db_url)
+    try:
+        with database.session() as s:
+            return int(s.scalar(select(func.count(db.StreamSlice.id)).join(db.Job)
+                                .where(db.Job.state == db.STREAMING)) or 0)
+    finally:
+        database.dispose()
+
+
 def orthanc_count(orthanc: peers.Peer) -> int:
     return int(peers.orthanc_get(orthanc, "/statistics")["CountInstances"])
 
@@ -118,6 +137,7 @@ def run(mode: str, datasets: list[pydicom.Dataset], args: argparse.Namespace, ou
         timed = renamed(datasets)
         load0 = os.getloadavg()
         t_last = send_paced(timed, port, args.rate)
+        at_last = cached_now(cfg)
         total = 4 + len(timed)
         peers.wait_for(lambda: orthanc_count(orthanc) >= total, 7200, 0.05, "series stored at Orthanc")
         t_done = time.monotonic()
@@ -130,7 +150,7 @@ def run(mode: str, datasets: list[pydicom.Dataset], args: argparse.Namespace, ou
     job = series["jobs"][-1]
     with_cache = int(job.get("streamed_slices") or 0)
     d = job["durations_s"]
-    return {"mode": mode, "latency": t_done - t_last, "streamed": with_cache, "slices": len(timed),
+    return {"mode": mode, "latency": t_done - t_last, "streamed": with_cache, "slices": len(timed), "at_last": at_last,
             "model": d["model"], "read": d["read"], "derive": d["derive"], "sending": d["sending"],
             "queued": d["queued"], "processing": d["processing"], "qa": (job.get("qa") or {}).get("seconds"),
             "load": (load0[0], load1[0])}
@@ -159,12 +179,16 @@ def main() -> int:
     for mode in args.modes.split(","):
         r = run(mode, datasets, args, out)
         rest = r["slices"] - r["streamed"]
-        ratio = r["latency"] / r["model"] if r["model"] else float("nan")
+        per_slice = r["model"] / rest if rest and r["model"] else float("nan")
+        left = r["slices"] - r["at_last"]
+        need = per_slice * left
         print(f"streaming {mode:>3}: LATENCY last received -> last stored at Orthanc {r['latency']:.2f} s; "
-              f"streamed {r['streamed']}/{r['slices']} slices, {rest} left at completion; model time for those "
-              f"{r['model']} s; ratio {ratio:.2f}; read {r['read']} s, QA {r['qa']} s, derive {r['derive']} s, "
-              f"processing {r['processing']} s, queued {r['queued']} s, send {r['sending']} s; "
-              f"load average {r['load'][0]:.1f} -> {r['load'][1]:.1f}", flush=True)
+              f"{r['at_last']}/{r['slices']} slices standardized when the last arrived ({r['streamed']} from the "
+              f"cache in the end); model {per_slice:.3f} s/slice at completion ({r['model']} s for {rest}); "
+              f"MODEL TIME FOR THE {left} SLICES UNPROCESSED AT THE END {need:.2f} s; "
+              f"RATIO {r['latency'] / need if need else float('nan'):.2f}; read {r['read']} s, QA {r['qa']} s, "
+              f"derive {r['derive']} s, processing {r['processing']} s, queued {r['queued']} s, "
+              f"send {r['sending']} s; load average {r['load'][0]:.1f} -> {r['load'][1]:.1f}", flush=True)
     return 0
 
 

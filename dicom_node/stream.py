@@ -38,6 +38,8 @@ from . import db, track
 from .logs import log_event
 from .spool import safe_name, write_atomic
 
+FIXED_BATCH_PIXELS = 512 * 512  # as ltdiff_core.standardizer.FIXED_BATCH_PIXELS (imported lazily: torch)
+
 if TYPE_CHECKING:
     from .config import NodeConfig
     from .process import Processor
@@ -215,15 +217,35 @@ class Streamer:
         if not self.processor.watermark.room_for_output(2 * need):
             return 0  # no room for the cache now: the process step does these slices later
         steps, _ = self.processor._settings([job_id]).get(job_id, (self.config.processing.steps, seed))
-        try:
-            res = std.standardize(sr.hu, sr.spacing, steps=steps, slice_keys=slice_keys(sr, seed))
-        except Exception as exc:
-            log.exception("streaming run failed")
-            return self._stall(job_id, f"model run failed: {type(exc).__name__}: {exc}"[:300])
-        model_s = time.monotonic() - t0
+        keys = slice_keys(sr, seed)
         fp = fingerprint(std, steps, seed)
+        # One model call at a time, each committed: a series completed meanwhile waits at most one
+        # call, not the whole run (the remaining slices are done by the process step).
+        step = max(1, int(getattr(std, "max_batch_pixels", 0) or 0) // FIXED_BATCH_PIXELS)
+        done = 0
+        model_s = 0.0
+        for k in range(0, len(sr.datasets), step):
+            if k and self.queued_work():
+                break
+            t1 = time.monotonic()
+            try:
+                res = std.standardize(sr.hu[k:k + step], sr.spacing, steps=steps, slice_keys=keys[k:k + step])
+            except Exception as exc:
+                log.exception("streaming run failed")
+                return done or self._stall(job_id, f"model run failed: {type(exc).__name__}: {exc}"[:300])
+            model_s += time.monotonic() - t1
+            if not self._store(job_id, sr.datasets[k:k + step], res, fp):
+                break
+            done += len(res)
+        log_event(log, "stream_run", job=job_id, slices=done, model=model,
+                  seconds=round(time.monotonic() - t0, 2), model_s=round(model_s, 2))
+        return done
+
+    def _store(self, job_id: int, datasets: Sequence[Any], outputs: Sequence[np.ndarray], fp: str) -> bool:
+        """Write each output atomically, then record the rows; False when the job was dropped or
+        taken over meanwhile (the next sweep removes the files)."""
         written = []
-        for ds, out in zip(sr.datasets, res):
+        for ds, out in zip(datasets, outputs):
             uid = str(ds.SOPInstanceUID)
             rel = cache_rel(job_id, uid)
             buf = io.BytesIO()
@@ -233,9 +255,7 @@ class Streamer:
         with self.db.session() as s:
             job = s.get(db.Job, job_id)
             if job is None or job.state not in (db.STREAMING, db.QUEUED):
-                return 0  # dropped or taken over meanwhile; the sweep removes the files
+                return False
             for uid, rel in written:
                 track.record_streamed(job, uid, rel, fp)
-        log_event(log, "stream_run", job=job_id, slices=len(written), model=model,
-                  seconds=round(time.monotonic() - t0, 2), model_s=round(model_s, 2))
-        return len(written)
+        return True
