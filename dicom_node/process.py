@@ -85,6 +85,7 @@ class Processor:
         self.watermark = Watermark(config, database)
         self._waiting_for_disk = False
         self._streamed: dict[int, int] = {}  # job id -> slices taken from the stream cache
+        self._cache_s: dict[int, float] = {}  # job id -> seconds reading them (counted as read, not model)
 
     def _claim_batch(self) -> list[tuple[int, str, list[Path]]]:
         """Atomically move a batch of queued jobs (same model) to ``processing``."""
@@ -179,11 +180,15 @@ class Processor:
                     self._fail(item[0], f"model run failed: {type(exc1).__name__}: {exc1}")
             loaded = [item for item, _ in alone]
             outputs = [out for _, out in alone]
-        model_s = time.monotonic() - t0
-        total_slices = sum(int(sr.hu.shape[0]) for _, sr, _ in loaded)
+        cache_s = {job_id: self._cache_s.pop(job_id, 0.0) for job_id, _, _ in loaded}
+        model_s = max(time.monotonic() - t0 - sum(cache_s.values()), 0.0)
+        computed = {job_id: int(sr.hu.shape[0]) - self._streamed.get(job_id, 0) for job_id, sr, _ in loaded}
+        total_slices = sum(computed.values())
 
         for (job_id, sr, read_s), out_hu in zip(loaded, outputs):
-            share = model_s * int(sr.hu.shape[0]) / max(total_slices, 1)
+            # model time of the slices this job ran through the model now; reading cached outputs is read time
+            share = model_s * computed[job_id] / max(total_slices, 1)
+            read_s += cache_s[job_id]
             steps, seed = steps_by_job[job_id]
             try:
                 note = self._qa_output(job_id, gates.get(job_id), out_hu, sr.spacing)
@@ -273,8 +278,9 @@ class Processor:
         device). Every slice's random stream is keyed by its SOPInstanceUID (dicom_node.stream)."""
         from .stream import run_with_cache
 
-        outs, used = run_with_cache(self.config, self.db, std, loaded, steps_by_job)
+        outs, used, cache_s = run_with_cache(self.config, self.db, std, loaded, steps_by_job)
         self._streamed.update(used)
+        self._cache_s.update(cache_s)
         return outs
 
     def _derive_and_store(self, job_id: int, sr: Any, out_hu: Any, std: Any, info: dict[str, Any], device: str,

@@ -102,21 +102,24 @@ def sweep(config: NodeConfig, database: db.Database) -> int:
 
 
 def run_with_cache(config: NodeConfig, database: db.Database, std: Any, loaded: Sequence[tuple[int, Any, float]],
-                   settings: dict[int, tuple[int | None, int]]) -> tuple[list[np.ndarray], dict[int, int]]:
+                   settings: dict[int, tuple[int | None, int]]
+                   ) -> tuple[list[np.ndarray], dict[int, int], dict[int, float]]:
     """Outputs for whole series (``(job_id, Series, read_s)``): cached slices of each job are used
     when made with the same settings, the others go through the model in one call per sampler
     setting (slices keyed by SOPInstanceUID). Returns the outputs and, per job, how many slices
-    came from the cache."""
+    came from the cache and the seconds spent reading them (not model time)."""
     with database.session() as s:
         rows = s.scalars(select(db.StreamSlice).where(
             db.StreamSlice.job_id.in_([job_id for job_id, _, _ in loaded]))).all()
         cached = {(r.job_id, r.sop_instance_uid): (r.path, r.fingerprint) for r in rows}
     outs: list[np.ndarray] = []
     used: dict[int, int] = {}
+    cache_s: dict[int, float] = {}
     todo: dict[int | None, list[tuple[int, np.ndarray, Any, list[int]]]] = {}
     for i, (job_id, sr, _) in enumerate(loaded):
         steps, seed = settings[job_id]
         fp = fingerprint(std, steps, seed)
+        t0 = time.monotonic()
         out = np.empty(sr.hu.shape, np.float32)
         missing = []
         for z, ds in enumerate(sr.datasets):
@@ -127,6 +130,7 @@ def run_with_cache(config: NodeConfig, database: db.Database, std: Any, loaded: 
             else:
                 out[z] = arr
         used[job_id] = len(sr.datasets) - len(missing)
+        cache_s[job_id] = time.monotonic() - t0
         outs.append(out)
         if missing:
             keys = slice_keys(sr, seed)
@@ -142,7 +146,7 @@ def run_with_cache(config: NodeConfig, database: db.Database, std: Any, loaded: 
             res = [std.standardize(v, sp, steps=steps, slice_keys=k) for v, sp, k in zip(vols, spacings, keys)]
         for (i, missing, _, _), r in zip(items, res):
             outs[i][missing] = r
-    return outs, used
+    return outs, used, cache_s
 
 
 class Streamer:
