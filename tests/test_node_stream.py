@@ -154,3 +154,19 @@ def test_kill9_while_streaming_loses_nothing_and_sends_one_output(tmp_path: Path
         assert len(rig.pacs_files()) == 10 and out == _batch(files, tmp_path, LINEAR)
     finally:
         rig.stop()
+
+
+def test_streaming_off_gives_the_same_pixels(tmp_path: Path) -> None:
+    """With `streaming = false` no slice is cached and the whole series goes through the model at
+    completion, with the same per-slice keys: the same pixels as streamed and offline."""
+    rig = make_rig(tmp_path, stable_age_s=300.0, processing={**STREAM, "streaming": False})
+    try:
+        files = make_ct_series(tmp_path / "in", n=6, size=64, expected_count=6)
+        uid = str(pydicom.dcmread(files[0]).SeriesInstanceUID)
+        assert storescu(files, rig.port, "LTDIFF").returncode == 0
+        assert rig.wait_state(uid, ("done", "failed", "refused"), 60)["state"] == "done"
+        with rig.database().session() as s:
+            assert not s.scalars(select(db.Job)).one().streamed_slices
+        assert _by_source(rig.pacs_files()) == _batch(files, tmp_path, LINEAR)
+    finally:
+        rig.stop()
