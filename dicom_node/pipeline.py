@@ -23,7 +23,7 @@ from .dispatch import Dispatcher
 from .logs import log_event
 from .process import ModelCache, Processor
 from .resend import retry
-from .stream import Streamer
+from .stream import Streamer, sweep
 
 
 class Pipeline:
@@ -64,6 +64,8 @@ class Pipeline:
         n = self.processor.process()
         if n == 0 and self.config.processing.streaming:
             self.streamer.stream(self.stop.is_set)
+        elif n == 0:
+            sweep(self.config, self.db)  # caches left from before streaming was turned off
         return n
 
     def send(self) -> int:
