@@ -246,6 +246,9 @@ class Processing(Section):
     steps: Steps | None = None  # None: the model's default
     seed: StrictInt = 0
     max_matrix: Count = 1024  # Rows/Columns above this are refused (memory, tiling)
+    streaming: StrictBool = True  # standardize settled slices of a routed series while it arrives (stream.py)
+    stream_min_slices: Count = 16  # settled, not yet standardized slices that start a streaming run
+    stream_settle_s: NonNegative = 2.0  # how long a slice has been on disk before it is streamed
 
     @field_validator("device")
     @classmethod

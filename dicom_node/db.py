@@ -41,6 +41,9 @@ SERIES_STATES = (RECEIVED, COMPLETE, QUEUED, PROCESSING, SENDING, DONE, FAILED, 
 # kept with the reason; only `retry` after a configuration change queues it again.
 REFUSED = "refused"
 SERIES_STATES = SERIES_STATES + (REFUSED,)
+# Job state of a routed series still being received: settled slices are standardized ahead and
+# their outputs cached (dicom_node.stream); the series itself stays `received` until complete.
+STREAMING = "streaming"
 # Series whose output has been (or is being) produced: a late instance means "grown after processing".
 PROCESSED_STATES = (PROCESSING, SENDING, DONE, FAILED)
 
@@ -189,9 +192,29 @@ class Job(Base):
     qa: Mapped[dict[str, Any] | None] = mapped_column(JSON)     # QA gate record (dicom_node.qa_gate)
     claimed_by: Mapped[str | None] = mapped_column(String(128))  # host:pid:role of the processing worker
     lease_expires_at: Mapped[datetime | None] = mapped_column(DateTime)  # renewed while it runs
+    streamed: Mapped[bool | None] = mapped_column(Boolean, default=False)  # created while receiving
+    streamed_slices: Mapped[int | None] = mapped_column(Integer)  # cached outputs used at processing
 
     series: Mapped[Series] = relationship(back_populates="jobs")
     deliveries: Mapped[list[Delivery]] = relationship(back_populates="job", cascade="all, delete-orphan")
+    stream_slices: Mapped[list[StreamSlice]] = relationship(back_populates="job", cascade="all, delete-orphan",
+                                                            passive_deletes=True)
+
+
+class StreamSlice(Base):
+    """One slice standardized while its series was still arriving: the model output (float32
+    ``.npy`` under ``output_dir``) and what it was computed with, so it is used only when the
+    job's model, sampler and seed and the instance are still the same (``fingerprint``)."""
+
+    __tablename__ = "stream_slices"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    job_id: Mapped[int] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"), index=True)
+    sop_instance_uid: Mapped[str] = mapped_column(String(64))
+    path: Mapped[str] = mapped_column(String(512))  # relative to the output directory
+    fingerprint: Mapped[str] = mapped_column(String(200))
+    created_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
+
+    job: Mapped[Job] = relationship(back_populates="stream_slices")
 
 
 class Delivery(Base):

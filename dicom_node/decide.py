@@ -13,6 +13,12 @@ Multi-valued attributes (ConvolutionKernel ``Br40\\3``) match on the full or the
 Before a series is queued, series-level checks (:mod:`dicom_node.anomalies`) may refuse it.
 Series rows are locked while decided (``FOR UPDATE SKIP LOCKED`` on PostgreSQL), so two decide
 processes sharing a queue never route the same series twice.
+
+Streaming (``processing.streaming``): rules match attributes that are fixed per series, so a
+``received`` series is routed on its first instances into a ``streaming`` job
+(:mod:`dicom_node.stream` standardizes its settled slices while the rest arrives). Completion is
+decided exactly as without streaming: the series checks then run on the whole series, and a
+series that is refused, ignored or unrouted at that point loses its streaming job and cache.
 """
 from __future__ import annotations
 
@@ -106,12 +112,35 @@ class Decider:
                 )
                 if reason is not None:
                     track.complete(series, self.audit, reason, now)
-        return self.route()
+        routed = self.route()
+        if self.config.processing.streaming:
+            self.start_streams()
+        return routed
+
+    def start_streams(self) -> int:
+        """A ``streaming`` job for every ``received`` series that a standardize rule matches and
+        that has none yet; returns how many were started."""
+        now = db.utcnow()
+        started = 0
+        with self.db.session() as s:
+            for series in s.scalars(select(db.Series).where(db.Series.state == db.RECEIVED)):
+                if track.streaming_job(series) is not None:
+                    continue
+                if any(j.state in (db.QUEUED, db.PROCESSING, db.SENDING) for j in series.jobs):
+                    continue  # grown while its job runs: reprocessed whole once that job has finished
+                rule = match_rule(self.config.rules, series_attributes(series))
+                if rule is None or rule.action == "ignore":
+                    continue
+                track.start_stream(s, series, rule_name=rule.name, model=rule.model, destinations=rule.destinations,
+                                   seed=rule.seed if rule.seed else self.config.processing.seed, now=now)
+                started += 1
+        return started
 
     def route(self) -> int:
         """Apply the first matching rule to every ``complete`` series."""
         now = db.utcnow()
         decided = 0
+        dropped: list[int] = []
         with self.db.session() as s:
             for series in s.scalars(select(db.Series).where(db.Series.state == db.COMPLETE)
                                     .with_for_update(skip_locked=True, of=db.Series)):
@@ -135,9 +164,15 @@ class Decider:
                     track.queue(s, series, rule_name=rule.name, model=rule.model, destinations=rule.destinations,
                                 seed=rule.seed if rule.seed else self.config.processing.seed, qa_mode=rule.qa,
                                 now=now)
+                if series.state != db.QUEUED:
+                    dropped += track.drop_stream(s, series, series.state)
                 log_event(log, "series_complete", series_uid=series.series_uid, instances=series.instance_count,
                           reason=series.complete_reason, rule=series.rule_name, state=series.state,
                           grown_after_processing=series.grown_after_processing)
+        if dropped:
+            from .stream import remove_caches
+
+            remove_caches(self.config, dropped)
         return decided
 
     def _check(self, s: Any, series: db.Series) -> SeriesCheck:

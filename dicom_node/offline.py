@@ -27,6 +27,14 @@ def sampler_parameters(info: dict[str, Any], steps: int | None, seed: int) -> di
     return {k: v for k, v in params.items() if v is not None}
 
 
+def series_slice_keys(series: Any, seed: int) -> list[int]:
+    """One random-stream key per slice from its SOPInstanceUID (``ltdiff_core.standardizer``): the
+    same as the node uses, so a slice's output does not depend on which other slices are present."""
+    from ltdiff_core.standardizer import uid_slice_key
+
+    return [uid_slice_key(seed, str(ds.SOPInstanceUID)) for ds in series.datasets]
+
+
 def standardize_series_dir(
     in_dir: str | Path,
     out_dir: str | Path,
@@ -60,7 +68,8 @@ def standardize_series_dir(
         qa_report.update(gate.record())
     if gate.refused:
         raise QARefused(gate)
-    hu = std.standardize(series.hu, series.spacing, steps=steps, seed=seed, progress=progress)
+    hu = std.standardize(series.hu, series.spacing, steps=steps, seed=seed, progress=progress,
+                         slice_keys=series_slice_keys(series, seed))
     check_output(gate, hu, series.spacing)
     if qa_report is not None:
         qa_report.clear()

@@ -27,6 +27,7 @@ from .lease import owner_gone
 from .logs import log_event
 from .process import ModelCache, Processor
 from .resend import retry
+from .stream import Streamer, sweep
 
 
 class Pipeline:
@@ -39,6 +40,7 @@ class Pipeline:
         self.decider = Decider(config, database)
         self.processor = Processor(config, database)
         self.dispatcher = Dispatcher(config, database, self.stop)
+        self.streamer = Streamer(config, database, self.processor)
         self.resent: list[str] = []
 
     @property
@@ -63,7 +65,14 @@ class Pipeline:
         return self.decider.scan()
 
     def process(self) -> int:
-        return self.processor.process()
+        """One batch of queued jobs; when none waits, streaming runs (same thread, so the two never
+        compete for the model, and a completed series always goes first)."""
+        n = self.processor.process()
+        if n == 0 and self.config.processing.streaming:
+            self.streamer.stream(self.stop.is_set)
+        elif n == 0:
+            sweep(self.config, self.db)  # caches left from before streaming was turned off
+        return n
 
     def send(self) -> int:
         return self.dispatcher.send()

@@ -95,6 +95,8 @@ class Processor:
         self.owner = worker_id("process")
         self.lease_s = config.node.lease_s
         self.leases = LeaseKeeper(database, db.Job, self.owner, self.lease_s)
+        self._streamed: dict[int, int] = {}  # job id -> slices taken from the stream cache
+        self._cache_s: dict[int, float] = {}  # job id -> seconds reading them (counted as read, not model)
 
     def _claim_batch(self) -> list[tuple[int, str, list[Path]]]:
         """Atomically move a batch of queued jobs (same model) to ``processing``."""
@@ -202,11 +204,15 @@ class Processor:
                     self._fail(item[0], f"model run failed: {type(exc1).__name__}: {exc1}")
             loaded = [item for item, _ in alone]
             outputs = [out for _, out in alone]
-        model_s = time.monotonic() - t0
-        total_slices = sum(int(sr.hu.shape[0]) for _, sr, _ in loaded)
+        cache_s = {job_id: self._cache_s.pop(job_id, 0.0) for job_id, _, _ in loaded}
+        model_s = max(time.monotonic() - t0 - sum(cache_s.values()), 0.0)
+        computed = {job_id: int(sr.hu.shape[0]) - self._streamed.get(job_id, 0) for job_id, sr, _ in loaded}
+        total_slices = sum(computed.values())
 
         for (job_id, sr, read_s), out_hu in zip(loaded, outputs):
-            share = model_s * int(sr.hu.shape[0]) / max(total_slices, 1)
+            # model time of the slices this job ran through the model now; reading cached outputs is read time
+            share = model_s * computed[job_id] / max(total_slices, 1)
+            read_s += cache_s[job_id]
             steps, seed = steps_by_job[job_id]
             try:
                 note = self._qa_output(job_id, gates.get(job_id), out_hu, sr.spacing)
@@ -286,21 +292,16 @@ class Processor:
                 out[job.id] = (steps, job.seed or 0)
         return out
 
-    @staticmethod
-    def _run_model(std: Any, loaded: list[tuple[int, Any, float]],
+    def _run_model(self, std: Any, loaded: list[tuple[int, Any, float]],
                    steps_by_job: dict[int, tuple[int | None, int]]) -> list[Any]:
-        """One call for the whole batch when the model supports it (fills the device), else one
-        call per series. Series with different sampler settings are never mixed in one call."""
-        batch_fn = getattr(std, "standardize_batch", None)
-        settings = {steps_by_job[j] for j, _, _ in loaded}
-        if batch_fn is not None and len(loaded) > 1 and len(settings) == 1:
-            steps, seed = settings.pop()
-            return list(batch_fn([sr.hu for _, sr, _ in loaded], [sr.spacing for _, sr, _ in loaded],
-                                 steps=steps, seed=seed))
-        outs = []
-        for job_id, sr, _ in loaded:
-            steps, seed = steps_by_job[job_id]
-            outs.append(std.standardize(sr.hu, sr.spacing, steps=steps, seed=seed))
+        """Outputs of the batch: slices standardized while the series arrived come from the stream
+        cache, the others go through the model in one call per sampler setting (which fills the
+        device). Every slice's random stream is keyed by its SOPInstanceUID (dicom_node.stream)."""
+        from .stream import run_with_cache
+
+        outs, used, cache_s = run_with_cache(self.config, self.db, std, loaded, steps_by_job)
+        self._streamed.update(used)
+        self._cache_s.update(cache_s)
         return outs
 
     def _derive_and_store(self, job_id: int, sr: Any, out_hu: Any, std: Any, info: dict[str, Any], device: str,
@@ -327,6 +328,7 @@ class Processor:
             rels.append((str(ds.SOPInstanceUID), f"job-{job_id}/{name}"))
         derive_s = time.monotonic() - t0
         out_uid = str(derived[0].SeriesInstanceUID) if derived else None
+        streamed = self._streamed.get(job_id)
         try:
             self._commit_output(job_id, staging, out_dir, lambda job: self._record(
                 job, info, sampler, seed, device, read_s, model_s, derive_s, out_uid, rels))
@@ -337,7 +339,7 @@ class Processor:
         log_event(log, "series_processed", series_uid=sr.series_uid, job=job_id, slices=len(derived),
                   output_series_uid=out_uid, worker=self.owner,
                   model=info.get("name"), device=device, read_s=round(read_s, 2), model_s=round(model_s, 2),
-                  derive_s=round(derive_s, 2))
+                  derive_s=round(derive_s, 2), streamed_slices=streamed)
 
     def _staging(self, job_id: int) -> Path:
         """This worker's output directory for one job before it is committed as ``job-N/``."""
@@ -368,6 +370,7 @@ class Processor:
         job.seed = seed
         job.device = device
         job.read_s, job.model_s, job.derive_s = round(read_s, 3), round(model_s, 3), round(derive_s, 3)
+        job.streamed_slices = self._streamed.pop(job.id, None)
         track.processed(job, self.audit, out_uid, rels, db.utcnow(), owner=self.owner)
 
     def _with_job(self, job_id: int, transition: Callable[[db.Job], None]) -> None:

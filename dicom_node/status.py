@@ -39,6 +39,7 @@ def job_dict(job: db.Job) -> dict[str, Any]:
         "device": job.device,
         "output_series_uid": job.output_series_uid,
         "output_count": job.output_count,
+        "streamed_slices": job.streamed_slices,  # outputs made while the series was arriving
         "durations_s": {
             "queued": _secs(job.created_at, job.processing_started_at),
             "read": job.read_s, "model": job.model_s, "derive": job.derive_s,

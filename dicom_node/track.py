@@ -8,6 +8,10 @@ here too, so no stage can change a state without leaving the same trail.
     received -> complete -> queued -> processing -> sending -> done
                          \\-> ignored | unrouted | refused         \\-> failed(reason)
 
+A routed series still being received may have a job in ``streaming`` (``start_stream``): its
+settled slices are standardized ahead (:mod:`dicom_node.stream`); at completion ``queue`` takes
+that job over, any other outcome drops it (``drop_stream``) with its cached outputs.
+
 Instance and refusal rows are written here as well: recording an instance is the transition
 that creates a series, reopens it, or marks it grown after processing.
 """
@@ -55,9 +59,12 @@ def record_instance(s: Session, audit: AuditLog, ds: Dataset, *, series_uid: str
                   expected_count=series.expected_count)
         audit.series("received", series_uid, series.study_uid, calling_ae=calling, peer=peer)
     elif series.state in (db.COMPLETE, db.QUEUED, db.IGNORED, db.UNROUTED, db.REFUSED):
-        # Not processed yet: drop the pending decision and wait for the series to be stable again.
+        # Not processed yet: drop the pending decision and wait for the series to be stable again
+        # (a job that was streaming goes back to streaming: its cached slices stay valid).
         for job in series.jobs:
-            if job.state == db.QUEUED:
+            if job.state == db.QUEUED and job.streamed:
+                job.state = db.STREAMING
+            elif job.state == db.QUEUED:
                 s.delete(job)
         log_event(log, "series_reopened", series_uid=series_uid, previous_state=series.state)
         _reopen(series)
@@ -136,15 +143,61 @@ def unroute(series: db.Series) -> None:
 
 def queue(s: Session, series: db.Series, *, rule_name: str, model: str, destinations: Sequence[str], seed: int,
           qa_mode: str, now: datetime) -> db.Job:
-    """``complete -> queued``: a new job version for the series."""
+    """``complete -> queued``: a new job version for the series, or the job that was streaming it
+    (settings taken from the decision made now; cached outputs made with others are not used)."""
     series.rule_name = rule_name
     series.set_state(db.QUEUED)
-    job = db.Job(series_id=series.id, version=len(series.jobs) + 1, state=db.QUEUED, rule_name=rule_name,
-                 model=model, destinations=list(destinations), seed=seed, created_at=now,
-                 qa_mode="forced" if series.qa_force else qa_mode)
-    s.add(job)
+    qa = "forced" if series.qa_force else qa_mode
+    job = streaming_job(series)
+    if job is not None:
+        job.state, job.rule_name, job.model, job.destinations, job.seed = db.QUEUED, rule_name, model, \
+            list(destinations), seed
+        job.qa_mode = qa
+        job.created_at = now  # queued from now on (streaming started at the job's stream_started event)
+    else:
+        job = db.Job(series_id=series.id, version=len(series.jobs) + 1, state=db.QUEUED, rule_name=rule_name,
+                     model=model, destinations=list(destinations), seed=seed, created_at=now, qa_mode=qa)
+        s.add(job)
     series.qa_force = False
     return job
+
+
+# ---------------------------------------------------------------------- stream
+def streaming_job(series: db.Series) -> db.Job | None:
+    """The series' job in ``streaming``, if any (at most one)."""
+    return next((j for j in series.jobs if j.state == db.STREAMING), None)
+
+
+def start_stream(s: Session, series: db.Series, *, rule_name: str, model: str, destinations: Sequence[str],
+                 seed: int, now: datetime) -> db.Job:
+    """A ``streaming`` job for a ``received`` series whose first instances matched a rule (the
+    rule's attributes are fixed per series); the series stays ``received``."""
+    job = db.Job(series_id=series.id, version=len(series.jobs) + 1, state=db.STREAMING, rule_name=rule_name,
+                 model=model, destinations=list(destinations), seed=seed, created_at=now, streamed=True)
+    s.add(job)
+    s.flush()
+    log_event(log, "stream_started", job=job.id, series_uid=series.series_uid, rule=rule_name)
+    return job
+
+
+def drop_stream(s: Session, series: db.Series, reason: str) -> list[int]:
+    """Delete the series' ``streaming`` job and its cached-slice rows (the series was refused,
+    ignored or unrouted at completion: it behaves as if never streamed). Returns the job ids so
+    the caller removes their cache directories after the commit."""
+    dropped = []
+    for job in list(series.jobs):
+        if job.state == db.STREAMING:
+            dropped.append(job.id)
+            s.delete(job)
+            log_event(log, "stream_dropped", job=job.id, series_uid=series.series_uid, reason=reason)
+    return dropped
+
+
+def record_streamed(job: db.Job, sop_uid: str, rel: str, fingerprint: str) -> None:
+    """One slice's cached model output (file already written and durable)."""
+    for old in [x for x in job.stream_slices if x.sop_instance_uid == sop_uid]:
+        job.stream_slices.remove(old)
+    job.stream_slices.append(db.StreamSlice(sop_instance_uid=sop_uid, path=rel, fingerprint=fingerprint))
 
 
 # ---------------------------------------------------------------------- process

@@ -2,11 +2,19 @@
 
 One class runs every shipped method (latent diffusion, its autoencoder reconstruction, the
 direct UNet++ and the linear filter) behind the same call, so the service, the offline
-command and the evaluation treat models interchangeably. Randomness is drawn per slice from
-``(seed, slice index)`` on the CPU, so results do not depend on batching or device.
+command and the evaluation treat models interchangeably. Randomness is drawn per slice on the
+CPU from a 63-bit key, so results do not depend on batching or device: by default the key is
+``(seed, slice index)``; callers that know each slice's identity pass ``slice_keys`` (the node and
+``dicom-node standardize`` use :func:`uid_slice_key` of the SOPInstanceUID), which makes a
+slice's output independent of the series' extent, so part of a series processed while it is still
+arriving equals the same slices processed with the whole series. With ``slice_keys`` every
+network call also gets the same number of slices (the last batch is padded), because CPU kernels
+round differently for different batch sizes (~1e-4 HU); a slice's result then depends only on its
+pixels, its key and the model.
 """
 from __future__ import annotations
 
+import hashlib
 import logging
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -27,11 +35,21 @@ VARIANTS = {
     "direct": ("direct",),
 }
 Progress = Callable[[int, int], None]
+# With explicit slice keys every network call gets max_batch_pixels // FIXED_BATCH_PIXELS slices
+# (4 by default), whatever the slice size, so a slice's result never depends on its batch mates.
+FIXED_BATCH_PIXELS = 512 * 512
 
 
 def _slice_key(seed: int, index: int, y: int = 0, x: int = 0) -> int:
     """Stable 63-bit seed for one slice (and tile) of one call."""
     return (seed * 1_000_003 + index * 7919 + y * 131 + x) % (2**63 - 1)
+
+
+def uid_slice_key(seed: int, uid: str) -> int:
+    """Stable 63-bit seed for one slice named by its SOPInstanceUID: the same slice gets the same
+    random stream whichever other slices are processed with it (streamed or whole series)."""
+    digest = hashlib.sha256(f"{int(seed)}:{uid.strip()}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") % (2**63 - 1)
 
 
 class Standardizer:
@@ -158,9 +176,13 @@ class Standardizer:
         steps: int | None = None,
         seed: int = 0,
         progress: Progress | None = None,
+        slice_keys: Sequence[int] | None = None,
     ) -> np.ndarray:
-        """Standardize a ``(Z, Y, X)`` or ``(Y, X)`` HU array; returns float32 HU, same shape."""
-        return self.standardize_batch([hu_volume], [spacing], steps=steps, seed=seed, progress=progress)[0]
+        """Standardize a ``(Z, Y, X)`` or ``(Y, X)`` HU array; returns float32 HU, same shape.
+        ``slice_keys`` (one per slice) replace the ``(seed, index)`` random streams (module doc)."""
+        keys = None if slice_keys is None else [slice_keys]
+        return self.standardize_batch([hu_volume], [spacing], steps=steps, seed=seed, progress=progress,
+                                      slice_keys=keys)[0]
 
     def standardize_batch(
         self,
@@ -169,8 +191,10 @@ class Standardizer:
         steps: int | None = None,
         seed: int = 0,
         progress: Progress | None = None,
+        slice_keys: Sequence[Sequence[int]] | None = None,
     ) -> list[np.ndarray]:
         """Several volumes at once (slices of equal size share batches). Results equal per-volume calls.
+        ``slice_keys``: per volume, one random-stream key per slice (see the module docstring).
 
         Network methods see every series at their training pixel spacing: a series whose
         in-plane spacing differs by more than ``resample.RELATIVE_TOLERANCE`` is resampled to it
@@ -178,10 +202,11 @@ class Standardizer:
         defined in lp/cm and runs on the input grid.
         """
         if len(volumes) != len(spacings) or self.method == "linear":
-            return self._standardize_batch_on_grid(volumes, spacings, steps, seed, progress)
+            return self._standardize_batch_on_grid(volumes, spacings, steps, seed, progress, slice_keys)
         target = resample.model_pixel_mm(self.ckpt.metadata)
         grids = [resample.to_model_grid(v, s, target) for v, s in zip(volumes, spacings)]
-        outs = self._standardize_batch_on_grid([g[0] for g in grids], [g[1] for g in grids], steps, seed, progress)
+        outs = self._standardize_batch_on_grid([g[0] for g in grids], [g[1] for g in grids], steps, seed, progress,
+                                               slice_keys)
         return [restore(o) for o, (_, _, restore) in zip(outs, grids)]
 
     def _standardize_batch_on_grid(
@@ -191,6 +216,7 @@ class Standardizer:
         steps: int | None = None,
         seed: int = 0,
         progress: Progress | None = None,
+        slice_keys: Sequence[Sequence[int]] | None = None,
     ) -> list[np.ndarray]:
         """:meth:`standardize_batch` on the volumes' own grid (no resampling)."""
         if len(volumes) != len(spacings):
@@ -201,6 +227,14 @@ class Standardizer:
                 raise ValueError(f"expected (Z, Y, X) or (Y, X) with Y, X >= 2, got shape {v.shape}")
         pixel = [self._pixel_mm(s) for s in spacings]
         stacks = [v[None] if v.ndim == 2 else v for v in vols]
+        if slice_keys is not None:
+            if len(slice_keys) != len(stacks) or any(len(k) != s.shape[0] for k, s in zip(slice_keys, stacks)):
+                raise ValueError("slice_keys needs one key per slice of every volume")
+            key_of = lambda vi, zi: int(slice_keys[vi][zi])  # noqa: E731
+        else:
+            key_of = lambda vi, zi: _slice_key(seed, zi)  # noqa: E731
+        # Fixed batch shape with explicit keys (module docstring); the linear filter is per slice anyway.
+        pad = slice_keys is not None and self.method != "linear"
         outs = [np.empty_like(s) for s in stacks]
         jobs = [(vi, zi) for vi, s in enumerate(stacks) for zi in range(s.shape[0])]
         total, done = len(jobs), 0
@@ -209,11 +243,18 @@ class Standardizer:
             groups.setdefault(stacks[vi].shape[1:], []).append((vi, zi))
         for shape, members in groups.items():
             per = max(1, self.max_batch_pixels // (shape[0] * shape[1]))
+            if pad:  # one batch size for every call: what a 512² slice gets (no huge padded batches of small slices)
+                per = min(per, max(1, self.max_batch_pixels // FIXED_BATCH_PIXELS))
             for k in range(0, len(members), per):
                 chunk = members[k:k + per]
                 imgs = np.stack([stacks[vi][zi] for vi, zi in chunk])
-                keys = [_slice_key(seed, zi) for _, zi in chunk]
-                res = self._run(imgs, [pixel[vi] for vi, _ in chunk], keys, steps)
+                keys = [key_of(vi, zi) for vi, zi in chunk]
+                px = [pixel[vi] for vi, _ in chunk]
+                if pad and len(chunk) < per:  # filler slices (copies of the last), results dropped
+                    extra = per - len(chunk)
+                    imgs = np.concatenate([imgs, np.repeat(imgs[-1:], extra, axis=0)])
+                    keys, px = keys + [keys[-1]] * extra, px + [px[-1]] * extra
+                res = self._run(imgs, px, keys, steps)[:len(chunk)]
                 for (vi, zi), r in zip(chunk, res):
                     outs[vi][zi] = r
                 done += len(chunk)

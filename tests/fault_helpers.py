@@ -86,7 +86,8 @@ class NodeRig:
 
 def make_rig(tmp: Path, *, pacs_extra: Sequence[str] = (), destination: dict[str, Any] | None = None,
              stable_age_s: float = 1.0, node_extra: dict[str, Any] | None = None, start: bool = True,
-             extra_sections: str = "", with_pacs: bool = True) -> NodeRig:
+             extra_sections: str = "", with_pacs: bool = True, processing: dict[str, Any] | None = None,
+             model: str | Path = LINEAR) -> NodeRig:
     pacs_dir = tmp / "pacs"
     pacs = start_storescp(pacs_dir, "PACS", extra=["+uf", *pacs_extra]) if with_pacs else None
     port = free_port()
@@ -98,9 +99,9 @@ def make_rig(tmp: Path, *, pacs_extra: Sequence[str] = (), destination: dict[str
         destinations=[dest],
         # qa = "flag": the small synthetic series are outside the shipped envelope; these tests are
         # about receive/send faults, and "flag" still runs the gate over every case.
-        rules=[{"name": "br40", "match": {"ConvolutionKernel": "Br40*"}, "model": str(LINEAR),
+        rules=[{"name": "br40", "match": {"ConvolutionKernel": "Br40*"}, "model": str(model),
                 "destinations": ["pacs"], "qa": "flag"}],
-        disk=None if "[disk]" in extra_sections else SCRATCH_DISK,
+        disk=None if "[disk]" in extra_sections else SCRATCH_DISK, processing=processing,
     )
     if extra_sections:
         cfg.write_text(cfg.read_text() + "\n" + extra_sections + "\n")

@@ -186,13 +186,14 @@ def test_a_series_that_fails_the_model_does_not_fail_the_series_batched_with_it(
         """The real linear model, raising for the volume whose first voxel is the marked one."""
         info, ckpt = real.info, real.ckpt
 
-        def standardize(self, hu, spacing, steps=None, seed=0):  # noqa: ANN001, ANN201
+        def standardize(self, hu, spacing, steps=None, seed=0, slice_keys=None):  # noqa: ANN001, ANN201
             if abs(float(hu[0, 0, 0]) - marked) < 1e-3:
                 raise ValueError("cannot take this volume")
-            return real.standardize(hu, spacing, steps=steps, seed=seed)
+            return real.standardize(hu, spacing, steps=steps, seed=seed, slice_keys=slice_keys)
 
-        def standardize_batch(self, vols, spacings, steps=None, seed=0):  # noqa: ANN001, ANN201
-            return [self.standardize(v, sp, steps, seed) for v, sp in zip(vols, spacings)]
+        def standardize_batch(self, vols, spacings, steps=None, seed=0, slice_keys=None):  # noqa: ANN001, ANN201
+            keys = slice_keys or [None] * len(vols)
+            return [self.standardize(v, sp, steps, seed, k) for v, sp, k in zip(vols, spacings, keys)]
 
     from ltdiff_core.dicomio.reader import read_series
     marked = float(read_series(sorted((cfg.spool_dir / "1.2.4.1").glob("*.dcm"))).hu[0, 0, 0])
