@@ -15,7 +15,7 @@ from fault_helpers import LINEAR, make_rig, rows
 
 from dicom_node import db
 from dicom_node.offline import standardize_series_dir
-from dicom_node.peers import make_ct_series, storescu, wait_for
+from nodetools.peers import make_ct_series, storescu, wait_for
 
 STREAM = {"streaming": True, "stream_min_slices": 4, "stream_settle_s": 0.2}
 
