@@ -2,13 +2,17 @@
 
 A C-STORE is acknowledged only after its bytes are durable, so a crash or power loss never
 leaves a half-written instance that the database claims to have. Pattern: temporary file in the
-same directory, fsync, ``os.replace``, fsync the directory.
+same directory, fsync, ``os.replace``, fsync the directory. The receiver splits the pattern
+(``write_pending`` in its association thread, the syncs in ``groupcommit``) so that instances
+arriving together share one pass of syncs.
 """
 from __future__ import annotations
 
 import hashlib
+import itertools
 import os
 import re
+import threading
 from pathlib import Path
 
 _SAFE_UID = re.compile(r"^[0-9]+(\.[0-9]+)*$")
@@ -23,7 +27,11 @@ def safe_name(uid: str) -> str:
     return "x" + hashlib.sha256(uid.encode("utf-8", "replace")).hexdigest()[:40]
 
 
-def _fsync_dir(path: Path) -> None:
+_TMP_SEQ = itertools.count()
+
+
+def fsync_dir(path: Path) -> None:
+    """Make the entries of directory ``path`` (a rename, a new file or subdirectory) durable."""
     fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
     try:
         os.fsync(fd)
@@ -31,11 +39,56 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def fsync_file(path: Path) -> None:
+    """Make the content of the file at ``path`` durable (Linux syncs the inode from any descriptor)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def make_dirs(path: Path) -> list[Path]:
+    """Create directory ``path`` and missing parents; returns the directories whose entries
+    changed (the parent of each directory created), which must be fsynced for the new
+    directories to survive a power loss."""
+    if path.is_dir():
+        return []
+    changed = make_dirs(path.parent) if path.parent != path else []
+    try:
+        path.mkdir()
+        changed.append(path.parent)
+    except FileExistsError:
+        pass
+    return changed
+
+
+def write_pending(path: Path, data: bytes | bytearray | memoryview) -> Path:
+    """Write ``data`` to a temporary file beside ``path``, without syncing: the caller makes it
+    durable and renames it (see ``groupcommit``). Returns the temporary path; on failure nothing
+    is left behind."""
+    tmp = path.parent / f".{path.name}.{os.getpid()}.{threading.get_ident()}.{next(_TMP_SEQ)}.tmp"
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+    except BaseException:
+        unlink_quietly(tmp)
+        raise
+    return tmp
+
+
+def unlink_quietly(path: Path) -> None:
+    try:
+        path.unlink()
+    except OSError:
+        pass
+
+
 def write_atomic(path: Path, data: bytes | bytearray | memoryview, fsync: bool = True) -> int:
     """Write ``data`` to ``path`` atomically; returns the size. Raises ``OSError`` on failure
     (the caller turns that into a failure status, never success)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.parent / f".{path.name}.{os.getpid()}.{id(data)}.tmp"
+    tmp = path.parent / f".{path.name}.{os.getpid()}.{threading.get_ident()}.{next(_TMP_SEQ)}.tmp"
     try:
         with open(tmp, "wb") as f:
             f.write(data)
@@ -44,13 +97,10 @@ def write_atomic(path: Path, data: bytes | bytearray | memoryview, fsync: bool =
                 os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
-        try:
-            tmp.unlink()
-        except OSError:
-            pass
+        unlink_quietly(tmp)
         raise
     if fsync:
-        _fsync_dir(path.parent)
+        fsync_dir(path.parent)
     return len(data)
 
 
