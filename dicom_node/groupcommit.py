@@ -15,14 +15,16 @@ thread per association) the syncs can be shared instead:
 * for the group, in this order: one query for the SOP Instance UIDs already known (a known one
   is a duplicate, answered by the caller's duplicate/conflict handling, its temporary file is
   dropped: the first copy is never overwritten); rename the new files to their final names;
-  fsync every file (in parallel, so the file system commits its journal once for all) and every
-  distinct directory once; insert all rows in one transaction (``track.record_instance``); commit;
+  fsync every file and every distinct directory once, all in parallel (the file system commits
+  its journal once for all of them), while the rows are inserted in one transaction
+  (``track.record_instance``); commit once every sync has returned;
 * then every future completes. On any failure every member gets the exception (the caller answers
   ``0xA700``, never success); files renamed before a failed insert are removed, so no file is left
   that a re-send would not replace, and no row ever exists without its file (the row commits last).
 
 ``group_commit_ms = 0`` turns grouping off: each instance is committed alone in its own thread
-(one sync pass and one transaction per instance).
+(one sync pass and one transaction per instance); so is an instance that arrives while no other
+association is sending (there is nothing to share, and no hand-over between threads to pay).
 """
 from __future__ import annotations
 
@@ -77,9 +79,11 @@ class GroupCommitter:
         self.open_associations = open_associations
         self.timeout_s = timeout_s
         self._queue: queue.SimpleQueue[Pending | None] = queue.SimpleQueue()
-        self._inline = threading.Lock()  # grouping off or stopped: one commit at a time
+        self._commit_lock = threading.Lock()  # one commit at a time, inline or by the committer
         self._thread: threading.Thread | None = None
-        self._pool: ThreadPoolExecutor | None = None
+        # fsyncs run in parallel: concurrent fsyncs share the file system's journal commits
+        self._pool: ThreadPoolExecutor | None = ThreadPoolExecutor(min(self.max_group, 16) + 1,
+                                                                   thread_name_prefix="fsync")
         self._stopped = False
         self.groups = 0  # committed groups and members (for the log and the tests)
         self.members = 0
@@ -90,7 +94,6 @@ class GroupCommitter:
 
     def start(self) -> None:
         if self.grouping and self._thread is None:
-            self._pool = ThreadPoolExecutor(min(self.max_group, 16), thread_name_prefix="fsync")
             self._thread = threading.Thread(target=self._run, name="group-commit", daemon=True)
             self._thread.start()
 
@@ -108,8 +111,9 @@ class GroupCommitter:
 
     def submit(self, item: Pending) -> Outcome:
         """Make ``item`` durable and recorded with its group; raises what failed the group."""
-        if self._thread is None or self._stopped:
-            with self._inline:
+        if self._thread is None or self._stopped or (self._queue.empty() and self.open_associations() <= 1):
+            # nobody to share the syncs with: commit in this thread (no hand-over to the committer)
+            with self._commit_lock:
                 self.commit([item])
         else:
             self._queue.put(item)
@@ -141,7 +145,8 @@ class GroupCommitter:
                     end = True
                     break
                 batch.append(nxt)
-            self.commit(batch)
+            with self._commit_lock:
+                self.commit(batch)
             if end:
                 return
 
@@ -161,9 +166,14 @@ class GroupCommitter:
             for it in new:
                 it.tmp.replace(it.path)
                 renamed.append(it)
-            self._sync(new)
-            for it in new:
-                track.record_instance(s, self.audit, **it.record)
+            syncs = self._sync(new)
+            try:  # the rows are prepared while the syncs run; they commit only once all are done
+                for it in new:
+                    track.record_instance(s, self.audit, **it.record)
+                s.flush()
+            finally:
+                for f in syncs:
+                    f.result()
             committing = True
             s.commit()
         except BaseException as exc:
@@ -190,18 +200,28 @@ class GroupCommitter:
                 unlink_quietly(it.tmp)
             it.future.set_result(Outcome.STORED if id(it) in stored else Outcome.KNOWN)
 
-    def _sync(self, items: list[Pending]) -> None:
-        """fsync every file, then every directory whose entries changed, each once. Files are
-        synced in parallel: concurrent fsyncs share the file system's journal commit."""
-        if len(items) > 1 and self._pool is not None:
-            for f in [self._pool.submit(fsync_file, it.path) for it in items]:
-                f.result()
-        else:
-            for it in items:
-                fsync_file(it.path)
+    def _sync(self, items: list[Pending]) -> list[Future[None]]:
+        """Start the fsync of every file and of every directory whose entries changed (each
+        once), all at once: the file system commits its journal for them together. The renames
+        are done, so file content and directory entries may reach the disk in any order: before
+        the rows commit, a crash leaves at most files without rows, which are never acknowledged
+        and which a re-send replaces."""
         dirs: dict[Path, None] = {}
         for it in items:
             for d in (*it.new_dirs, it.path.parent):
                 dirs[d] = None
-        for d in dirs:
-            fsync_dir(d)
+        jobs = [(fsync_file, it.path) for it in items] + [(fsync_dir, d) for d in dirs]
+        pool = self._pool
+        out: list[Future[None]] = []
+        for fn, path in jobs:
+            if pool is None:  # stopped: sync in this thread
+                f: Future[None] = Future()
+                try:
+                    fn(path)
+                    f.set_result(None)
+                except BaseException as exc:
+                    f.set_exception(exc)
+            else:
+                f = pool.submit(fn, path)
+            out.append(f)
+        return out

@@ -55,6 +55,12 @@ class _AssocStats:
     duplicates: int = 0
     failed: int = 0
     nbytes: int = 0
+    last_store: float = -1e9  # monotonic time of the last C-STORE request
+
+
+# An association that sent a C-STORE within this many seconds is expected to send the next one soon:
+# the group committer waits (up to group_commit_ms) for those only, not for idle associations.
+SENDER_ACTIVE_S = 1.0
 
 
 class StorageSCP:
@@ -77,7 +83,7 @@ class StorageSCP:
         self.watermark = Watermark(config, database)
         self.committer = GroupCommitter(database, audit_for(config), window_ms=config.node.group_commit_ms,
                                         max_group=config.node.group_commit_max,
-                                        open_associations=lambda: len(self._stats),
+                                        open_associations=self._active_senders,
                                         timeout_s=max(config.dimse_timeout_s, 30.0))
         self.ae = self._build_ae()
 
@@ -207,8 +213,15 @@ class StorageSCP:
         return STATUS_SUCCESS
 
     # ------------------------------------------------------------------ C-STORE
+    def _active_senders(self) -> int:
+        """Associations that stored, or opened, recently (each has at most one C-STORE in flight)."""
+        since = time.monotonic() - SENDER_ACTIVE_S
+        return sum(1 for st in list(self._stats.values()) if max(st.started, st.last_store) >= since)
+
     def _on_store(self, event: evt.Event) -> int | Dataset:
         st = self._stats.get(id(event.assoc))
+        if st is not None:
+            st.last_store = time.monotonic()
         calling = str(event.assoc.requestor.ae_title).strip()
         peer = event.assoc.requestor.address
         sop_uid = clean_uid(event.request.AffectedSOPInstanceUID)

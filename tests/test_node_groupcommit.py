@@ -16,7 +16,7 @@ from fault_helpers import rows
 from pynetdicom import AE, _config
 from sqlalchemy import select
 
-from dicom_node import db, groupcommit, track
+from dicom_node import db, groupcommit, receive, track
 from dicom_node.config import load_config, parse_config
 from dicom_node.peers import LOOPBACK, SCRATCH_DISK, free_port, make_ct_series, start_node, wait_for, write_node_config
 from dicom_node.receive import StorageSCP
@@ -79,7 +79,8 @@ class Node:
 
 
 @pytest.fixture
-def node(tmp_path: Path) -> Any:
+def node(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Any:
+    monkeypatch.setattr(receive, "SENDER_ACTIVE_S", 120.0)  # a slow machine must not split the group
     n = Node(tmp_path)
     yield n
     n.stop()
@@ -176,7 +177,7 @@ def test_kill9_during_group_commits_loses_no_acknowledged_instance(tmp_path: Pat
     database.dispose()
     spool = load_config(cfg).spool_dir
     sent = [f for part in acked for f in part]
-    assert len(sent) >= 30
+    assert len(sent) >= 30 - senders  # 30 rows at the kill; at most one C-STORE per sender in flight
     for f in sent:  # acknowledged => row => the file, complete
         uid = str(pydicom.dcmread(f, stop_before_pixels=True).SOPInstanceUID)
         assert uid in recorded, f"instance {uid} acknowledged but not recorded"
