@@ -12,6 +12,10 @@ node has each instance on disk (file and directory entry fsynced) and committed 
 before it answers success; ``storescp`` writes to the page cache only. The machine is shared:
 read the ratio to ``storescp`` measured in the same run, not the absolute rates.
 
+A third target, ``raw``, is a bare pynetdicom SCP (same PDU size) that writes each data set as
+received and answers success, without validation, fsync or database: the ceiling of any
+pynetdicom-based receiver on the machine at that moment.
+
 ``--rss N``: one more node receives an N-instance series (the 100 slices re-identified N/100
 times) on one association; its resident memory (VmRSS, and the peak VmHWM) is printed after the
 first 100 instances and after all N. ``--node key=value`` adds ``[node]`` keys (e.g.
@@ -23,6 +27,7 @@ import argparse
 import os
 import shutil
 import statistics
+import subprocess
 import sys
 import threading
 import time
@@ -75,6 +80,39 @@ def start_node(out: Path, name: str, extra: dict[str, Any]) -> peers.Peer:
     return peers.start_node(cfg, port, out / f"{name}.log")
 
 
+def serve_raw(port: int, out_dir: Path) -> None:
+    """The ``raw`` target: pynetdicom writing the encoded data set, nothing else (runs until killed)."""
+    from pynetdicom import AE, evt
+    from pynetdicom.sop_class import CTImageStorage
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+
+    def store(event: Any) -> int:
+        with open(out_dir / str(event.request.AffectedSOPInstanceUID), "wb") as f:
+            f.write(event.encoded_dataset())
+        return 0x0000
+
+    ae = AE("LTDIFF")
+    ae.maximum_pdu_size = 131072
+    ae.maximum_associations = 8
+    ae.add_supported_context(CTImageStorage, ["1.2.840.10008.1.2.1", "1.2.840.10008.1.2"])
+    ae.start_server((peers.LOOPBACK, port), evt_handlers=[(evt.EVT_C_STORE, store)])
+
+
+def start_raw(out: Path) -> peers.Peer:
+    shutil.rmtree(out / "raw-received", ignore_errors=True)
+    port = peers.free_port()
+    proc = subprocess.Popen([sys.executable, __file__, "--serve-raw", str(port), str(out / "raw-received")],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    peer = peers.Peer(proc, port)
+    try:
+        peers.wait_port(port, 30, proc)
+    except BaseException:
+        peer.stop()
+        raise
+    return peer
+
+
 def memory(pid: int) -> dict[str, int]:
     """VmRSS and VmHWM of a process in MiB."""
     out = {}
@@ -117,7 +155,12 @@ def main() -> int:
     p.add_argument("--associations", default="1,4", help="comma-separated association counts")
     p.add_argument("--rss", type=int, default=2000, help="instances of the memory run (0: skip)")
     p.add_argument("--node", action="append", default=[], metavar="KEY=VALUE", help="extra [node] key")
+    p.add_argument("--targets", default="storescp,node,raw", help="comma-separated: storescp, node, raw")
+    p.add_argument("--serve-raw", nargs=2, metavar=("PORT", "DIR"), help=argparse.SUPPRESS)
     args = p.parse_args()
+    if args.serve_raw:
+        serve_raw(int(args.serve_raw[0]), Path(args.serve_raw[1]))
+        return 0
     out = Path(args.out).resolve()
     extra = {k: node_value(v) for k, v in (kv.split("=", 1) for kv in args.node)}
     src = phantom_series(out, args.slices, args.size)
@@ -129,9 +172,11 @@ def main() -> int:
     rates: dict[tuple[str, int], list[float]] = {}
     for r in range(args.repeats):
         for assocs in counts:
-            targets = ("storescp", "node") if r % 2 == 0 else ("node", "storescp")
-            for target in targets:
-                if target == "storescp":
+            names = args.targets.split(",")
+            for target in names if r % 2 == 0 else names[::-1]:
+                if target == "raw":
+                    peer = start_raw(out)
+                elif target == "storescp":
                     shutil.rmtree(out / "scp-received", ignore_errors=True)
                     # --fork: one process per association, so 4 associations run concurrently
                     peer = peers.start_storescp(out / "scp-received", "LTDIFF",
@@ -149,10 +194,11 @@ def main() -> int:
                       flush=True)
     for assocs in counts:
         scp = statistics.median(rates[("storescp", assocs)])
-        node = statistics.median(rates[("node", assocs)])
-        per_run = [n / s for n, s in zip(rates[("node", assocs)], rates[("storescp", assocs)])]
-        print(f"RECEIVE {assocs} assoc: storescp {scp:.1f} images/s, node {node:.1f} images/s, "
-              f"ratio {node / scp:.2f} (per repeat {', '.join(f'{x:.2f}' for x in per_run)})")
+        for target in [t for t in args.targets.split(",") if t != "storescp"]:
+            got = statistics.median(rates[(target, assocs)])
+            per_run = [n / s for n, s in zip(rates[(target, assocs)], rates[("storescp", assocs)])]
+            print(f"RECEIVE {assocs} assoc: storescp {scp:.1f} images/s, {target} {got:.1f} images/s, "
+                  f"ratio {got / scp:.2f} (per repeat {', '.join(f'{x:.2f}' for x in per_run)})")
     if args.rss:
         many = long_series(src, out / f"series-{args.rss}x{args.size}", args.rss)
         node = start_node(out, "rss", extra)

@@ -157,7 +157,7 @@ class Node(Section):
     network_timeout_s: Positive = 60.0
     max_connections_per_address: Count = 4
     max_pending_connections: Count = 32
-    group_commit_ms: NonNegative = 5.0  # wait for concurrent instances to share syncs; 0 = off
+    group_commit_ms: NonNegative = 10.0  # wait for concurrent instances to share syncs; 0 = off
     group_commit_max: Count = 64  # instances per group commit
 
     @field_validator("database_url")
