@@ -1,20 +1,25 @@
 """Receive rate of ``dicom-node serve`` against DCMTK ``storescp``, interleaved in one run.
 
     python bench/bench_receive.py [--slices 100] [--size 512] [--repeats 3] [--rss 2000]
-                                  [--node KEY=VALUE ...]
+                                  [--targets storescp,node,node-off,raw] [--node KEY=VALUE ...]
 
 The same phantom Br40 series is sent by DCMTK ``storescu`` (TCP_NODELAY=1, 128 KB PDUs) to
-``storescp`` and to the node, alternating, on one association and on 4 concurrent associations
-(4 ``storescu`` processes each sending a quarter; ``storescp --fork`` then serves them in
-parallel). Every target starts fresh (empty storage, so no
-instance is a duplicate). images/s = slices / wall time until the last ``storescu`` exits; the
+``storescp`` and to the node, interleaved (the order reverses every repeat), on one association
+and on 4 concurrent associations (4 ``storescu`` processes each sending a quarter;
+``storescp --fork`` then serves them in parallel). Every target starts fresh (empty storage, so
+no instance is a duplicate). images/s = slices / wall time until the last ``storescu`` exits; the
 node has each instance on disk (file and directory entry fsynced) and committed in its database
 before it answers success; ``storescp`` writes to the page cache only. The machine is shared:
 read the ratio to ``storescp`` measured in the same run, not the absolute rates.
 
-A third target, ``raw``, is a bare pynetdicom SCP (same PDU size) that writes each data set as
+``node-off`` is the same node with ``group_commit_ms = 0`` (one sync pass and one transaction per
+instance). ``raw`` is a bare pynetdicom SCP (same PDU size) that writes each data set as
 received and answers success, without validation, fsync or database: the ceiling of any
 pynetdicom-based receiver on the machine at that moment.
+
+First it prints the sync floor of the data volume: median milliseconds of one file fsync, one
+directory fsync and one SQLite commit (WAL, synchronous=FULL, as the node's database) for 512 KB
+files written one at a time: what one instance costs at least when nothing is shared.
 
 ``--rss N``: one more node receives an N-instance series (the 100 slices re-identified N/100
 times) on one association; its resident memory (VmRSS, and the peak VmHWM) is printed after the
@@ -113,6 +118,38 @@ def start_raw(out: Path) -> peers.Peer:
     return peer
 
 
+def sync_floor(out: Path, n: int = 40) -> dict[str, float]:
+    """Median ms of the three syncs an unshared instance pays (see the module docstring)."""
+    import sqlite3
+
+    from dicom_node.spool import fsync_dir, fsync_file
+
+    d = out / "sync-floor"
+    shutil.rmtree(d, ignore_errors=True)
+    d.mkdir(parents=True)
+    con = sqlite3.connect(d / "floor.sqlite", isolation_level=None)
+    con.execute("PRAGMA journal_mode=WAL")
+    con.execute("PRAGMA synchronous=FULL")
+    con.execute("CREATE TABLE t (id INTEGER PRIMARY KEY, uid TEXT UNIQUE)")
+    data = os.urandom(512 * 1024)
+    times: dict[str, list[float]] = {"file fsync": [], "directory fsync": [], "SQLite commit": []}
+    for i in range(n):
+        (d / f".{i}.tmp").write_bytes(data)
+        (d / f".{i}.tmp").replace(d / f"{i}.dcm")
+        t0 = time.perf_counter()
+        fsync_file(d / f"{i}.dcm")
+        t1 = time.perf_counter()
+        fsync_dir(d)
+        t2 = time.perf_counter()
+        con.execute("INSERT INTO t (uid) VALUES (?)", (str(i),))  # autocommit: one transaction
+        t3 = time.perf_counter()
+        for key, dt in zip(times, (t1 - t0, t2 - t1, t3 - t2)):
+            times[key].append(dt * 1000)
+    con.close()
+    shutil.rmtree(d, ignore_errors=True)
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
 def memory(pid: int) -> dict[str, int]:
     """VmRSS and VmHWM of a process in MiB."""
     out = {}
@@ -155,7 +192,8 @@ def main() -> int:
     p.add_argument("--associations", default="1,4", help="comma-separated association counts")
     p.add_argument("--rss", type=int, default=2000, help="instances of the memory run (0: skip)")
     p.add_argument("--node", action="append", default=[], metavar="KEY=VALUE", help="extra [node] key")
-    p.add_argument("--targets", default="storescp,node,raw", help="comma-separated: storescp, node, raw")
+    p.add_argument("--targets", default="storescp,node,node-off,raw",
+                   help="comma-separated: storescp, node, node-off, raw")
     p.add_argument("--serve-raw", nargs=2, metavar=("PORT", "DIR"), help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.serve_raw:
@@ -168,6 +206,9 @@ def main() -> int:
     mbytes = sum(f.stat().st_size for f in files) / 1e6
     print(f"machine: {machine()}")
     print(f"series: {len(files)} x {args.size}^2 CT, {mbytes:.0f} MB; node extra keys: {extra or 'none'}")
+    floor = sync_floor(out)
+    print("sync floor (median ms): " + ", ".join(f"{k} {v:.2f}" for k, v in floor.items())
+          + f"; together {sum(floor.values()):.1f} ms per unshared instance")
     counts = [int(c) for c in args.associations.split(",")]
     rates: dict[tuple[str, int], list[float]] = {}
     for r in range(args.repeats):
@@ -181,6 +222,8 @@ def main() -> int:
                     # --fork: one process per association, so 4 associations run concurrently
                     peer = peers.start_storescp(out / "scp-received", "LTDIFF",
                                                 extra=["--fork"] if assocs > 1 else [])
+                elif target == "node-off":  # the same node with group commit off
+                    peer = start_node(out, "recv", {**extra, "group_commit_ms": 0})
                 else:
                     peer = start_node(out, "recv", extra)
                 try:
