@@ -85,6 +85,7 @@ class GroupCommitter:
         self._pool: ThreadPoolExecutor | None = ThreadPoolExecutor(min(self.max_group, 16) + 1,
                                                                    thread_name_prefix="fsync")
         self._stopped = False
+        self._unsynced_dirs: set[Path] = set()  # new directories of failed groups: synced by the next
         self.groups = 0  # committed groups and members (for the log and the tests)
         self.members = 0
 
@@ -166,7 +167,7 @@ class GroupCommitter:
             for it in new:
                 it.tmp.replace(it.path)
                 renamed.append(it)
-            syncs = self._sync(new)
+            syncs = self._sync(new, batch)
             try:  # the rows are prepared while the syncs run; they commit only once all are done
                 for it in new:
                     track.record_instance(s, self.audit, **it.record)
@@ -181,6 +182,7 @@ class GroupCommitter:
             s.close()
             for it in batch:
                 unlink_quietly(it.tmp)
+                self._unsynced_dirs.update(it.new_dirs)
             if not committing:  # the rows are certainly not there: drop their files too
                 for it in renamed:
                     unlink_quietly(it.path)
@@ -192,6 +194,7 @@ class GroupCommitter:
                 raise
             return
         s.close()
+        self._unsynced_dirs.clear()  # all were synced with this group
         self.groups += 1
         self.members += len(new)
         stored = {id(it) for it in new}
@@ -200,16 +203,18 @@ class GroupCommitter:
                 unlink_quietly(it.tmp)
             it.future.set_result(Outcome.STORED if id(it) in stored else Outcome.KNOWN)
 
-    def _sync(self, items: list[Pending]) -> list[Future[None]]:
+    def _sync(self, items: list[Pending], batch: list[Pending]) -> list[Future[None]]:
         """Start the fsync of every file and of every directory whose entries changed (each
         once), all at once: the file system commits its journal for them together. The renames
         are done, so file content and directory entries may reach the disk in any order: before
         the rows commit, a crash leaves at most files without rows, which are never acknowledged
-        and which a re-send replaces."""
-        dirs: dict[Path, None] = {}
+        and which a re-send replaces. Directories created for members of a failed group are
+        synced with the next group (a later instance finds them existing and creates nothing)."""
+        dirs: dict[Path, None] = dict.fromkeys(sorted(self._unsynced_dirs))
+        for it in batch:  # a directory made for a duplicate may hold the next new instance
+            dirs.update(dict.fromkeys(it.new_dirs))
         for it in items:
-            for d in (*it.new_dirs, it.path.parent):
-                dirs[d] = None
+            dirs[it.path.parent] = None
         jobs = [(fsync_file, it.path) for it in items] + [(fsync_dir, d) for d in dirs]
         pool = self._pool
         out: list[Future[None]] = []

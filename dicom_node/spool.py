@@ -57,9 +57,9 @@ def make_dirs(path: Path) -> list[Path]:
     changed = make_dirs(path.parent) if path.parent != path else []
     try:
         path.mkdir()
-        changed.append(path.parent)
     except FileExistsError:
-        pass
+        pass  # made by a concurrent writer whose sync may not have happened yet: sync it here too
+    changed.append(path.parent)
     return changed
 
 

@@ -16,7 +16,7 @@ from fault_helpers import rows
 from pynetdicom import AE, _config
 from sqlalchemy import select
 
-from dicom_node import db, groupcommit, receive, track
+from dicom_node import db, groupcommit, receive, spool, track
 from dicom_node.config import load_config, parse_config
 from dicom_node.peers import LOOPBACK, SCRATCH_DISK, free_port, make_ct_series, start_node, wait_for, write_node_config
 from dicom_node.receive import StorageSCP
@@ -115,8 +115,12 @@ def test_failure_in_a_group_fails_every_member(node: Node, tmp_path: Path, monke
     assert rows(node.db, db.Instance) == []
     assert node.spool("*") == []
     assert node.scp.committer.groups == 0
-    # the senders retry: the same three are stored as one group
+    # the senders retry: the same three are stored as one group; the series directory, made by the
+    # failed group, exists now, and its entry in the spool directory is synced with this group
+    synced: list[Path] = []
+    monkeypatch.setattr(groupcommit, "fsync_dir", lambda d: (synced.append(d), spool.fsync_dir(d)))
     assert send_together(node.port, files) == [0] * 3
+    assert node.config.spool_dir in synced
     assert len(rows(node.db, db.Instance)) == 3 and len(node.spool("*.dcm")) == 3
     assert node.spool(".*") == []
     assert (node.scp.committer.groups, node.scp.committer.members) == (1, 3)
@@ -130,6 +134,22 @@ def test_same_uid_twice_in_one_group_is_stored_once(node: Node, tmp_path: Path) 
     assert (node.scp.committer.groups, node.scp.committer.members) == (1, 1)
     stored, sent = pydicom.dcmread(node.spool("*")[0]), pydicom.dcmread(f)
     assert (stored.SOPInstanceUID, stored.PixelData) == (sent.SOPInstanceUID, sent.PixelData)
+
+
+def test_conflict_within_one_group_keeps_the_first_copy(node: Node, tmp_path: Path) -> None:
+    f = make_ct_series(tmp_path / "in", n=1, size=16)[0]
+    ds = pydicom.dcmread(f)
+    ds.PixelData = bytes(255 - b for b in ds.PixelData)  # same SOPInstanceUID, other pixels
+    other = tmp_path / "other.dcm"
+    ds.save_as(other)
+    statuses = send_together(node.port, [f, other])
+    assert sorted(s or 0 for s in statuses) == [0, 0xC000]  # whichever came first is kept
+    stored = pydicom.dcmread(node.spool("*.dcm")[0])
+    kept = [f, other][statuses.index(0)]
+    assert len(node.spool("*")) == 1 and stored.PixelData == pydicom.dcmread(kept).PixelData
+    assert [a.kind for a in rows(node.db, db.Anomaly)] == ["conflict"]
+    assert len(list(node.config.quarantine_dir.rglob("*.dcm"))) == 1
+    assert (node.scp.committer.groups, node.scp.committer.members) == (1, 1)
 
 
 def test_kill9_during_group_commits_loses_no_acknowledged_instance(tmp_path: Path) -> None:
