@@ -291,6 +291,12 @@ class StorageSCP:
         assert series_uid is not None
         ts_uid = str(event.context.transfer_syntax)
         digest = pixel_digest(ds)
+        rel = f"{safe_name(series_uid)}/{safe_name(sop_uid)}.dcm"
+        path = self.config.spool_dir / rel
+        # A re-send of a stored instance finds its file: answered without writing anything. New
+        # instances pay one stat here, no query (the group asks for all its members at once).
+        if path.exists() and self._is_known(sop_uid):
+            return self._duplicate(event, ds, sop_uid, series_uid, ts_uid, digest, calling, peer, st)
         data = event.encoded_dataset()
         why = self.watermark.receive_refusal(len(data))
         if why is not None:
@@ -299,8 +305,6 @@ class StorageSCP:
             log_event(log, "c_store_refused", level=logging.WARNING, sop_instance_uid=sop_uid, series_uid=series_uid,
                       calling_ae=calling, reason=why, status="0xA700")
             return STATUS_OUT_OF_RESOURCES
-        rel = f"{safe_name(series_uid)}/{safe_name(sop_uid)}.dcm"
-        path = self.config.spool_dir / rel
         new_dirs = make_dirs(path.parent)
         size = len(data)
         # Durable and recorded with its group; whether the UID is known already is answered by
