@@ -1,7 +1,8 @@
 """Receive rate of ``dicom-node serve`` against DCMTK ``storescp``, interleaved in one run.
 
     python bench/bench_receive.py [--slices 100] [--size 512] [--repeats 3] [--rss 2000]
-                                  [--targets storescp,node,node-off,raw] [--node KEY=VALUE ...]
+                                  [--targets storescp,node,node-off,raw[,baseline]]
+                                  [--baseline-tree DIR] [--node KEY=VALUE ...]
 
 The same phantom Br40 series is sent by DCMTK ``storescu`` (TCP_NODELAY=1, 128 KB PDUs) to
 ``storescp`` and to the node, interleaved (the order reverses every repeat), on one association
@@ -12,6 +13,8 @@ node has each instance on disk (file and directory entry fsynced) and committed 
 before it answers success; ``storescp`` writes to the page cache only. The machine is shared:
 read the ratio to ``storescp`` measured in the same run, not the absolute rates.
 
+``baseline`` is the node of another source tree, given with ``--baseline-tree`` (e.g. a
+``git worktree`` of the commit before a change), so before and after are measured in one run.
 ``node-off`` is the same node with ``group_commit_ms = 0`` (one sync pass and one transaction per
 instance). ``raw`` is a bare pynetdicom SCP (same PDU size) that writes each data set as
 received and answers success, without validation, fsync or database: the ceiling of any
@@ -122,7 +125,12 @@ def sync_floor(out: Path, n: int = 40) -> dict[str, float]:
     """Median ms of the three syncs an unshared instance pays (see the module docstring)."""
     import sqlite3
 
-    from dicom_node.spool import fsync_dir, fsync_file
+    def fsync(path: Path) -> None:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
 
     d = out / "sync-floor"
     shutil.rmtree(d, ignore_errors=True)
@@ -137,9 +145,9 @@ def sync_floor(out: Path, n: int = 40) -> dict[str, float]:
         (d / f".{i}.tmp").write_bytes(data)
         (d / f".{i}.tmp").replace(d / f"{i}.dcm")
         t0 = time.perf_counter()
-        fsync_file(d / f"{i}.dcm")
+        fsync(d / f"{i}.dcm")
         t1 = time.perf_counter()
-        fsync_dir(d)
+        fsync(d)
         t2 = time.perf_counter()
         con.execute("INSERT INTO t (uid) VALUES (?)", (str(i),))  # autocommit: one transaction
         t3 = time.perf_counter()
@@ -148,6 +156,24 @@ def sync_floor(out: Path, n: int = 40) -> dict[str, float]:
     con.close()
     shutil.rmtree(d, ignore_errors=True)
     return {k: statistics.median(v) for k, v in times.items()}
+
+
+def start_baseline(out: Path, tree: Path, extra: dict[str, Any]) -> peers.Peer:
+    """The node of another source tree (e.g. ``git worktree add /tmp/before <commit>``)."""
+    shutil.rmtree(out / "base-data", ignore_errors=True)
+    port = peers.free_port()
+    cfg = peers.write_node_config(out / "base.toml", port=port, data_dir=out / "base-data", stable_age_s=3600,
+                                  extra_node={"max_connections_per_address": 8, **extra})
+    env = peers.peer_env()
+    env["PYTHONPATH"] = str(tree)
+    proc = peers._spawn(peers.node_cmd("--config", str(cfg), "serve"), out / "base.log", env=env, cwd=tree)
+    peer = peers.Peer(proc, port, out / "base.log")
+    try:
+        peers.wait_port(port, 60, proc)
+    except BaseException:
+        peer.stop()
+        raise
+    return peer
 
 
 def memory(pid: int) -> dict[str, int]:
@@ -193,7 +219,8 @@ def main() -> int:
     p.add_argument("--rss", type=int, default=2000, help="instances of the memory run (0: skip)")
     p.add_argument("--node", action="append", default=[], metavar="KEY=VALUE", help="extra [node] key")
     p.add_argument("--targets", default="storescp,node,node-off,raw",
-                   help="comma-separated: storescp, node, node-off, raw")
+                   help="comma-separated: storescp, node, node-off, raw, baseline")
+    p.add_argument("--baseline-tree", type=Path, help="source tree of the 'baseline' target")
     p.add_argument("--serve-raw", nargs=2, metavar=("PORT", "DIR"), help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.serve_raw:
@@ -217,6 +244,8 @@ def main() -> int:
             for target in names if r % 2 == 0 else names[::-1]:
                 if target == "raw":
                     peer = start_raw(out)
+                elif target == "baseline":
+                    peer = start_baseline(out, args.baseline_tree.resolve(), {})
                 elif target == "storescp":
                     shutil.rmtree(out / "scp-received", ignore_errors=True)
                     # --fork: one process per association, so 4 associations run concurrently
