@@ -105,6 +105,14 @@ class GroupCommitter:
             self._queue.put(None)
             self._thread.join(self.timeout_s)
             self._thread = None
+        while True:  # anything submitted while stopping, behind the end marker
+            try:
+                item = self._queue.get_nowait()
+            except queue.Empty:
+                break
+            if item is not None:
+                with self._commit_lock:
+                    self.commit([item])
         if self._pool is not None:
             self._pool.shutdown(wait=True)
             self._pool = None
