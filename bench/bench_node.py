@@ -46,6 +46,15 @@ def machine() -> str:
     return f"{platform.node()}: {cpu}, {os.cpu_count()} CPUs, {gpu}, Python {platform.python_version()}"
 
 
+def phantom_series(out: Path, slices: int, size: int) -> Path:
+    """The Br40 phantom series used by the node benchmarks (made once, then reused)."""
+    case = out / f"phantom-{slices}x{size}" / "case-000"
+    if len(list((case / "br40").glob("*.dcm"))) != slices:
+        subprocess.run([sys.executable, "-m", "train.make_phantom", "--out", str(case.parent), "--cases", "1",
+                        "--slices", str(slices), "--seed", "11", "--size", str(size)], check=True, cwd=ROOT)
+    return case / "br40"
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", default=str(ROOT / "out" / "bench"))
@@ -56,11 +65,7 @@ def main() -> int:
     p.add_argument("--skip-latency", action="store_true")
     args = p.parse_args()
     out = Path(args.out).resolve()
-    case = out / f"phantom-{args.slices}x{args.size}" / "case-000"
-    if len(list((case / "br40").glob("*.dcm"))) != args.slices:
-        subprocess.run([sys.executable, "-m", "train.make_phantom", "--out", str(case.parent), "--cases", "1",
-                        "--slices", str(args.slices), "--seed", "11", "--size", str(args.size)], check=True, cwd=ROOT)
-    src = case / "br40"
+    src = phantom_series(out, args.slices, args.size)
     mbytes = sum(f.stat().st_size for f in src.glob("*.dcm")) / 1e6
     print(f"machine: {machine()}")
     print(f"series: {args.slices} x {args.size}^2 CT, {mbytes:.0f} MB")

@@ -173,6 +173,8 @@ class Node(Section):
     network_timeout_s: Positive = 60.0
     max_connections_per_address: Count = 4
     max_pending_connections: Count = 32
+    group_commit_ms: NonNegative = 10.0  # wait for concurrent instances to share syncs; 0 = off
+    group_commit_max: Count = 64  # instances per group commit
     roles: tuple[Role, ...] = ROLES  # `serve --roles` overrides; all four: the single-box node
     lease_s: Positive = 60.0  # a claimed job/delivery is another worker's to take after this without renewal
 

@@ -2,8 +2,10 @@
 
 Each C-STORE is written raw (file meta + dataset exactly as received, no re-encode) to the spool
 atomically and recorded in the database *before* the response says success; any failure to
-persist returns a failure status, so the sender keeps its copy and retries. A duplicate
-SOPInstanceUID is acknowledged without a second file or row (senders resend after timeouts).
+persist returns a failure status, so the sender keeps its copy and retries. Instances arriving
+together on concurrent associations share one pass of syncs and one transaction
+(``groupcommit``). A duplicate SOPInstanceUID is acknowledged without a second file or row
+(senders resend after timeouts).
 """
 from __future__ import annotations
 
@@ -16,18 +18,18 @@ from typing import Any
 from pydicom.dataset import Dataset
 from pynetdicom import AE, evt
 from pynetdicom.sop_class import Verification
-from sqlalchemy.exc import IntegrityError
 
 from . import db, track
 from .audit import audit_for
 from .config import NodeConfig
 from .duplicates import header_differences, same_pixels
+from .groupcommit import GroupCommitter, Outcome, Pending
 from .logs import log_event
 from .negotiation import (
     ACCEPTED_TRANSFER_SYNTAXES, ENHANCED_CT_SOP_CLASSES, STATUS_CANNOT_UNDERSTAND, STATUS_OUT_OF_RESOURCES,
     STATUS_SOP_CLASS_NOT_SUPPORTED, STATUS_SUCCESS, STORAGE_SOP_CLASSES, reject_reason,
 )
-from .spool import safe_name, write_atomic
+from .spool import make_dirs, safe_name, write_atomic, write_pending
 from .tls import server_context
 from .transport import ConnectionGate, Limits, start_server, tls_peer
 from .version import IMPLEMENTATION_VERSION_NAME
@@ -54,6 +56,12 @@ class _AssocStats:
     duplicates: int = 0
     failed: int = 0
     nbytes: int = 0
+    last_store: float = -1e9  # monotonic time of the last C-STORE request
+
+
+# An association that sent a C-STORE within this many seconds is expected to send the next one soon:
+# the group committer waits (up to group_commit_ms) for those only, not for idle associations.
+SENDER_ACTIVE_S = 1.0
 
 
 class StorageSCP:
@@ -74,6 +82,10 @@ class StorageSCP:
                 self._hosts.setdefault(a.ae_title, set()).update(a.addresses or (a.host,))
         self._enhanced = frozenset(_uids(ENHANCED_CT_SOP_CLASSES))
         self.watermark = Watermark(config, database)
+        self.committer = GroupCommitter(database, audit_for(config), window_ms=config.node.group_commit_ms,
+                                        max_group=config.node.group_commit_max,
+                                        open_associations=self._active_senders,
+                                        timeout_s=max(config.dimse_timeout_s, 30.0))
         self.ae = self._build_ae()
 
     # ------------------------------------------------------------------ set-up
@@ -117,6 +129,7 @@ class StorageSCP:
         Plain TCP on ``node.port`` unless ``tls.plain_tcp = false``, and DICOM TLS on ``tls.port``
         when ``tls.enabled``; ``self.ports`` maps "dicom"/"dicom-tls" to the bound ports."""
         c = self.config
+        self.committer.start()
         listeners = [("dicom", c.port, None)] if c.tls.plain_tcp else []
         if c.tls.enabled:
             listeners.append(("dicom-tls", c.tls.port, server_context(c.tls)))
@@ -147,6 +160,7 @@ class StorageSCP:
             time.sleep(0.1)
         for a in self.ae.active_associations:
             a.abort()
+        self.committer.stop()
         self._server = None
         log_event(log, "scp_stopped", ae_title=self.config.ae_title)
 
@@ -201,8 +215,15 @@ class StorageSCP:
         return STATUS_SUCCESS
 
     # ------------------------------------------------------------------ C-STORE
+    def _active_senders(self) -> int:
+        """Associations that stored, or opened, recently (each has at most one C-STORE in flight)."""
+        since = time.monotonic() - SENDER_ACTIVE_S
+        return sum(1 for st in list(self._stats.values()) if max(st.started, st.last_store) >= since)
+
     def _on_store(self, event: evt.Event) -> int | Dataset:
         st = self._stats.get(id(event.assoc))
+        if st is not None:
+            st.last_store = time.monotonic()
         calling = str(event.assoc.requestor.ae_title).strip()
         peer = event.assoc.requestor.address
         sop_uid = clean_uid(event.request.AffectedSOPInstanceUID)
@@ -272,26 +293,30 @@ class StorageSCP:
         assert series_uid is not None
         ts_uid = str(event.context.transfer_syntax)
         digest = pixel_digest(ds)
-        if self._is_known(sop_uid):
+        rel = f"{safe_name(series_uid)}/{safe_name(sop_uid)}.dcm"
+        path = self.config.spool_dir / rel
+        # A re-send of a stored instance finds its file: answered without writing anything. New
+        # instances pay one stat here, no query (the group asks for all its members at once).
+        if path.exists() and self._is_known(sop_uid):
             return self._duplicate(event, ds, sop_uid, series_uid, ts_uid, digest, calling, peer, st)
-
         data = event.encoded_dataset()
         why = self.watermark.receive_refusal(len(data))
         if why is not None:
+            if self._is_known(sop_uid):  # a re-send needs no space: answer it as a duplicate
+                return self._duplicate(event, ds, sop_uid, series_uid, ts_uid, digest, calling, peer, st)
             log_event(log, "c_store_refused", level=logging.WARNING, sop_instance_uid=sop_uid, series_uid=series_uid,
                       calling_ae=calling, reason=why, status="0xA700")
             return STATUS_OUT_OF_RESOURCES
-        rel = f"{safe_name(series_uid)}/{safe_name(sop_uid)}.dcm"
-        size = write_atomic(self.config.spool_dir / rel, data)
+        new_dirs = make_dirs(path.parent)
+        size = len(data)
+        # Durable and recorded with its group; whether the UID is known already is answered by
+        # the group's one query (a known one keeps its first file untouched).
+        outcome = self.committer.submit(Pending(write_pending(path, data), path, dict(
+            ds=ds, series_uid=series_uid, sop_uid=sop_uid, sop_class=sop_class, ts_uid=ts_uid, rel=rel,
+            size=size, calling=calling, peer=peer, digest=digest), new_dirs))
+        if outcome is Outcome.KNOWN:
+            return self._duplicate(event, ds, sop_uid, series_uid, ts_uid, digest, calling, peer, st)
         self.watermark.note_accepted(size)
-
-        with self._lock:
-            try:
-                self._record(ds, series_uid, sop_uid, sop_class, ts_uid, rel, size, calling, peer, digest)
-            except IntegrityError:
-                # Same instance recorded concurrently by another association: idempotent.
-                if not self._is_known(sop_uid):
-                    raise
         if st is not None:
             st.stored += 1
             st.nbytes += size
@@ -334,10 +359,3 @@ class StorageSCP:
                                  f"{reason}; second copy from {calling}@{peer} in quarantine/{rel}")
         return self._refuse(Refusal(STATUS_CANNOT_UNDERSTAND, reason), sop_uid, series_uid, calling, peer,
                             quarantine=f"quarantine/{rel}")
-
-    def _record(self, ds: Dataset, series_uid: str, sop_uid: str, sop_class: str, ts_uid: str, rel: str,
-                size: int, calling: str, peer: str, digest: str | None = None) -> None:
-        with self.db.session() as s:
-            track.record_instance(s, audit_for(self.config), ds, series_uid=series_uid, sop_uid=sop_uid,
-                                  sop_class=sop_class, ts_uid=ts_uid, rel=rel, size=size, calling=calling,
-                                  peer=peer, digest=digest)

@@ -3,7 +3,9 @@
 A C-STORE is acknowledged only after its bytes are durable, so a crash or power loss never
 leaves a half-written instance that the database claims to have. The writer is the project's one
 atomic writer, ``ltdiff_core.atomic.write_atomic`` (temporary file in the same directory, fsync,
-``os.replace``, fsync the directory), re-exported here for the service's modules.
+``os.replace``, fsync the directory). The receiver splits that pattern (``write_pending`` in its
+association thread, the syncs in ``groupcommit``) so that instances arriving together share one
+pass of syncs; both use the same temporary names and directory sync.
 """
 from __future__ import annotations
 
@@ -12,9 +14,10 @@ import os
 import re
 from pathlib import Path
 
-from ltdiff_core.atomic import write_atomic
+from ltdiff_core.atomic import fsync_dir, temp_name, write_atomic
 
-__all__ = ["disk_usage", "safe_name", "write_atomic"]
+__all__ = ["disk_usage", "fsync_dir", "fsync_file", "make_dirs", "safe_name", "unlink_quietly", "write_atomic",
+           "write_pending"]
 
 _SAFE_UID = re.compile(r"^[0-9]+(\.[0-9]+)*$")
 
@@ -26,6 +29,51 @@ def safe_name(uid: str) -> str:
     if _SAFE_UID.match(uid) and len(uid) <= 64:
         return uid
     return "x" + hashlib.sha256(uid.encode("utf-8", "replace")).hexdigest()[:40]
+
+
+def fsync_file(path: Path) -> None:
+    """Make the content of the file at ``path`` durable (Linux syncs the inode from any descriptor)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def make_dirs(path: Path) -> list[Path]:
+    """Create directory ``path`` and missing parents; returns the directories whose entries
+    changed (the parent of each directory created), which must be fsynced for the new
+    directories to survive a power loss."""
+    if path.is_dir():
+        return []
+    changed = make_dirs(path.parent) if path.parent != path else []
+    try:
+        path.mkdir()
+    except FileExistsError:
+        pass  # made by a concurrent writer whose sync may not have happened yet: sync it here too
+    changed.append(path.parent)
+    return changed
+
+
+def write_pending(path: Path, data: bytes | bytearray | memoryview) -> Path:
+    """Write ``data`` to a temporary file beside ``path``, without syncing: the caller makes it
+    durable and renames it (see ``groupcommit``). Returns the temporary path; on failure nothing
+    is left behind."""
+    tmp = temp_name(path)
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+    except BaseException:
+        unlink_quietly(tmp)
+        raise
+    return tmp
+
+
+def unlink_quietly(path: Path) -> None:
+    try:
+        path.unlink()
+    except OSError:
+        pass
 
 
 def disk_usage(root: Path) -> int:

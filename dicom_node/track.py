@@ -93,6 +93,16 @@ def is_known(s: Session, sop_uid: str) -> bool:
     return s.scalar(select(db.Instance.id).where(db.Instance.sop_instance_uid == sop_uid)) is not None
 
 
+def known_sop_uids(s: Session, sop_uids: Sequence[str]) -> set[str]:
+    """Which of ``sop_uids`` are recorded already (one query for a whole receive group)."""
+    uids = sorted(set(sop_uids))
+    known: set[str] = set()
+    for i in range(0, len(uids), 500):  # below every backend's bound-parameter limit
+        known.update(s.scalars(select(db.Instance.sop_instance_uid)
+                               .where(db.Instance.sop_instance_uid.in_(uids[i:i + 500]))))
+    return known
+
+
 def instance_by_uid(s: Session, sop_uid: str) -> db.Instance | None:
     return s.scalars(select(db.Instance).where(db.Instance.sop_instance_uid == sop_uid)).first()
 

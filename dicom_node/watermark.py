@@ -22,6 +22,7 @@ from . import db
 from .config import NodeConfig
 
 RESERVE_CACHE_S = 1.0  # the reserve is a DB sum; receive checks reuse it for this long
+FREE_CACHE_S = 0.25  # receive checks reuse one statvfs this long, less the bytes accepted since
 PENDING_STATES = (db.RECEIVED, db.COMPLETE, db.QUEUED, db.PROCESSING)
 
 
@@ -57,6 +58,7 @@ class Watermark:
         self.db = database
         self._lock = threading.Lock()
         self._reserve = (0.0, 0)  # (monotonic time, bytes)
+        self._free = (-FREE_CACHE_S, 0, 0)  # (monotonic time, free bytes, total bytes)
 
     def pending_input_bytes(self) -> int:
         """Bytes received for series whose output does not exist yet."""
@@ -75,14 +77,29 @@ class Watermark:
             return value
 
     def note_accepted(self, nbytes: int) -> None:
-        """Count an instance just accepted into the cached reserve (until the next refresh)."""
+        """Count an instance just accepted into the cached reserve and free space (until the next
+        refresh)."""
         with self._lock:
             at, value = self._reserve
             self._reserve = (at, value + int(nbytes * self.config.disk.output_reserve_factor))
+            at, free, total = self._free
+            self._free = (at, free - nbytes, total)
 
-    def state(self, fresh: bool = False) -> DiskState:
+    def _free_space(self, fresh: bool) -> tuple[int, int]:
+        """``free_space`` of the data volume, from a statvfs at most FREE_CACHE_S old (receive
+        asks once per instance; a cached value only ever errs low, by the bytes accepted since)."""
+        with self._lock:
+            at, free, total = self._free
+            if not fresh and time.monotonic() - at <= FREE_CACHE_S:
+                return free, total
         self.config.data_dir.mkdir(parents=True, exist_ok=True)
         free, total = free_space(self.config.data_dir)
+        with self._lock:
+            self._free = (time.monotonic(), free, total)
+        return free, total
+
+    def state(self, fresh: bool = False) -> DiskState:
+        free, total = self._free_space(fresh)
         return DiskState(free, total, threshold_bytes(total, self.config), self.reserve(fresh))
 
     def receive_refusal(self, incoming: int) -> str | None:

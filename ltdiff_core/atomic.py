@@ -16,7 +16,8 @@ from pathlib import Path
 from typing import BinaryIO
 
 
-def _fsync_dir(path: Path) -> None:
+def fsync_dir(path: Path) -> None:
+    """Make the entries of directory ``path`` (a rename, a new file or subdirectory) durable."""
     fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
     try:
         os.fsync(fd)
@@ -49,7 +50,7 @@ def open_atomic(path: str | Path, fsync: bool = True) -> Iterator[BinaryIO]:
         tmp.unlink(missing_ok=True)
         raise
     if fsync:
-        _fsync_dir(path.parent)
+        fsync_dir(path.parent)
 
 
 def write_atomic(path: str | Path, data: bytes | bytearray | memoryview, fsync: bool = True) -> int:
