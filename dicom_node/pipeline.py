@@ -57,8 +57,9 @@ class Pipeline:
         are queued again; the other workers keep theirs."""
         with self.db.session() as s:
             counts = track.recover(s, exclusive=not self.db.shared, dead=owner_gone)
-        if counts["requeued"] or counts["sending"]:
-            log_event(track.log, "recovered", jobs_requeued=counts["requeued"], jobs_sending=counts["sending"])
+        if counts["requeued"] or counts["sending"] or counts["deliveries_released"]:
+            log_event(track.log, "recovered", jobs_requeued=counts["requeued"], jobs_sending=counts["sending"],
+                      deliveries_released=counts["deliveries_released"])
         return counts
 
     def scan(self) -> int:

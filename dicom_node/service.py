@@ -77,7 +77,7 @@ class NodeService:
                                   f"SQLite ({c.db_url}) serves one process running every role")
             self._check_pidfile()
         self.db.create_all()
-        if "process" in self.roles:
+        if {"process", "dispatch"} & set(self.roles):  # jobs and deliveries a dead process held
             self.pipeline.recover()
         if c.http.enabled and "receive" in self.roles:
             # Before the DICOM listener: a port already taken stops the start here. One HTTP

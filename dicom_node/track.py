@@ -387,6 +387,14 @@ def recover(s: Session, *, exclusive: bool = True, dead: Callable[[str], bool] |
                 log_event(log, "job_owner_gone", level=logging.WARNING, job=job.id, claimed_by=job.claimed_by)
                 _unclaim(job)
                 counts["requeued"] += 1
+    # A delivery claimed by a process that is gone (killed mid-send) is free again at once,
+    # rather than after its lease: its per-instance send state says what is left to send.
+    counts["deliveries_released"] = 0
+    for d in s.scalars(select(db.Delivery).where(db.Delivery.state == db.PENDING, db.Delivery.claimed_by.is_not(None))
+                       .with_for_update(skip_locked=True, of=db.Delivery)):
+        if exclusive or (dead is not None and dead(d.claimed_by)):
+            d.claimed_by, d.lease_expires_at = None, None
+            counts["deliveries_released"] += 1
     counts["sending"] = len(s.scalars(select(db.Job.id).where(db.Job.state == db.SENDING)).all())
     return counts
 

@@ -18,7 +18,7 @@ from sqlalchemy import select
 
 from dicom_node import db, groupcommit, receive, spool, track
 from dicom_node.config import load_config, parse_config
-from dicom_node.peers import LOOPBACK, SCRATCH_DISK, free_port, make_ct_series, start_node, wait_for, write_node_config
+from nodetools.peers import LOOPBACK, SCRATCH_DISK, free_port, make_ct_series, start_node, wait_for, write_node_config
 from dicom_node.receive import StorageSCP
 
 CT = "1.2.840.10008.5.1.4.1.1.2"

@@ -5,12 +5,14 @@ the one the models describe."""
 from __future__ import annotations
 
 import time
+from datetime import timedelta
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
+from sqlalchemy import select
 
 from dicom_node import db, migrate, track
 from dicom_node.config import parse_config
@@ -131,4 +133,30 @@ def test_retention_removes_the_staged_output_of_a_dead_worker(tmp_path: Path) ->
         (cfg.output_dir / name).mkdir(parents=True)
     assert retention.purge(cfg, database, older_than_days=0) == 1
     assert sorted(p.name for p in cfg.output_dir.iterdir()) == [f"job-{job_id + 1}.host-a_1_process.part"]
+    database.dispose()
+
+
+def test_recovery_frees_deliveries_held_by_a_gone_process(tmp_path: Path, database_url: str) -> None:
+    """A process killed while sending leaves its delivery claimed under a long lease. At restart
+    it is free at once: always on SQLite (the one process), and on a shared database when its
+    owner is gone; a live dispatcher's claim is left alone."""
+    database = db.Database(database_url)
+    database.create_all()
+    now = db.utcnow()
+    with database.session() as s:
+        series = db.Series(series_uid="1.2.9", instance_count=1, state=db.SENDING)
+        job = db.Job(series=series, state=db.SENDING, rule_name="r", model="default", destinations=["A", "B"])
+        for name, owner in (("A", "host:1:dispatch"), ("B", "host:2:dispatch")):
+            job.deliveries.append(db.Delivery(destination=name, state=db.PENDING, next_attempt_at=now,
+                                              claimed_by=owner, lease_expires_at=now + timedelta(hours=1)))
+        s.add(series)
+    exclusive = database_url.startswith("sqlite")
+    with database.session() as s:
+        counts = track.recover(s, exclusive=exclusive, dead=lambda owner: owner == "host:1:dispatch")
+    assert counts["deliveries_released"] == (2 if exclusive else 1)
+    with database.session() as s:
+        claimed = {d.destination: d.claimed_by for d in s.scalars(select(db.Delivery))}
+        assert claimed["A"] is None
+        assert claimed["B"] == (None if exclusive else "host:2:dispatch")
+        assert track.claim_delivery(s, db.utcnow(), "host:3:dispatch", 60) is not None  # A can be taken now
     database.dispose()
