@@ -28,7 +28,7 @@ from sqlalchemy import func, select  # noqa: E402
 from dicom_node import db  # noqa: E402
 from nodetools.peers import (  # noqa: E402
     LOOPBACK, SCRATCH_DISK, Peer, free_port, make_ct_series, node_cmd, peer_env, start_storescp, storescu,
-    wait_for, wait_port, write_node_config,
+    resume_and_stop, wait_for, wait_port, write_node_config,
 )
 from nodetools.postgres import start_postgres  # noqa: E402
 
@@ -95,12 +95,7 @@ def run(workers: int, url: str, work: Path, args: argparse.Namespace) -> dict[st
         return {"workers": workers, "seconds": seconds, "series_per_min": 60 * args.series / seconds,
                 "per_worker": dict(by), "attempts": max(r[2] for r in measured)}
     finally:
-        for p in procs:
-            try:
-                os.kill(p.pid, signal.SIGCONT)
-            except ProcessLookupError:
-                pass
-            p.stop()
+        resume_and_stop(procs)
         pacs.stop()
         database.dispose()
 

@@ -72,60 +72,20 @@ def cache_dir(override: str | Path | None = None) -> Path:
 
 
 # --- graphs exported -------------------------------------------------------------------------
-def _encode_module(ae: Any) -> Any:
+def _bound_module(owner: Any, method: str) -> Any:
+    """A torch module whose ``forward`` is ``owner.<method>``: what ``torch.onnx.export`` traces
+    for one graph (encode, decode, one denoiser step with precomputed condition features, ...)."""
     import torch
 
-    class Encode(torch.nn.Module):
+    class Bound(torch.nn.Module):
         def __init__(self) -> None:
             super().__init__()
-            self.ae = ae
+            self.owner = owner
 
-        def forward(self, x: torch.Tensor) -> torch.Tensor:
-            return self.ae.encode(x)
+        def forward(self, *args: torch.Tensor) -> torch.Tensor:
+            return getattr(self.owner, method)(*args)
 
-    return Encode()
-
-
-def _decode_module(ae: Any) -> Any:
-    import torch
-
-    class Decode(torch.nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.ae = ae
-
-        def forward(self, z: torch.Tensor) -> torch.Tensor:
-            return self.ae.decode(z)
-
-    return Decode()
-
-
-def _step_module(den: Any) -> Any:
-    import torch
-
-    class Step(torch.nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.den = den
-
-        def forward(self, z: torch.Tensor, t: torch.Tensor, feats: torch.Tensor) -> torch.Tensor:
-            return self.den.forward_with_condition_features(z, t, feats)
-
-    return Step()
-
-
-def _direct_module(net: Any) -> Any:
-    import torch
-
-    class Direct(torch.nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.net = net
-
-        def forward(self, x: torch.Tensor) -> torch.Tensor:
-            return self.net(x)
-
-    return Direct()
+    return Bound()
 
 
 def _export_inputs(kind: str, graph: str, net: Any) -> dict[str, Any]:
@@ -149,9 +109,9 @@ def _export_inputs(kind: str, graph: str, net: Any) -> dict[str, Any]:
 
 
 GRAPHS: dict[str, dict[str, Callable[[Any], Any]]] = {
-    "autoencoder": {"encode": _encode_module, "decode": _decode_module},
-    "denoiser": {"step": _step_module},
-    "direct": {"forward": _direct_module},
+    "autoencoder": {"encode": lambda ae: _bound_module(ae, "encode"), "decode": lambda ae: _bound_module(ae, "decode")},
+    "denoiser": {"step": lambda den: _bound_module(den, "forward_with_condition_features")},
+    "direct": {"forward": lambda net: _bound_module(net, "forward")},
 }
 
 

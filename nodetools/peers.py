@@ -377,3 +377,14 @@ def make_linear_checkpoint(path: Path, seed: int = 7, slices: int = 3, size: int
     path.parent.mkdir(parents=True, exist_ok=True)
     save_checkpoint(path, filt.to_tensors("linear"), meta)
     return path
+
+
+def resume_and_stop(procs: Any) -> None:
+    """Stop every started process by its PID, first resuming any a test paused with SIGSTOP
+    (a stopped process cannot handle the SIGTERM of ``stop``)."""
+    for p in procs:
+        try:
+            os.kill(p.pid, signal.SIGCONT)
+        except ProcessLookupError:
+            pass
+        p.stop()

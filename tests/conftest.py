@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import shutil
 import subprocess
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -11,6 +11,7 @@ import pytest
 
 from ltdiff_core.dicomio.uids import make_uid
 from ltdiff_core.dicomio.writer import StudyInfo, ct_datasets, save_datasets
+from nodetools.postgres import PostgresServer, start_postgres
 
 
 @pytest.fixture(scope="session")
@@ -74,3 +75,13 @@ def ct_series(tmp_path: Path, study_info: StudyInfo) -> Callable[..., list[Path]
         return save_datasets(datasets, tmp_path / folder, names=names, **extra)
 
     return make
+
+
+@pytest.fixture(scope="session")
+def postgres() -> Iterator[PostgresServer]:
+    """A throw-away PostgreSQL server (as an unprivileged user, free port, stopped by PID)."""
+    server = start_postgres()
+    try:
+        yield server
+    finally:
+        server.stop()

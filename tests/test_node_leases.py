@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import time
 from datetime import timedelta
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -19,16 +18,7 @@ from dicom_node.config import parse_config
 from nodetools.peers import SCRATCH_DISK
 from dicom_node.process import Processor
 
-from nodetools.postgres import PostgresServer, start_postgres
-
-
-@pytest.fixture(scope="module")
-def postgres() -> Iterator[PostgresServer]:
-    server = start_postgres()
-    try:
-        yield server
-    finally:
-        server.stop()
+from nodetools.postgres import PostgresServer
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])

@@ -14,7 +14,6 @@ import os
 import signal
 import subprocess
 from collections import Counter
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -25,22 +24,13 @@ from sqlalchemy import select
 from dicom_node import db
 from nodetools.peers import (
     LOOPBACK, SCRATCH_DISK, Peer, free_port, make_ct_series, node_cmd, peer_env, start_storescp, storescu,
-    wait_for, wait_port, write_node_config,
+    resume_and_stop, wait_for, wait_port, write_node_config,
 )
 from fault_helpers import LINEAR
-from nodetools.postgres import PostgresServer, start_postgres
+from nodetools.postgres import PostgresServer
 
 pytestmark = pytest.mark.slow
 LEASE_S = 3.0
-
-
-@pytest.fixture(scope="module")
-def postgres() -> Iterator[PostgresServer]:
-    server = start_postgres()
-    try:
-        yield server
-    finally:
-        server.stop()
 
 
 def serve(config: Path, roles: str, log: Path) -> Peer:
@@ -160,11 +150,6 @@ def test_roles_share_one_postgres_queue(tmp_path: Path, postgres: PostgresServer
         assert workers[peers["worker-1"].pid]["up"] is False
         assert all(workers[peers[n].pid]["up"] for n in ("receiver", "worker-2", "dispatcher"))
     finally:
-        for p in peers.values():
-            try:
-                os.kill(p.pid, signal.SIGCONT)
-            except ProcessLookupError:
-                pass
-            p.stop()
+        resume_and_stop(peers.values())
         pacs.stop()
         database.dispose()
