@@ -229,6 +229,49 @@ def test_first_guess_diffusion_embeds_the_linear_filter(tmp_path, cases):
     assert out.shape == (1, 50, 40) and np.isfinite(out).all()
 
 
+def test_init_fine_tunes_an_existing_denoiser_in_its_own_latent(tmp_path, cases):
+    """--init starts from the given checkpoint's denoiser and keeps its latent statistics, even on
+    other data (a generator mix), and refuses a checkpoint made on another autoencoder."""
+    from ltdiff_core.checkpoint import load_checkpoint
+
+    fit_autoencoder.main(["--config", str(_ae_config(tmp_path, cases, steps=1))])
+    ae = tmp_path / "ae.safetensors"
+    first = tmp_path / "first.safetensors"
+    fit_diffusion.main(["--config", str(_diffusion_config(tmp_path / "a.toml", cases, ae, first, steps=1))])
+    # other data: the same anatomy with twice the target noise, so recomputed statistics would differ
+    other = tmp_path / "other"
+    other.mkdir()
+    for f in sorted(cases.glob("*.npz")):
+        with np.load(f) as d:
+            np.savez(other / f.name, source=d["source"], target=d["source"] + 2 * (d["target"] - d["source"]),
+                     spacing=d["spacing"])
+    frozen = _diffusion_config(tmp_path / "b.toml", other, ae, tmp_path / "frozen.safetensors", steps=1)
+    frozen.write_text(frozen.read_text().replace("[train]\n", "[train]\nlr = 0.0\n"))
+    fit_diffusion.main(["--config", str(frozen), "--init", str(first)])
+    a, b = load_checkpoint(first), load_checkpoint(tmp_path / "frozen.safetensors")
+    for k in a.prefixed("denoiser"):  # lr 0: the fine-tune starts, and stays, at the given weights
+        np.testing.assert_array_equal(a.tensors[f"denoiser.{k}"], b.tensors[f"denoiser.{k}"])
+    for k in ("shift", "scale", "residual_scale"):
+        np.testing.assert_array_equal(a.tensors[f"latent.{k}"], b.tensors[f"latent.{k}"])
+    assert b.metadata["training"]["init"]["weights_sha256"] == a.metadata["weights_sha256"]
+    fresh = tmp_path / "fresh.safetensors"
+    fit_diffusion.main(["--config", str(_diffusion_config(tmp_path / "c.toml", other, ae, fresh, steps=1))])
+    assert not np.array_equal(load_checkpoint(fresh).tensors["latent.residual_scale"], a.tensors["latent.residual_scale"])
+    moved = tmp_path / "moved.safetensors"
+    fit_diffusion.main(["--config", str(_diffusion_config(tmp_path / "d.toml", other, ae, moved, steps=2)),
+                        "--init", str(first)])
+    assert load_checkpoint(moved).metadata["weights_sha256"] != a.metadata["weights_sha256"]
+    # a checkpoint made on another autoencoder: its latent means something else
+    ae2_dir = tmp_path / "ae2"
+    ae2_dir.mkdir()
+    fit_autoencoder.main(["--config", str(_ae_config(ae2_dir, cases, steps=2))])
+    with pytest.raises(SystemExit, match="another autoencoder"):
+        fit_diffusion.main(["--config", str(frozen), "--autoencoder", str(ae2_dir / "ae.safetensors"),
+                            "--init", str(first)])
+    with pytest.raises(SystemExit, match="latent diffusion"):
+        fit_diffusion.main(["--config", str(frozen), "--init", str(ae)])
+
+
 def test_latent_cache_crops_whole_slice_latents_reproducibly():
     """The cache encodes each slice once and crops latents at body-biased places from (seed, step)."""
     import torch

@@ -1,7 +1,7 @@
 """Train the conditional latent denoiser p(Z_B | Z_A) on a frozen autoencoder.
 
     python -m train.fit_diffusion --config conf/train-diffusion.toml [--autoencoder PATH] [--linear PATH]
-        [--cases DIR] [--out PATH] [--resume]
+        [--cases DIR] [--out PATH] [--resume] [--init LTDIFF_CHECKPOINT]
 
 Writes the combined "ltdiff" checkpoint (autoencoder + denoiser + latent statistics +
 schedule + sampling defaults). Loss: v- (or epsilon-) prediction MSE plus reference terms on
@@ -17,6 +17,11 @@ Validation logs the teacher-forced losses, ``sampled_image`` (the image MSE of s
 inference does, at the default steps, strength and eta: the number that tracks fidelity) and
 ``sampled_residual_power`` (power of the sampled correction over the first guess, relative to the
 true one: the number that tracks whether texture is drawn at the right level).
+
+``--init`` fine-tunes an existing ltdiff checkpoint instead of starting from random weights: its
+denoiser (architecture and weights) and its latent statistics are reused, so a model trained on
+one data set can be continued on another (e.g. a mix of generators) without re-normalising the
+latent it was trained in. The checkpoint must carry the same autoencoder and parameterization.
 """
 from __future__ import annotations
 
@@ -84,10 +89,39 @@ def latent_statistics(ae: torch.nn.Module, vols, n_slices: int, device: torch.de
             {"shift": mean, "scale": std, "residual_shift": r_mean, "residual_scale": r_std}.items()}
 
 
+def initial_denoiser(path: str, ae_ckpt: Any, schedule: ScheduleConfig, device: torch.device) -> dict[str, Any]:
+    """Denoiser and latent statistics of the ltdiff checkpoint at ``path``, to fine-tune.
+
+    Refuses a checkpoint whose autoencoder differs from ``ae_ckpt``'s (its latent would mean
+    something else) or whose parameterization differs from ``schedule``'s (the denoiser's
+    conditioning input would not fit).
+    """
+    ck = load_checkpoint(path)
+    if ck.metadata.get("method") != "latent_diffusion" or "denoiser" not in ck.metadata.get("networks", {}):
+        raise SystemExit(f"{ck.path}: --init needs a latent diffusion checkpoint with a denoiser")
+    if ck.prefixed("autoencoder").keys() != ae_ckpt.prefixed("autoencoder").keys() or any(
+            not np.array_equal(v, ae_ckpt.tensors[f"autoencoder.{k}"]) for k, v in ck.prefixed("autoencoder").items()):
+        raise SystemExit(f"{ck.path}: --init checkpoint was trained on another autoencoder than {ae_ckpt.path}")
+    have = ck.metadata.get("scheduler", {}).get("parameterization", "residual")
+    if have != schedule.parameterization:
+        raise SystemExit(f"{ck.path}: --init checkpoint has parameterization {have!r}, the config "
+                         f"{schedule.parameterization!r}")
+    den = load_networks(ck, str(device))["denoiser"]
+    den.train()
+    stats = {k: torch.from_numpy(np.array(ck.tensors[f"latent.{k}"], dtype=np.float32))
+             for k in ("shift", "scale", "residual_shift", "residual_scale")}
+    record = {"path": ck.path.name, "weights_sha256": ck.metadata["weights_sha256"],
+              "steps": ck.metadata.get("training", {}).get("steps")}
+    return {"denoiser": den, "stats": stats, "record": record}
+
+
 def main(argv: list[str] | None = None) -> None:
     p = common.base_parser(__doc__.splitlines()[0], "conf/train-diffusion.toml")
     p.add_argument("--autoencoder", default=None, help="autoencoder checkpoint; overrides model.autoencoder")
     p.add_argument("--linear", default=None, help="linear-filter checkpoint (first guess); overrides model.linear")
+    p.add_argument("--init", default=None,
+                   help="ltdiff checkpoint to fine-tune: its denoiser and latent statistics replace [model] and the "
+                        "statistics pass (same autoencoder and parameterization required)")
     args = p.parse_args(argv)
     run = common.start_run(args, DEFAULTS)
     cfg, steps, out, ctx = run.cfg, run.steps, run.out, run.ctx
@@ -107,13 +141,19 @@ def main(argv: list[str] | None = None) -> None:
             raise SystemExit(f"{lin_ckpt.path}: method {lin_ckpt.metadata['method']!r} is not a linear filter")
         filt = LinearKernelFilter.from_tensors(lin_ckpt.tensors, "linear")
         attach_first_guess(train_vols + val_vols, filt.apply)
-    stats = latent_statistics(ae, train_vols, d["stat_slices"], ctx.device, first_guess)
     latent_dim = ae.config.latent_dim
-    den_cfg = DenoiserConfig(latent_dim=latent_dim, cond_dim=2 * latent_dim if first_guess else 0,
-                             channels=m["channels"],
-                             attention_levels=m["attention_levels"], num_res_blocks=m["num_res_blocks"],
-                             norm_num_groups=m["norm_num_groups"], num_head_channels=m["num_head_channels"])
-    den = ConditionalDenoiser(den_cfg).to(ctx.device)
+    init = None
+    if args.init:
+        init = initial_denoiser(args.init, ae_ckpt, schedule, ctx.device)
+        stats, den = init["stats"], init["denoiser"]
+        den_cfg = den.config
+    else:
+        stats = latent_statistics(ae, train_vols, d["stat_slices"], ctx.device, first_guess)
+        den_cfg = DenoiserConfig(latent_dim=latent_dim, cond_dim=2 * latent_dim if first_guess else 0,
+                                 channels=m["channels"],
+                                 attention_levels=m["attention_levels"], num_res_blocks=m["num_res_blocks"],
+                                 norm_num_groups=m["norm_num_groups"], num_head_channels=m["num_head_channels"])
+        den = ConditionalDenoiser(den_cfg).to(ctx.device)
     model = ctx.wrap(den)
     inferer = ConditionalLatentInferer(ae, model, schedule, stats["shift"], stats["scale"],
                                        stats["residual_shift"], stats["residual_scale"]).to(ctx.device)
@@ -179,7 +219,8 @@ def main(argv: list[str] | None = None) -> None:
                 cfg, run.t_start, train_vols, val_vols, result, pixel_mm=ae_meta.get("training", {}).get("pixel_mm"),
                 autoencoder={"weights_sha256": ae_meta["weights_sha256"],
                              "training": {k: v for k, v in ae_meta.get("training", {}).items()
-                                          if k in ("command", "train_seconds", "wall_seconds", "steps")}}),
+                                          if k in ("command", "train_seconds", "wall_seconds", "steps")}},
+                **({"init": init["record"]} if init is not None else {})),
             "metrics": {**ae_meta.get("metrics", {}), "diffusion": result["final_val"]},
             "code_version": common.code_version(),
         }
