@@ -47,7 +47,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 from bench_node import machine, phantom_series  # noqa: E402
 
-from dicom_node import peers  # noqa: E402
+from nodetools import peers  # noqa: E402
 
 
 def send(files: list[Path], port: int, called: str, associations: int) -> float:
@@ -125,12 +125,7 @@ def sync_floor(out: Path, n: int = 40) -> dict[str, float]:
     """Median ms of the three syncs an unshared instance pays (see the module docstring)."""
     import sqlite3
 
-    def fsync(path: Path) -> None:
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+    from dicom_node.spool import fsync_dir, fsync_file
 
     d = out / "sync-floor"
     shutil.rmtree(d, ignore_errors=True)
@@ -145,9 +140,9 @@ def sync_floor(out: Path, n: int = 40) -> dict[str, float]:
         (d / f".{i}.tmp").write_bytes(data)
         (d / f".{i}.tmp").replace(d / f"{i}.dcm")
         t0 = time.perf_counter()
-        fsync(d / f"{i}.dcm")
+        fsync_file(d / f"{i}.dcm")
         t1 = time.perf_counter()
-        fsync(d)
+        fsync_dir(d)
         t2 = time.perf_counter()
         con.execute("INSERT INTO t (uid) VALUES (?)", (str(i),))  # autocommit: one transaction
         t3 = time.perf_counter()

@@ -34,7 +34,7 @@ import pydicom  # noqa: E402
 from pydicom.uid import generate_uid  # noqa: E402
 from pynetdicom import AE  # noqa: E402
 
-from dicom_node import peers  # noqa: E402
+from nodetools import peers  # noqa: E402
 
 sys.path.insert(0, str(ROOT / "bench"))
 from bench_node import machine  # noqa: E402

@@ -14,7 +14,7 @@ import os
 import re
 from pathlib import Path
 
-from ltdiff_core.atomic import fsync_dir, temp_name, write_atomic
+from ltdiff_core.atomic import fsync_dir, fsync_file, temp_name, write_atomic
 
 __all__ = ["disk_usage", "fsync_dir", "fsync_file", "make_dirs", "safe_name", "unlink_quietly", "write_atomic",
            "write_pending"]
@@ -29,15 +29,6 @@ def safe_name(uid: str) -> str:
     if _SAFE_UID.match(uid) and len(uid) <= 64:
         return uid
     return "x" + hashlib.sha256(uid.encode("utf-8", "replace")).hexdigest()[:40]
-
-
-def fsync_file(path: Path) -> None:
-    """Make the content of the file at ``path`` durable (Linux syncs the inode from any descriptor)."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def make_dirs(path: Path) -> list[Path]:

@@ -25,6 +25,15 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def fsync_file(path: Path) -> None:
+    """Make the content of the file at ``path`` durable (Linux syncs the inode from any descriptor)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def temp_name(path: Path) -> Path:
     """Hidden, unique sibling of ``path`` (``.NAME.PID.RANDOM.tmp``); never a final name."""
     return path.parent / f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp"

@@ -74,3 +74,34 @@ def test_demo_entry_point_parses_its_arguments(capsys: pytest.CaptureFixture[str
         demo.main(["--help"])
     assert exc.value.code == 0
     assert "python -m nodetools.demo" in capsys.readouterr().out
+
+
+def test_benchmarks_import_only_what_exists() -> None:
+    """Every ``from PKG import NAME`` of the project's packages in bench/ names a module or an
+    attribute that exists (a benchmark is run by hand, so a moved module would otherwise break it
+    unseen)."""
+    import ast
+    import importlib
+    import importlib.util
+
+    root = Path(__file__).resolve().parents[1]
+    ours = ("dicom_node", "ltdiff_core", "nodetools", "train", "bench")
+    missing = []
+    for path in sorted((root / "bench").glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module and node.level == 0 \
+                    and node.module.split(".")[0] in ours:
+                for alias in node.names:
+                    full = f"{node.module}.{alias.name}"
+                    if importlib.util.find_spec(node.module) is None:
+                        missing.append(f"{path.name}: {node.module}")
+                    elif importlib.util.find_spec(node.module).submodule_search_locations is not None \
+                            and importlib.util.find_spec(full) is not None:
+                        continue
+                    elif not hasattr(importlib.import_module(node.module), alias.name):
+                        missing.append(f"{path.name}: {full}")
+            elif isinstance(node, ast.Import):
+                for alias in node.names:
+                    if alias.name.split(".")[0] in ours and importlib.util.find_spec(alias.name) is None:
+                        missing.append(f"{path.name}: {alias.name}")
+    assert missing == []
