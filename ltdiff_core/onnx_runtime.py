@@ -273,6 +273,9 @@ def onnx_networks(nets: dict[str, Any], weights_sha256: str, threads: int | None
 
     for prefix, net in nets.items():
         kind = next(k for k, (cls, _) in NETWORKS.items() if isinstance(net, cls))
+        if kind == "denoiser" and getattr(net.config, "noise_dim", 0):
+            raise RuntimeError(f"{RUNTIME_ENV}=onnx: a denoiser conditioned on noise descriptors has no exported "
+                               "graph yet; use the torch runtime")
         graphs = {g: load_graph(kind, g, net, weights_sha256, n, root, prefix) for g in GRAPHS[kind]}
         if kind == "autoencoder":
             out[prefix] = OnnxAutoencoder(net, graphs["encode"], graphs["decode"])

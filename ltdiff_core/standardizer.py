@@ -133,6 +133,15 @@ class Standardizer:
                     ).to(self.device)
                 except (TypeError, ValueError, KeyError) as exc:
                     raise CheckpointError(f"{ckpt.path}: bad diffusion settings: {exc}") from exc
+                self.noise_stats = None
+                if self.inferer.noise_dim:
+                    prefix = str(meta.get("noise_condition", {}).get("prefix", "noise_condition"))
+                    try:
+                        self.noise_stats = (np.asarray(ckpt.tensors[f"{prefix}.shift"], dtype=np.float64),
+                                            np.asarray(ckpt.tensors[f"{prefix}.scale"], dtype=np.float64))
+                    except KeyError as exc:
+                        raise CheckpointError(f"{ckpt.path}: the denoiser takes noise descriptors but their "
+                                              f"statistics ({prefix}.shift/scale) are missing") from exc
                 if self.inferer.first_guess and self.variant == "diffusion":
                     prefix = str(meta.get("first_guess", {}).get("prefix", "first_guess"))
                     try:
@@ -295,25 +304,33 @@ class Standardizer:
             x = np.stack([x, hu_to_unit(g, self.norm)], axis=1)
         extra = 8 if self.factor > 1 else 0
         xp, crop = pad_to_multiple(x, self.factor, extra)
+        noise = None
+        if getattr(self, "noise_stats", None) is not None and self.variant == "diffusion":
+            # measured on each whole slice (never a tile or a batch), so every tile and chunk agrees
+            from .noise_condition import describe, standardise
+
+            noise = standardise(describe(hu), *self.noise_stats)
 
         def fn(tile: np.ndarray, y: int, x0: int) -> np.ndarray:
             tkeys = [k if (y, x0) == (0, 0) else _slice_key(k, 0, y, x0) for k in keys]
-            return self._run_net(tile, tkeys, steps)
+            return self._run_net(tile, tkeys, steps, noise)
 
         out = run_tiled(xp, fn, self.tile_size, self.tile_overlap)
         if out.ndim == 4:
             out = out[:, 0]
         return unit_to_hu(out[:, crop[0], crop[1]], self.norm)
 
-    def _run_net(self, x: np.ndarray, keys: list[int], steps: int | None) -> np.ndarray:
+    def _run_net(self, x: np.ndarray, keys: list[int], steps: int | None, noise: np.ndarray | None = None) -> np.ndarray:
         import torch
+
+        nz = torch.from_numpy(noise).to(self.device) if noise is not None else None
 
         if x.ndim == 4:  # (N, [A, G(A)], H, W): first-guess diffusion; output repeated to keep the tile shape
             t = torch.from_numpy(np.ascontiguousarray(x[:, :1])).to(self.device)
             g = torch.from_numpy(np.ascontiguousarray(x[:, 1:])).to(self.device)
             cuda = self.device.startswith("cuda")
             with torch.inference_mode(), torch.autocast("cuda", dtype=torch.bfloat16, enabled=cuda and self.cuda_bf16):
-                y = self._diffuse(t, keys, steps, g).float()[:, 0].cpu().numpy()
+                y = self._diffuse(t, keys, steps, g, nz).float()[:, 0].cpu().numpy()
             return np.repeat(y[:, None], x.shape[1], axis=1)
         t = torch.from_numpy(np.ascontiguousarray(x))[:, None].to(self.device)
         cuda = self.device.startswith("cuda")
@@ -324,10 +341,10 @@ class Standardizer:
                 ae = self._exec["autoencoder"]
                 y = ae.decode(ae.encode(t))
             else:
-                y = self._diffuse(t, keys, steps)
+                y = self._diffuse(t, keys, steps, None, nz)
         return y.float()[:, 0].cpu().numpy()
 
-    def _diffuse(self, t: Any, keys: list[int], steps: int | None, guide: Any = None) -> Any:
+    def _diffuse(self, t: Any, keys: list[int], steps: int | None, guide: Any = None, noise_cond: Any = None) -> Any:
         """Sample with per-slice generators: start noise first, then one draw per stochastic step,
         so each slice's result depends only on its key, never on batching or device."""
         import torch
@@ -345,4 +362,4 @@ class Standardizer:
             return torch.stack([torch.randn(shape, generator=g) for g in gens])
 
         return inf.standardize(t, noise.to(t.device), n_steps, strength, guide, eta=eta,
-                               step_noise=step_noise if eta > 0 else None, gain=gain)
+                               step_noise=step_noise if eta > 0 else None, gain=gain, noise_cond=noise_cond)

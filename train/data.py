@@ -194,8 +194,12 @@ class LatentCache:
     """
 
     def __init__(self, vols: Sequence[PairedVolume], encode: Callable, factor: int, crop: int, batch: int,
-                 seed: int, rank: int = 0, first_guess: bool = False, body_fraction: float = 0.8) -> None:
+                 seed: int, rank: int = 0, first_guess: bool = False, body_fraction: float = 0.8,
+                 noise_condition: bool = False) -> None:
         import torch
+
+        from ltdiff_core import noise_condition as nc
+        from ltdiff_core.normalize import unit_to_hu
 
         if crop % factor:
             raise ValueError(f"crop {crop} is not a multiple of the latent factor {factor}")
@@ -203,6 +207,7 @@ class LatentCache:
         self.body_fraction = body_fraction
         self.z: list[tuple] = []
         self.body: list[np.ndarray] = []
+        raw_noise: list[np.ndarray] = []
         with torch.no_grad():
             for v in vols:
                 h, w = (s - s % factor for s in v.source.shape[1:])
@@ -216,26 +221,50 @@ class LatentCache:
                     self.z.append((enc(v.source), zg, enc(v.target)))
                     small = v.source[z, :h:factor, :w:factor] > BODY_HU / 1000.0
                     self.body.append(np.argwhere(small))
+                    if noise_condition:  # the whole input slice in HU, as the Standardizer measures it
+                        raw_noise.append(nc.describe_slice(unit_to_hu(v.source[z])))
+        #: Raw per-slice noise descriptors (ltdiff_core.noise_condition), and their training statistics.
+        self.noise_raw = np.stack(raw_noise) if noise_condition else None
+        self.noise_shift, self.noise_scale = nc.statistics(self.noise_raw) if noise_condition else (None, None)
 
     def __len__(self) -> int:
         return len(self.z)
 
-    def batch_at(self, step: int) -> tuple:
-        """``(Z_A, Z_G or None, Z_B)`` crops, each (batch, C, crop/f, crop/f)."""
-        import torch
-
+    def _draws(self, step: int) -> list[tuple[int, int, int]]:
+        """``(slice index, y, x)`` of each crop of ``step``'s batch."""
         rng = np.random.default_rng([self.seed, self.rank, step, 7])
-        za, zg, zb = [], [], []
+        out = []
         for _ in range(self.batch):
             i = int(rng.integers(len(self.z)))
-            a, g, b = self.z[i]
-            hh, ww = a.shape[-2:]
+            hh, ww = self.z[i][0].shape[-2:]
             pts, c = self.body[i], self.lc
             if len(pts) and rng.random() < self.body_fraction:
                 cy, cx = pts[rng.integers(len(pts))]
                 y, x = int(np.clip(cy - c // 2, 0, hh - c)), int(np.clip(cx - c // 2, 0, ww - c))
             else:
                 y, x = int(rng.integers(0, hh - c + 1)), int(rng.integers(0, ww - c + 1))
+            out.append((i, y, x))
+        return out
+
+    def noise_at(self, step: int):
+        """Standardised noise descriptors of the slices of ``step``'s crops, (batch, k); None without them."""
+        import torch
+
+        if self.noise_raw is None:
+            return None
+        from ltdiff_core.noise_condition import standardise
+
+        rows = self.noise_raw[[i for i, _, _ in self._draws(step)]]
+        return torch.from_numpy(standardise(rows, self.noise_shift, self.noise_scale))
+
+    def batch_at(self, step: int) -> tuple:
+        """``(Z_A, Z_G or None, Z_B)`` crops, each (batch, C, crop/f, crop/f)."""
+        import torch
+
+        za, zg, zb = [], [], []
+        c = self.lc
+        for i, y, x in self._draws(step):
+            a, g, b = self.z[i]
             za.append(a[:, y:y + c, x:x + c])
             zb.append(b[:, y:y + c, x:x + c])
             if g is not None:

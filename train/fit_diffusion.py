@@ -30,6 +30,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from ltdiff_core import noise_condition
+from ltdiff_core.normalize import unit_to_hu
 from ltdiff_core.checkpoint import load_checkpoint, load_networks, save_checkpoint, state_dict_to_numpy
 from ltdiff_core.diffusion import ConditionalLatentInferer, LossWeights, ScheduleConfig
 from ltdiff_core.linear_filter import LinearKernelFilter
@@ -43,7 +45,7 @@ DEFAULTS: dict[str, dict[str, Any]] = {
              "crop": 96, "batch": 8, "stat_slices": 24},
     "model": {"autoencoder": "runs/autoencoder.safetensors", "linear": "runs/linear.safetensors", "channels": [32, 64, 64],
               "attention_levels": [False, False, False], "num_res_blocks": 1, "norm_num_groups": 16,
-              "num_head_channels": 16},
+              "num_head_channels": 16, "noise_condition": False},
     "schedule": {"num_train_timesteps": 1000, "schedule": "scaled_linear_beta", "beta_start": 0.00085,
                  "beta_end": 0.012, "prediction_type": "v_prediction", "t_max_fraction": 1.0,
                  "parameterization": "residual", "decoding": "full"},
@@ -56,6 +58,7 @@ DEFAULTS: dict[str, dict[str, Any]] = {
 
 
 FIRST_GUESS_PREFIX = "first_guess"
+NOISE_PREFIX = "noise_condition"
 
 
 @torch.no_grad()
@@ -110,9 +113,27 @@ def initial_denoiser(path: str, ae_ckpt: Any, schedule: ScheduleConfig, device: 
     den.train()
     stats = {k: torch.from_numpy(np.array(ck.tensors[f"latent.{k}"], dtype=np.float32))
              for k in ("shift", "scale", "residual_shift", "residual_scale")}
+    noise_stats = {k: np.array(ck.tensors[f"{NOISE_PREFIX}.{k}"], dtype=np.float32)
+                   for k in ("shift", "scale") if f"{NOISE_PREFIX}.{k}" in ck.tensors}
     record = {"path": ck.path.name, "weights_sha256": ck.metadata["weights_sha256"],
               "steps": ck.metadata.get("training", {}).get("steps")}
-    return {"denoiser": den, "stats": stats, "record": record}
+    return {"denoiser": den, "stats": stats, "record": record, "noise_stats": noise_stats or None}
+
+
+def with_noise_condition(den: ConditionalDenoiser, noise_dim: int) -> ConditionalDenoiser:
+    """``den`` given a (zero-initialised) noise-descriptor embedding: the same function at the start,
+    so a denoiser trained without the condition can be continued with it."""
+    if den.config.noise_dim == noise_dim:
+        return den
+    if den.config.noise_dim:
+        raise SystemExit(f"--init denoiser takes {den.config.noise_dim} noise descriptors, the config {noise_dim}")
+    cfg = DenoiserConfig(**{**den.config.to_dict(), "noise_dim": noise_dim})
+    new = ConditionalDenoiser(cfg).to(next(den.parameters()).device)
+    missing, unexpected = new.load_state_dict(den.state_dict(), strict=False)
+    if unexpected or any(not k.startswith("noise_embed.") for k in missing):
+        raise SystemExit(f"cannot extend the --init denoiser: missing {missing}, unexpected {unexpected}")
+    new.train()
+    return new
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -142,17 +163,21 @@ def main(argv: list[str] | None = None) -> None:
         filt = LinearKernelFilter.from_tensors(lin_ckpt.tensors, "linear")
         attach_first_guess(train_vols + val_vols, filt.apply)
     latent_dim = ae.config.latent_dim
+    noise_dim = len(noise_condition.NAMES) if m.get("noise_condition") else 0
+    if noise_dim and not tr["latent_cache"]:
+        raise SystemExit("model.noise_condition needs train.latent_cache = true (descriptors of whole slices)")
     init = None
     if args.init:
         init = initial_denoiser(args.init, ae_ckpt, schedule, ctx.device)
-        stats, den = init["stats"], init["denoiser"]
+        stats, den = init["stats"], with_noise_condition(init["denoiser"], noise_dim)
         den_cfg = den.config
     else:
         stats = latent_statistics(ae, train_vols, d["stat_slices"], ctx.device, first_guess)
         den_cfg = DenoiserConfig(latent_dim=latent_dim, cond_dim=2 * latent_dim if first_guess else 0,
                                  channels=m["channels"],
                                  attention_levels=m["attention_levels"], num_res_blocks=m["num_res_blocks"],
-                                 norm_num_groups=m["norm_num_groups"], num_head_channels=m["num_head_channels"])
+                                 norm_num_groups=m["norm_num_groups"], num_head_channels=m["num_head_channels"],
+                                 noise_dim=noise_dim)
         den = ConditionalDenoiser(den_cfg).to(ctx.device)
     model = ctx.wrap(den)
     inferer = ConditionalLatentInferer(ae, model, schedule, stats["shift"], stats["scale"],
@@ -166,21 +191,32 @@ def main(argv: list[str] | None = None) -> None:
         ta, tb = torch.from_numpy(a).to(ctx.device), torch.from_numpy(b).to(ctx.device)
         tg = torch.from_numpy(g).to(ctx.device) if g is not None else None
         with common.autocast(ctx.device):
-            return inferer.training_losses(ta, tb, weights, gen, guide=tg)
+            return inferer.training_losses(ta, tb, weights, gen, guide=tg, noise_cond=crop_noise(a))
 
     cache = None
     if tr["latent_cache"]:
         if weights.image > 0:
             raise SystemExit("train.latent_cache needs loss.image = 0 (the image term decodes image crops)")
         cache = LatentCache(train_vols, lambda x: inferer.encode(x.to(ctx.device)).float().cpu(), ae.config.factor,
-                            d["crop"], d["batch"], tr["seed"], ctx.rank, first_guess)
+                            d["crop"], d["batch"], tr["seed"], ctx.rank, first_guess, noise_condition=bool(noise_dim))
+        if noise_dim and init is not None and init["noise_stats"] is not None:  # keep the scale it learned in
+            cache.noise_shift, cache.noise_scale = init["noise_stats"]["shift"], init["noise_stats"]["scale"]
+
+    def crop_noise(a: np.ndarray):
+        """Standardised descriptors of validation crops (the crop stands in for its slice)."""
+        if not noise_dim or cache is None:
+            return None
+        raw = noise_condition.describe(unit_to_hu(a[:, 0]))
+        return torch.from_numpy(noise_condition.standardise(raw, cache.noise_shift, cache.noise_scale)).to(ctx.device)
 
     def loss_fn(step: int) -> dict[str, torch.Tensor]:
         gen = torch.Generator().manual_seed(tr["seed"] * 1_000_003 + ctx.rank * 7919 + step)
         if cache is not None:
             za, zg, zb = (z.to(ctx.device) if z is not None else None for z in cache.batch_at(step))
+            nz = cache.noise_at(step)
             with common.autocast(ctx.device):
-                return inferer.latent_losses(za, zb, weights, gen, z_g=zg)
+                return inferer.latent_losses(za, zb, weights, gen, z_g=zg,
+                                             noise_cond=nz.to(ctx.device) if nz is not None else None)
         return losses(*sampler.triplet(step, with_guide=first_guess), gen)
 
     samp_steps, samp_strength = int(cfg["sampling"]["default_steps"]), float(cfg["sampling"]["strength"])
@@ -196,7 +232,8 @@ def main(argv: list[str] | None = None) -> None:
             tg = torch.from_numpy(g).to(ctx.device) if g is not None else None
             with common.autocast(ctx.device):
                 sampled = inferer.sampled_image_mse(ta, tb, samp_steps, samp_strength,
-                                                    torch.Generator().manual_seed(999 + i), tg, eta=samp_eta)
+                                                    torch.Generator().manual_seed(999 + i), tg, eta=samp_eta,
+                                                    noise_cond=crop_noise(a))
             res["sampled_image"], res["sampled_residual_power"] = sampled["image"], sampled["residual_power"]
             return res
         return common.mean_losses(one(i, a, g, b) for i, (a, g, b) in enumerate(val))
@@ -227,6 +264,10 @@ def main(argv: list[str] | None = None) -> None:
         tensors = {**state_dict_to_numpy(ae.state_dict(), "autoencoder"),
                    **state_dict_to_numpy(den.state_dict(), "denoiser"),
                    **{f"latent.{k}": v.numpy() for k, v in stats.items()}}
+        if noise_dim and cache is not None:
+            tensors[f"{NOISE_PREFIX}.shift"] = np.asarray(cache.noise_shift, dtype=np.float32)
+            tensors[f"{NOISE_PREFIX}.scale"] = np.asarray(cache.noise_scale, dtype=np.float32)
+            meta["noise_condition"] = {"prefix": NOISE_PREFIX, "descriptors": list(noise_condition.NAMES)}
         if filt is not None and lin_ckpt is not None:
             tensors.update(filt.to_tensors(FIRST_GUESS_PREFIX))
             meta["first_guess"] = {"method": "linear", "prefix": FIRST_GUESS_PREFIX, "name": lin_ckpt.metadata["name"],

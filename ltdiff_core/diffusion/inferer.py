@@ -84,15 +84,28 @@ class ConditionalLatentInferer:
         """Inverse of :meth:`to_target`."""
         return z_ref + x * self.r_scale + self.r_shift if self.residual else x
 
+    @property
+    def noise_dim(self) -> int:
+        """Series-level noise descriptors the denoiser takes (``ltdiff_core.noise_condition``); 0: none."""
+        return int(getattr(getattr(self.denoiser, "config", None), "noise_dim", 0) or 0)
+
     def _reference_and_condition(
-        self, z_a: torch.Tensor, z_g: torch.Tensor | None
+        self, z_a: torch.Tensor, z_g: torch.Tensor | None, noise_cond: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """The latent the residual is taken from, and the denoiser's condition."""
+        """The latent the residual is taken from, and the denoiser's condition (the noise
+        descriptors, when the denoiser takes them, as constant channels at the end)."""
         if not self.first_guess:
-            return z_a, z_a
-        if z_g is None:
+            ref, cond = z_a, z_a
+        elif z_g is None:
             raise ValueError("first_guess parameterization needs the encoded first guess z_g")
-        return z_g, torch.cat([z_a, z_g], dim=1)
+        else:
+            ref, cond = z_g, torch.cat([z_a, z_g], dim=1)
+        if self.noise_dim:
+            if noise_cond is None or noise_cond.shape != (z_a.shape[0], self.noise_dim):
+                raise ValueError(f"this denoiser needs noise descriptors of shape ({z_a.shape[0]}, {self.noise_dim})")
+            planes = noise_cond.to(cond.device, cond.dtype)[:, :, None, None].expand(-1, -1, *cond.shape[-2:])
+            cond = torch.cat([cond, planes], dim=1)
+        return ref, cond
 
     # --- latent space --------------------------------------------------------------------
     def encode(self, x: torch.Tensor) -> torch.Tensor:
@@ -127,15 +140,17 @@ class ConditionalLatentInferer:
         weights: LossWeights,
         generator: torch.Generator | None = None,
         guide: torch.Tensor | None = None,
+        noise_cond: torch.Tensor | None = None,
     ) -> dict[str, torch.Tensor]:
         """Losses for one paired batch (images in normalised space, shape (B,1,H,W)).
 
-        ``guide`` is the first guess G(A) (same space and shape), needed for ``first_guess``.
+        ``guide`` is the first guess G(A) (same space and shape), needed for ``first_guess``;
+        ``noise_cond`` the standardised noise descriptors, for a denoiser that takes them.
         """
         with torch.no_grad():
             z_a, z_b = self.encode(a), self.encode(b)
             z_g = self.encode(guide) if (self.first_guess and guide is not None) else None
-        return self.latent_losses(z_a, z_b, weights, generator, z_g=z_g, b=b, guide=guide)
+        return self.latent_losses(z_a, z_b, weights, generator, z_g=z_g, b=b, guide=guide, noise_cond=noise_cond)
 
     def latent_losses(
         self,
@@ -146,6 +161,7 @@ class ConditionalLatentInferer:
         z_g: torch.Tensor | None = None,
         b: torch.Tensor | None = None,
         guide: torch.Tensor | None = None,
+        noise_cond: torch.Tensor | None = None,
     ) -> dict[str, torch.Tensor]:
         """Losses from already encoded, scaled latents (a latent cache skips the encoder per step).
 
@@ -153,7 +169,7 @@ class ConditionalLatentInferer:
         ``weights.image == 0`` it is skipped, so a step never runs the decoder: the diffusion
         then learns p(Z_B | condition) in latent space alone, as latent diffusion usually does.
         """
-        z_ref, cond = self._reference_and_condition(z_a, z_g)
+        z_ref, cond = self._reference_and_condition(z_a, z_g, noise_cond)
         n, T = z_b.shape[0], self.schedule.num_train_timesteps
         t_max = max(1, int(self.schedule.t_max_fraction * T))
         t = torch.randint(0, t_max, (n,), generator=generator).to(z_b.device)
@@ -193,6 +209,7 @@ class ConditionalLatentInferer:
         generator: torch.Generator | None = None,
         guide: torch.Tensor | None = None,
         eta: float = 0.0,
+        noise_cond: torch.Tensor | None = None,
     ) -> dict[str, torch.Tensor]:
         """Fidelity and texture of what inference returns (sampled, not teacher-forced).
 
@@ -205,7 +222,8 @@ class ConditionalLatentInferer:
         shape = (a.shape[0], self.shift.shape[1], *self.latent_hw(a))
         noise = torch.randn(shape, generator=generator)
         step_noise = (lambda: torch.randn(shape, generator=generator)) if eta > 0 else None  # noqa: E731
-        y = self.standardize(a, noise.to(a.device), steps, strength, guide, eta=eta, step_noise=step_noise).float()
+        y = self.standardize(a, noise.to(a.device), steps, strength, guide, eta=eta, step_noise=step_noise,
+                             noise_cond=noise_cond).float()
         ref = guide if guide is not None else a
         return {"image": F.mse_loss(y, b),
                 "residual_power": ((y - ref) ** 2).mean() / ((b - ref) ** 2).mean().clamp_min(1e-12)}
@@ -223,6 +241,7 @@ class ConditionalLatentInferer:
         eta: float = 0.0,
         step_noise: StepNoise | None = None,
         gain: float = 1.0,
+        noise_cond: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Z_B estimate: start from the reference (Z_A, or Z_G) noised to ``strength`` (SDEdit), run DDIM.
 
@@ -233,7 +252,7 @@ class ConditionalLatentInferer:
         denoiser (tests/test_diffusion.py), and the checkpoint's ``sampling.residual_gain``,
         measured on training slices, restores the residual's power.
         """
-        z_ref, cond = self._reference_and_condition(z_a, z_g)
+        z_ref, cond = self._reference_and_condition(z_a, z_g, noise_cond)
         self.sampler.set_timesteps(steps, strength)
         ts = self.sampler.timesteps
         if strength >= 1.0:
@@ -266,9 +285,11 @@ class ConditionalLatentInferer:
         eta: float = 0.0,
         step_noise: StepNoise | None = None,
         gain: float = 1.0,
+        noise_cond: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Image in, image out: encode A (and G(A)), sample Z_B from ``noise``, return the image."""
         z_a = self.encode(a).float()
         z_g = self.encode(guide).float() if (self.first_guess and guide is not None) else None
-        z_b = self.sample(z_a, noise, steps, strength, z_g=z_g, eta=eta, step_noise=step_noise, gain=gain)
+        z_b = self.sample(z_a, noise, steps, strength, z_g=z_g, eta=eta, step_noise=step_noise, gain=gain,
+                          noise_cond=noise_cond)
         return self.to_image(z_b, z_g, guide)

@@ -28,6 +28,7 @@ class DenoiserConfig:
     norm_num_groups: int = 16
     num_head_channels: int = 16
     cond_dim: int = 0  # condition channels; 0 = latent_dim (Z_A only), 2 * latent_dim for [Z_A, Z_G]
+    noise_dim: int = 0  # series-level descriptors (ltdiff_core.noise_condition) appended to the condition
 
     def __post_init__(self) -> None:
         self.channels = tuple(int(c) for c in self.channels)
@@ -61,11 +62,36 @@ class ConditionalDenoiser(nn.Module):
         )
 
         self._cond_cache: tuple[weakref.ref, torch.Tensor] | None = None
+        self._noise_emb: torch.Tensor | None = None
+        if cfg.noise_dim:
+            # Descriptors enter where the timestep does (every res block), not as constant input
+            # channels, which the first GroupNorm would mostly normalise away. The last layer starts
+            # at zero, so a denoiser continued from one without the condition starts unchanged.
+            width = self.unet.block_out_channels[0] * 4
+            self.noise_embed = nn.Sequential(nn.Linear(cfg.noise_dim, width), nn.SiLU(), nn.Linear(width, width))
+            nn.init.zeros_(self.noise_embed[2].weight)
+            nn.init.zeros_(self.noise_embed[2].bias)
+            self.unet.time_embed.register_forward_hook(self._add_noise_embedding)
+
+    def _add_noise_embedding(self, module: nn.Module, args: Any, emb: torch.Tensor) -> torch.Tensor:
+        return emb if self._noise_emb is None else emb + self._noise_emb.to(emb.dtype)
+
+    def split_condition(self, cond: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Spatial condition channels, and the descriptors (constant channels at the end) as (N, noise_dim)."""
+        k = self.config.noise_dim
+        if not k:
+            return cond, None
+        return cond[:, :-k], cond[:, -k:].mean(dim=(2, 3))
 
     def forward(self, z_t: torch.Tensor, t: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
-        if self.training or torch.is_grad_enabled():
-            return self.unet(torch.cat([z_t, cond], dim=1), timesteps=t)
-        return self._forward_split(z_t, t, cond)
+        spatial, noise = self.split_condition(cond)
+        self._noise_emb = self.noise_embed(noise.to(z_t.dtype)) if noise is not None else None
+        try:
+            if self.training or torch.is_grad_enabled():
+                return self.unet(torch.cat([z_t, spatial], dim=1), timesteps=t)
+            return self._forward_split(z_t, t, spatial)
+        finally:
+            self._noise_emb = None
 
     def condition_features(self, cond: torch.Tensor) -> torch.Tensor:
         """The condition's share of the first convolution (bias included).
