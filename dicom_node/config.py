@@ -441,7 +441,7 @@ class Rule(Section):
     name: StrictStr  # in the file: rule-<index> when left out
     match: dict[str, tuple[str, ...]] = Field(default_factory=dict)  # MATCH_KEYS -> patterns
     action: Literal["standardize", "ignore"] = "standardize"
-    model: StrictStr = "default"  # or the resolved path of a .safetensors checkpoint
+    model: StrictStr = "default"  # a shipped name (ltdiff_core.weights.NAMES) or the resolved path of a checkpoint
     destinations: tuple[StrictStr, ...] = ()
     steps: Steps | None = None
     seed: StrictInt = 0
@@ -471,10 +471,12 @@ class Rule(Section):
     @field_validator("model")
     @classmethod
     def _checkpoint(cls, model: str, info: ValidationInfo) -> str:
-        if model == "default":
+        from ltdiff_core.weights import NAMES
+
+        if model == "default" or model in NAMES:
             return model
         if "/" not in model and not model.endswith(".safetensors"):
-            raise _invalid("must be 'default' or a path to a .safetensors checkpoint")
+            raise _invalid(f"must be 'default', a shipped model ({', '.join(NAMES)}) or a path to a .safetensors checkpoint")
         resolved = _path(model, info)
         if not resolved.is_file():
             raise _invalid(f"checkpoint not found at {resolved}")

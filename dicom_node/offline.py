@@ -90,7 +90,8 @@ def add_standardize_arguments(parser: argparse.ArgumentParser) -> None:
     """Arguments of ``dicom-node standardize``."""
     parser.add_argument("in_dir", metavar="IN_SERIES_DIR", help="folder holding one CT series")
     parser.add_argument("out_dir", metavar="OUT_DIR", help="folder for the standardized series")
-    parser.add_argument("--model", metavar="PATH", help="checkpoint (.safetensors); default: the shipped model")
+    parser.add_argument("--model", metavar="PATH", help="checkpoint (.safetensors) or shipped name (ltdiff, linear, direct); "
+                        "default: the shipped default (ltdiff_core.weights.DEFAULT)")
     parser.add_argument("--steps", type=int, metavar="N", help="sampler steps; default: the model's default")
     parser.add_argument("--device", default="auto", help="auto (GPU when present), cpu, cuda or cuda:N")
     parser.add_argument("--seed", type=int, default=0, metavar="N", help="sampler seed (default 0)")

@@ -56,8 +56,7 @@ class ModelCache:
                 from ltdiff_core import Standardizer  # heavy (torch): imported on first use only
 
                 t0 = time.monotonic()
-                path = None if model == "default" else model
-                std = Standardizer.from_checkpoint(path, device=self.device)
+                std = Standardizer.from_checkpoint(model, device=self.device)  # "default", a shipped name or a path
                 self._models[model] = std
                 info = dict(getattr(std, "info", {}) or {})
                 log_event(log, "model_loaded", model=model, name=info.get("name"), version=info.get("version"),

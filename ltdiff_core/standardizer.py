@@ -159,12 +159,11 @@ class Standardizer:
     def from_checkpoint(
         cls, path: str | Path | None = None, device: str = "auto", variant: str | None = None, **kwargs: Any
     ) -> "Standardizer":
-        """Load a checkpoint (``None`` = shipped default ``ltdiff``); raises ``CheckpointError``."""
-        if path is None:
-            from .weights import default_checkpoint
+        """Load a checkpoint: a path, a shipped name (``"linear"``), or ``None``/``"default"`` for the
+        shipped default (``ltdiff_core.weights.DEFAULT``); raises ``CheckpointError``."""
+        from .weights import resolve_model
 
-            path = default_checkpoint("ltdiff")
-        return cls(load_checkpoint(path), device=device, variant=variant, **kwargs)
+        return cls(load_checkpoint(resolve_model(path)), device=device, variant=variant, **kwargs)
 
     @property
     def info(self) -> dict[str, Any]:

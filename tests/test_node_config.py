@@ -76,6 +76,7 @@ def test_example_config_documents_every_key() -> None:
         ({"rules": [{"match": {"Kernel": "Br40"}}]}, "rules[0].match.Kernel: unknown attribute"),
         ({"rules": [{"action": "delete"}]}, "rules[0].action: must be 'standardize' or 'ignore' (got 'delete')"),
         ({"rules": [{"model": "missing/model.safetensors"}]}, "rules[0].model: checkpoint not found"),
+        ({"rules": [{"model": "gan"}]}, "rules[0].model: must be 'default', a shipped model (ltdiff, linear"),
         ({"node": {"allowed_calling_aes": [{"ae_title": "CT1", "hots": "x"}]}},
          "node.allowed_calling_aes[0].hots: unknown key"),
         ({"disk": {"min_free_percent": 100}}, "disk.min_free_percent: must be below 100"),
@@ -222,3 +223,10 @@ def test_tls_versions_accepted_are_those_the_tls_module_can_set() -> None:
     from dicom_node.tls import TLS_VERSIONS
 
     assert get_args(TLSConfig.model_fields["min_version"].annotation) == tuple(TLS_VERSIONS)
+
+
+def test_rules_take_shipped_model_names(tmp_path: Path) -> None:
+    """A rule may name a shipped checkpoint (kept as the name, so status and audit read "linear")."""
+    cfg = parse_config({"rules": [{"name": "a", "model": "linear"}, {"name": "b", "model": "ltdiff"},
+                                  {"name": "c"}]}, tmp_path)
+    assert [r.model for r in cfg.rules] == ["linear", "ltdiff", "default"]

@@ -166,9 +166,20 @@ def test_autoencoder_only_checkpoint_runs_reconstruction(tmp_path):
         Standardizer.from_checkpoint(tmp_path / "ae.safetensors", device="cpu", variant="diffusion")
 
 
+def test_default_resolves_to_the_declared_default_checkpoint():
+    """``None`` and ``"default"`` mean ltdiff_core.weights.DEFAULT everywhere (library, CLI, rules)."""
+    from ltdiff_core.weights import DEFAULT, NAMES, resolve_model
+
+    assert DEFAULT in NAMES
+    assert resolve_model(None) == resolve_model("default") == default_checkpoint(DEFAULT) == default_checkpoint()
+    assert Standardizer.from_checkpoint(None, device="cpu").ckpt.path.resolve() == default_checkpoint(DEFAULT).resolve()
+    assert resolve_model("runs/x.safetensors") == Path("runs/x.safetensors")
+
+
 @pytest.mark.parametrize("name", ["ltdiff", "linear", "direct"])
 def test_shipped_default_weights_load_and_run(name):
-    s = Standardizer.from_checkpoint(None if name == "ltdiff" else default_checkpoint(name), device="cpu")
+    s = Standardizer.from_checkpoint(name, device="cpu")  # a shipped name resolves like its path
+    assert s.ckpt.path.resolve() == default_checkpoint(name).resolve()
     info = s.info
     assert info["method"] == {"ltdiff": "latent_diffusion", "linear": "linear", "direct": "direct"}[name]
     assert s.ckpt.metadata["training"]["command"].startswith("python -m train.fit_")
