@@ -82,7 +82,7 @@ def measure(model, seed: int, slices: int, size: int, thickness_mm: float, pixel
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--model", default="default", help="default (ltdiff), linear, direct or a checkpoint path")
+    ap.add_argument("--model", default="default", help="default, a shipped name (ltdiff, linear, direct) or a checkpoint path")
     ap.add_argument("--size", type=int, default=192)
     ap.add_argument("--slices", type=int, default=2)
     ap.add_argument("--seed", type=int, default=4242)
@@ -91,11 +91,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-resample", dest="resample", action="store_false")
     args = ap.parse_args(argv)
     from ltdiff_core import Standardizer
-    from ltdiff_core.weights import default_checkpoint
 
-    path = None if args.model == "default" else (
-        default_checkpoint(args.model) if args.model in ("linear", "direct", "ltdiff") else args.model)
-    model = Standardizer.from_checkpoint(path, device="cpu")
+    model = Standardizer.from_checkpoint(args.model, device="cpu")
     for th in args.thickness:
         for px in args.pixel_mm:
             t0 = time.perf_counter()

@@ -88,12 +88,8 @@ def run(args: argparse.Namespace) -> int:
         if args.model == "default":
             from ltdiff_core.weights import default_checkpoint
 
-            if not default_checkpoint("ltdiff").is_file():
-                linear = default_checkpoint("linear")
-                if not linear.is_file():
-                    raise FileNotFoundError(f"no shipped model weights in {linear.parent}; pass --model PATH")
-                _say(f"the default model weights are not installed; using the linear-filter baseline {linear}")
-                args.model = str(linear)
+            if not default_checkpoint().is_file():
+                raise FileNotFoundError(f"no shipped default weights at {default_checkpoint()}; pass --model")
         # 1. phantom
         case = out / "phantom" / "case-000"
         if not (case / "br40").is_dir() or len(list((case / "br40").glob("*.dcm"))) != args.slices:
@@ -214,7 +210,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--slices", type=int, default=24, help="phantom slices (default 24)")
     p.add_argument("--size", type=int, default=512, help="image matrix (default 512)")
     p.add_argument("--seed", type=int, default=0, help="phantom seed")
-    p.add_argument("--model", default="default", help="'default' (shipped model) or a .safetensors checkpoint")
+    p.add_argument("--model", default="default",
+                   help="'default' (the shipped default), a shipped name (ltdiff, linear, direct) or a .safetensors checkpoint")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda")
     p.add_argument("--stable-age", type=float, default=3.0, help="seconds without a new image = series complete")
     p.add_argument("--timeout", type=float, default=1800.0, help="give up after this many seconds")

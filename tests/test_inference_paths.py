@@ -112,8 +112,8 @@ def test_shipped_model_output_unchanged_within_tolerance(steps):
     rng = np.random.default_rng(0)
     img = (np.where(np.hypot(*np.mgrid[-40:40, -40:40]) < 30, 40.0, -1000.0)
            + rng.normal(0, 30, (80, 80))).astype(np.float32)
-    fast = Standardizer.from_checkpoint(None, device="cpu")
-    ref = _reference(Standardizer.from_checkpoint(None, device="cpu"))
+    fast = Standardizer.from_checkpoint("ltdiff", device="cpu")
+    ref = _reference(Standardizer.from_checkpoint("ltdiff", device="cpu"))
     assert fast._nets["autoencoder"].enc[0].conv_1.conv.weight.is_contiguous(memory_format=torch.channels_last)
     assert any(getattr(m, "use_flash_attention", False) for m in fast._nets["denoiser"].modules())
     a = fast.standardize(img, (1.0, 0.7, 0.7), steps=steps, seed=1)
@@ -127,7 +127,7 @@ def test_shipped_model_output_unchanged_within_tolerance(steps):
 def test_reference_layout_switch(monkeypatch):
     monkeypatch.setenv("LTDIFF_CHANNELS_LAST", "0")
     assert not channels_last_enabled()
-    s = Standardizer.from_checkpoint(None, device="cpu")
+    s = Standardizer.from_checkpoint("ltdiff", device="cpu")
     assert s._nets["autoencoder"].enc[0].conv_1.conv.weight.is_contiguous()
 
 
@@ -136,11 +136,11 @@ def test_thread_setting_from_environment(monkeypatch):
     try:
         monkeypatch.setenv("LTDIFF_TORCH_THREADS", "1")
         torch.set_num_threads(2)
-        Standardizer.from_checkpoint(None, device="cpu")
+        Standardizer.from_checkpoint("ltdiff", device="cpu")
         assert torch.get_num_threads() == 1
         monkeypatch.setenv("LTDIFF_TORCH_THREADS", "zero")
         with pytest.raises(ValueError, match="LTDIFF_TORCH_THREADS"):
-            Standardizer.from_checkpoint(None, device="cpu")
+            Standardizer.from_checkpoint("ltdiff", device="cpu")
     finally:
         torch.set_num_threads(before)
 

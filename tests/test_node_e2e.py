@@ -160,13 +160,13 @@ def test_e2e_linear_model(phantom: Path, pipeline: Any, tmp_path: Path) -> None:
     assert "PatientName" not in env["node"].log() and "PHANTOM^" not in env["node"].log()
 
 
-def test_e2e_default_model(phantom: Path, pipeline: Any, tmp_path: Path) -> None:
-    """The shipped default model ("ltdiff") through the whole path.
+def test_e2e_latent_diffusion_model(phantom: Path, pipeline: Any, tmp_path: Path) -> None:
+    """The shipped latent diffusion model (rule ``model = "ltdiff"``) through the whole path.
 
     The 128 px (90 mm) crop is almost all lung: it holds no homogeneous soft tissue, so the QA gate
     cannot verify the kernel and would refuse it by default; the rule flags instead, and the
     recorded warning says why (tests/test_qa_gate.py covers refusal)."""
-    env = pipeline("default", qa="flag")
+    env = pipeline("ltdiff", qa="flag")
     run_e2e(phantom, env, tmp_path, timeout=float(os.environ.get("DICOM_NODE_E2E_TIMEOUT", "600")))
     qa = node_status(env["config"])["series"][0]["qa"]
     assert qa["verdict"] == "flagged" and "not measured" in qa["warnings"][0], qa

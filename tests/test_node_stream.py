@@ -59,7 +59,7 @@ def test_uid_keys_make_each_slice_independent_of_the_others() -> None:
     from ltdiff_core import Standardizer
     from ltdiff_core.standardizer import uid_slice_key
 
-    std = Standardizer.from_checkpoint(None, device="cpu")
+    std = Standardizer.from_checkpoint("ltdiff", device="cpu")
     rng = np.random.default_rng(1)
     vol = (rng.normal(40, 20, (5, 96, 96))).astype(np.float32)
     keys = [uid_slice_key(0, f"1.2.3.{z}") for z in range(5)]
@@ -72,13 +72,13 @@ def test_uid_keys_make_each_slice_independent_of_the_others() -> None:
     assert np.abs(by_index - std.standardize(vol, (1, .7, .7))[2:4]).max() > 1e-3
 
 
-@pytest.mark.parametrize("model", [LINEAR, "default"], ids=["linear", "default"])
+@pytest.mark.parametrize("model", [LINEAR, "ltdiff"], ids=["linear", "ltdiff"])
 def test_two_bursts_streamed_output_equals_batch_output(tmp_path: Path, model: str | Path) -> None:
     # Images in Acquisition completes the series with its last instance: no race with stable_age_s
     # however slow the model runs on a busy machine.
     rig = make_rig(tmp_path, stable_age_s=300.0, processing=STREAM, model=model)
     try:
-        files = make_ct_series(tmp_path / "in", n=11, size=96 if model == "default" else 64, expected_count=11)
+        files = make_ct_series(tmp_path / "in", n=11, size=96 if model == "ltdiff" else 64, expected_count=11)
         uid = str(pydicom.dcmread(files[0]).SeriesInstanceUID)
         assert storescu(files[:8], rig.port, "LTDIFF").returncode == 0
         _first_burst_streamed(rig, 8)
@@ -94,7 +94,7 @@ def test_two_bursts_streamed_output_equals_batch_output(tmp_path: Path, model: s
             assert job.streamed_slices == 8 and job.output_count == 11
         streamed = _by_source(rig.pacs_files())
         assert len(streamed) == 11
-        assert streamed == _batch(files, tmp_path, None if model == "default" else model)
+        assert streamed == _batch(files, tmp_path, model)
         wait_for(lambda: not list((rig.data_dir / "output").glob("stream-*")), 10, 0.2, "stream cache removed")
     finally:
         rig.stop()

@@ -63,7 +63,7 @@ def test_onnx_output_matches_torch(name, variant, cache, monkeypatch):
 def test_each_network_call_matches_torch(cache, monkeypatch):
     """Stand-ins against their torch modules at a batch and grid the graphs were not traced with."""
     monkeypatch.setenv(onnx_runtime.CACHE_ENV, str(cache))
-    std = Standardizer.from_checkpoint(None, device="cpu", runtime="onnx")
+    std = Standardizer.from_checkpoint("ltdiff", device="cpu", runtime="onnx")
     ae, den = std._nets["autoencoder"], std._nets["denoiser"]
     ae_o, den_o = std._exec["autoencoder"], std._exec["denoiser"]
     g = torch.Generator().manual_seed(1)
@@ -81,7 +81,7 @@ def test_each_network_call_matches_torch(cache, monkeypatch):
 
 def test_graphs_cached_by_weights_and_damaged_entry_rebuilt(cache, monkeypatch):
     monkeypatch.setenv(onnx_runtime.CACHE_ENV, str(cache))
-    std = Standardizer.from_checkpoint(None, device="cpu", runtime="onnx")
+    std = Standardizer.from_checkpoint("ltdiff", device="cpu", runtime="onnx")
     folder = cache / std.ckpt.metadata["weights_sha256"]
     files = sorted(p.name for p in folder.iterdir())
     assert files == sorted(f"{n}.opset{onnx_runtime.OPSET}.v{onnx_runtime.GRAPH_VERSION}.onnx"
@@ -90,13 +90,13 @@ def test_graphs_cached_by_weights_and_damaged_entry_rebuilt(cache, monkeypatch):
     vol = _volume((1, 40, 40), seed=1)
     expected = std.standardize(vol, SPACING, seed=2)
 
-    again = Standardizer.from_checkpoint(None, device="cpu", runtime="onnx")  # loads, does not export
+    again = Standardizer.from_checkpoint("ltdiff", device="cpu", runtime="onnx")  # loads, does not export
     assert {p.name: p.stat().st_mtime_ns for p in folder.iterdir()} == stamps
     np.testing.assert_array_equal(again.standardize(vol, SPACING, seed=2), expected)
 
     damaged = folder / files[0]
     damaged.write_bytes(b"not an onnx graph")
-    rebuilt = Standardizer.from_checkpoint(None, device="cpu", runtime="onnx")
+    rebuilt = Standardizer.from_checkpoint("ltdiff", device="cpu", runtime="onnx")
     assert damaged.stat().st_size > 1000
     np.testing.assert_array_equal(rebuilt.standardize(vol, SPACING, seed=2), expected)
     assert not [p for p in folder.iterdir() if p.name.endswith(".tmp")]
@@ -121,7 +121,7 @@ def test_runtime_selection(monkeypatch):
     assert onnx_runtime.resolve_runtime("torch") == "torch"  # an explicit argument wins
     monkeypatch.setenv(onnx_runtime.RUNTIME_ENV, "tensorrt")
     with pytest.raises(ValueError, match=onnx_runtime.RUNTIME_ENV):
-        Standardizer.from_checkpoint(None, device="cpu")
+        Standardizer.from_checkpoint("ltdiff", device="cpu")
     lin = Standardizer.from_checkpoint(default_checkpoint("linear"), device="cpu", runtime="onnx")
     assert lin.info["runtime"] == "torch"  # the linear filter has no network to export
 

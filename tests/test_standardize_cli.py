@@ -1,4 +1,4 @@
-"""`dicom-node standardize` on a phantom series with the shipped default model: a valid DERIVED
+"""`dicom-node standardize` on a phantom series with the shipped models: a valid DERIVED
 series whose noise moves from Br40-like towards Bl64-like, originals untouched."""
 from __future__ import annotations
 
@@ -32,13 +32,21 @@ def phantom(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return out / "case-000"
 
 
-def test_standardize_default_model_writes_valid_derived_series(phantom: Path, tmp_path: Path,
-                                                               dciodvfy) -> None:
+@pytest.mark.parametrize("model", [None, "ltdiff"], ids=["default", "ltdiff"])
+def test_standardize_shipped_model_writes_valid_derived_series(phantom: Path, tmp_path: Path, dciodvfy,
+                                                               model: str | None) -> None:
+    """The default (no --model: ltdiff_core.weights.DEFAULT) and the latent diffusion by name."""
+    from ltdiff_core.checkpoint import load_checkpoint
+    from ltdiff_core.weights import default_checkpoint
+
     src_files = sorted((phantom / "br40").glob("*.dcm"))
     before = _digest(src_files)
     out = tmp_path / "std"
-    proc = _cli("standardize", str(phantom / "br40"), str(out), "--device", "cpu", "--quiet")
+    proc = _cli("standardize", str(phantom / "br40"), str(out), "--device", "cpu", "--quiet",
+                *(["--model", model] if model else []))
     assert proc.returncode == 0, proc.stderr
+    name = load_checkpoint(default_checkpoint(model)).metadata["name"]
+    assert {ds.ContributingEquipmentSequence[-1].ManufacturerModelName for ds in read_series(out).datasets} == {name}
 
     outputs = sorted(out.rglob("*.dcm"))
     assert len(outputs) == len(src_files)

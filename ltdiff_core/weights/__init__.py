@@ -8,7 +8,7 @@ NAMES = ("ltdiff", "linear", "direct", "ltdiff-bottleneck")
 #: The checkpoint ``model = "default"`` (node rules), ``dicom-node standardize`` and
 #: ``Standardizer.from_checkpoint(None)`` use: the best method measured on both held-out sets
 #: (docs/results.md, "Which method is the default"), not necessarily the latent diffusion.
-DEFAULT = "ltdiff"
+DEFAULT = "linear"
 
 
 def default_checkpoint(name: str | None = None) -> Path:
