@@ -294,6 +294,8 @@ class Standardizer:
     def _run(self, hu: np.ndarray, pixel: list[tuple[float, float]], keys: list[int], steps: int | None) -> np.ndarray:
         if self.method == "linear":
             noisy = self.variant == "linear+noise"
+            if not noisy and len(set(pixel)) == 1:  # one geometry: the filter's stacked FFT path
+                return self.filter.apply(hu, pixel[0])
             return np.stack([self.filter.apply(s, px, noise_seed=k if noisy else None)
                              for s, px, k in zip(hu, pixel, keys)])
         x = hu_to_unit(hu, self.norm)
