@@ -163,14 +163,13 @@ def main() -> int:
     p.add_argument("--slices", type=int, default=300)
     p.add_argument("--size", type=int, default=512)
     p.add_argument("--rate", type=float, default=20.0, help="images/s sent")
-    p.add_argument("--model", default="linear", help="linear, default or a checkpoint path")
+    p.add_argument("--model", default="linear", help="default, a shipped name (linear, ltdiff, direct) or a checkpoint path")
     p.add_argument("--modes", default="on,off")
     p.add_argument("--min-slices", type=int, default=16)
     p.add_argument("--settle", type=float, default=2.0)
     p.add_argument("--phantom", action="store_true", help="send the chest phantom instead of the disc series")
     args = p.parse_args()
-    args.model_path = str(ROOT / "ltdiff_core" / "weights" / "linear.safetensors") if args.model == "linear" \
-        else args.model
+    args.model_path = args.model  # rules take shipped names and paths alike
     out = Path(args.out).resolve()
     files = series_files(out, args.slices, args.size, args.phantom)
     datasets = [pydicom.dcmread(f) for f in files]
