@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Rebuild the shipped default checkpoints (ltdiff, direct, linear) from phantom data.
+# Rebuild the shipped checkpoints (linear = the default model, ltdiff, direct) from phantom data.
 # Usage: [ABLATION=1] train/reproduce_default.sh [PYTHON]   (run from the repository root)
 # Held-out evaluation data uses seed 900 and 3 mm slices: never train on it.
 set -euo pipefail
