@@ -25,10 +25,15 @@ MIN_FLAT_PIXELS = 200
 CLIP = 4.0  # standardised descriptors are clipped to +-CLIP: never extrapolate far outside training
 
 
+def high_pass(x: np.ndarray, sigma_px: float = 3.0) -> np.ndarray:
+    """The image minus its Gaussian blur: noise and fine texture."""
+    return x - gaussian_filter(x, sigma_px)
+
+
 def flat_mask(hu: np.ndarray) -> np.ndarray:
     """Soft tissue with no edge within a few pixels: where the image's variation is noise."""
     hu = hu.astype(np.float64, copy=False)
-    activity = gaussian_filter(np.abs(hu - gaussian_filter(hu, 3.0)), 3.0)
+    activity = gaussian_filter(np.abs(high_pass(hu)), 3.0)
     flat = (activity < FLAT_ACTIVITY_HU) & (hu > FLAT_HU[0]) & (hu < FLAT_HU[1])
     return gaussian_filter(flat.astype(np.float64), 3.0) > 0.99
 

@@ -127,3 +127,24 @@ def test_onnx_runtime_refuses_a_noise_conditioned_denoiser():
                                              norm_num_groups=4, num_head_channels=4, noise_dim=3))
     with pytest.raises(RuntimeError, match="noise descriptors"):
         onnx_networks({"denoiser": den}, "0" * 64)
+
+
+def test_target_noise_measures_k_and_explains_it_by_the_ir_levels(tmp_path):
+    """On phantom cases the target's noise level relative to the first guess (k) varies per case
+    and the two series' IR levels (case metadata) explain it; the input's descriptors are finite."""
+    import json
+    import subprocess
+    import sys
+
+    from train import target_noise
+
+    subprocess.run([sys.executable, "-m", "train.make_phantom", "--out", str(tmp_path / "cases"), "--cases", "6",
+                    "--slices", "1", "--seed", "4343", "--size", "256", "--no-rescan"],
+                   check=True, capture_output=True, timeout=600)
+    out = tmp_path / "tn.json"
+    assert target_noise.main(["--cases", str(tmp_path / "cases"), "--json", str(out)]) == 0
+    res = json.loads(out.read_text())
+    ks = [r["k"] for r in res["rows"]]
+    assert len(ks) == 6 and min(ks) > 0.3 and max(ks) / min(ks) > 1.1, ks
+    assert all(np.isfinite([r["band_hi_mid"], r["band_mid_lo"], r["input_noise_hu"]]).all() for r in res["rows"])
+    assert res["fits"]["log_k~ir_source+ir_target"] > 0.8, res["fits"]

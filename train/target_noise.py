@@ -26,49 +26,32 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
-from scipy.ndimage import gaussian_filter
 
 from ltdiff_core.checkpoint import load_checkpoint
 from ltdiff_core.dicomio import list_cases, load_case
 from ltdiff_core.linear_filter import LinearKernelFilter
-
-FLAT_HU = (-200.0, 200.0)
-FLAT_ACTIVITY_HU = 30.0  # local mean |high-pass| below this: no edges nearby
-
-
-def high_pass(x: np.ndarray, sigma_px: float = 3.0) -> np.ndarray:
-    return x - gaussian_filter(x, sigma_px)
-
-
-def flat_mask(a: np.ndarray) -> np.ndarray:
-    """Soft tissue away from edges, eroded by the smoothing window (a noise-only region)."""
-    flat = (gaussian_filter(np.abs(high_pass(a)), 3) < FLAT_ACTIVITY_HU) & (a > FLAT_HU[0]) & (a < FLAT_HU[1])
-    return gaussian_filter(flat.astype(np.float64), 3) > 0.99
-
+from ltdiff_core.noise_condition import MIN_FLAT_PIXELS, describe_slice, flat_mask, high_pass
 
 def measure_case(source: np.ndarray, target: np.ndarray, pixel_mm: tuple[float, float],
                  first_guess: LinearKernelFilter, stride: int = 2) -> dict[str, float]:
-    """``k``, the input's noise std and its band ratios over every ``stride``-th slice."""
-    pb = pg = pa = 0.0
-    bands = np.zeros(3)
-    n = 0
+    """``k``, the input's noise std and its band ratios (``ltdiff_core.noise_condition``, the
+    denoiser's own descriptors, averaged) over every ``stride``-th slice."""
+    pb = pg = 0.0
+    described = []
     for z in range(0, source.shape[0], stride):
         a, b = source[z].astype(np.float64), target[z].astype(np.float64)
         m = flat_mask(a)
-        if m.sum() < 200:
+        if m.sum() < MIN_FLAT_PIXELS:
             continue
         g = first_guess.apply(a[None], pixel_mm)[0]
         pb += float(np.mean(high_pass(b)[m] ** 2))
         pg += float(np.mean(high_pass(g)[m] ** 2))
-        pa += float(np.mean(high_pass(a)[m] ** 2))
-        s07, s15, s3 = (gaussian_filter(a, s) for s in (0.7, 1.5, 3.0))
-        bands += [np.mean((a - s07)[m] ** 2), np.mean((s07 - s15)[m] ** 2), np.mean((s15 - s3)[m] ** 2)]
-        n += 1
-    if n == 0:
+        described.append(describe_slice(a))
+    if not described:
         raise ValueError("no slice has enough flat soft tissue to measure noise")
-    return {"k": float(np.sqrt(pb / pg)), "input_noise_hu": float(np.sqrt(pa / n)),
-            "band_hi_mid": float(np.log(bands[0] / bands[1])), "band_mid_lo": float(np.log(bands[1] / bands[2])),
-            "slices": n}
+    log_noise, hi_mid, mid_lo = np.mean(described, axis=0)
+    return {"k": float(np.sqrt(pb / pg)), "input_noise_hu": float(np.exp(log_noise)),
+            "band_hi_mid": float(hi_mid), "band_mid_lo": float(mid_lo), "slices": len(described)}
 
 
 def r_squared(y: np.ndarray, columns: Sequence[np.ndarray]) -> float:
