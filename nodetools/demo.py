@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -98,6 +99,11 @@ def run(args: argparse.Namespace) -> int:
                             "--slices", str(args.slices), "--seed", str(args.seed), "--size", str(args.size)],
                            check=True, cwd=ROOT)
         src_dir, ref_dir = case / "br40", case / "bl64"
+        # every run starts with an empty node and PACS: a re-run would otherwise show the earlier
+        # run's output (the same series again is a duplicate) and the earlier run's model
+        for stale in ("node-data", "pacs-orthanc", "pacs-storescp"):
+            if (out / stale).exists():
+                shutil.rmtree(out / stale)
 
         # 2. local PACS
         node_port = peers.free_port()
