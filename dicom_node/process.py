@@ -27,7 +27,7 @@ from typing import Any
 
 from sqlalchemy import select
 
-from ltdiff_core.atomic import open_atomic
+from ltdiff_core.atomic import fsync_dir, fsync_files
 
 from . import db, track
 from .anomalies import spacing_refusal
@@ -319,12 +319,18 @@ class Processor:
         staging = self._staging(job_id)
         shutil.rmtree(staging, ignore_errors=True)  # partial output of an interrupted attempt
         staging.mkdir(parents=True)
-        rels = []
+        rels, files = [], []
         for ds in derived:
             name = f"{safe_name(str(ds.SOPInstanceUID))}.dcm"
-            with open_atomic(staging / name) as fh:
+            # the staging directory is private to this attempt and renamed into place only when
+            # complete and durable, so its files need no rename of their own (a crash leaves a
+            # staging directory, which the next attempt removes)
+            with open(staging / name, "wb") as fh:
                 ds.save_as(fh, enforce_file_format=True)
+            files.append(staging / name)
             rels.append((str(ds.SOPInstanceUID), f"job-{job_id}/{name}"))
+        fsync_files(files)
+        fsync_dir(staging)
         derive_s = time.monotonic() - t0
         out_uid = str(derived[0].SeriesInstanceUID) if derived else None
         streamed = self._streamed.get(job_id)
@@ -355,6 +361,7 @@ class Processor:
             if out_dir.exists():  # output of an earlier attempt whose commit did not happen
                 shutil.rmtree(out_dir)
             staging.rename(out_dir)
+            fsync_dir(out_dir.parent)  # the rename is durable before the commit that points at it
             record(job)
 
     def _record(self, job: db.Job, info: dict[str, Any], sampler: dict[str, Any], seed: int, device: str,

@@ -56,3 +56,18 @@ def test_permissions_follow_the_umask(tmp_path: Path) -> None:
 
 def test_spool_uses_the_same_writer() -> None:
     assert spool.write_atomic is atomic.write_atomic
+
+
+def test_fsync_files_syncs_every_file_and_reports_a_failure(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each path is synced once (from a few threads); a path that cannot be opened raises, never
+    passes silently (the job then fails instead of committing output that may not be durable)."""
+    files = [tmp_path / f"{i}.dcm" for i in range(20)]
+    for f in files:
+        f.write_bytes(b"x")
+    synced: list[int] = []
+    real = os.fsync
+    monkeypatch.setattr(atomic.os, "fsync", lambda fd: (synced.append(fd), real(fd))[1])
+    atomic.fsync_files(files, workers=4)
+    assert len(synced) == len(files)
+    with pytest.raises(FileNotFoundError):
+        atomic.fsync_files([*files, tmp_path / "missing.dcm"], workers=4)
