@@ -31,7 +31,7 @@ from .negotiation import (
 )
 from .spool import make_dirs, safe_name, write_atomic, write_pending
 from .tls import server_context
-from .transport import ConnectionGate, Limits, start_server, tls_peer
+from .transport import ConnectionGate, Limits, no_delay, start_server, tls_peer
 from .version import IMPLEMENTATION_VERSION_NAME
 from .validate import Refusal, check_instance, clean_uid, native_pixel_length_problem, pixel_digest, printable
 from .watermark import Watermark
@@ -189,6 +189,7 @@ class StorageSCP:
                                            called_ae=str(prim.called_ae_title).strip(), reason=reason)
 
     def _on_accepted(self, event: evt.Event) -> None:
+        no_delay(event.assoc)
         rq = event.assoc.requestor
         self._stats[id(event.assoc)] = _AssocStats(calling_ae=str(rq.ae_title).strip(), address=rq.address)
         log_event(log, "association_accepted", calling_ae=str(rq.ae_title).strip(), peer=rq.address,

@@ -24,6 +24,7 @@ from .config import Destination
 from .negotiation import PERMANENT, TRANSIENT, classify_status, context_result, is_success, reject_reason
 from .logs import log_event
 from .tls import client_context
+from .transport import no_delay
 from .version import IMPLEMENTATION_VERSION_NAME
 
 log = logging.getLogger("dicom_node.scu")
@@ -121,6 +122,7 @@ def send_files(dest: Destination, files: Sequence[Path], calling_ae: str, max_pd
                 out.error = f"association with {dest.host}:{dest.port} not established (refused, timed out or aborted)"
             out.results = [InstanceResult(p, uid, None, out.error) for p, uid, _ in info]
             return out
+        no_delay(assoc)
         accepted = {cx.abstract_syntax for cx in assoc.accepted_contexts}
         for k, (path, uid, sop_class) in enumerate(info):
             if sop_class not in accepted:

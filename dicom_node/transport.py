@@ -415,3 +415,20 @@ def start_server(ae: AE, address: tuple[str, int], handlers: list[Any], gate: Co
     thread.start()
     ae._servers.append(server)  # so AE.shutdown()/active_associations see it, as start_server does
     return server
+
+
+def no_delay(assoc: Any) -> None:
+    """Switch Nagle's algorithm off on the association's TCP socket (both roles: the SCU sending
+    series, the SCP answering every C-STORE).
+
+    A C-STORE is a small command PDU followed by data PDUs. With Nagle on, the peer's delayed ACK
+    holds the next small segment for up to ~40 ms per instance, which capped sending to a local
+    Orthanc at ~20 instances/s (DCMTK peers need ``TCP_NODELAY=1`` for the same reason, see
+    DEVELOPERS.md). pynetdicom does not set it, so it is set on the connected socket here."""
+    sock = getattr(getattr(getattr(assoc, "dul", None), "socket", None), "socket", None)
+    if sock is None:
+        return
+    try:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    except OSError as exc:  # not a TCP socket, or already closed: sending still works, only slower
+        log.debug("TCP_NODELAY not set: %s", exc)

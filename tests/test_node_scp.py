@@ -139,3 +139,22 @@ def test_association_names_the_implementation(scp_factory: Any) -> None:
         assert assoc.acceptor.implementation_version_name == IMPLEMENTATION_VERSION_NAME
     finally:
         assoc.release()
+
+
+def test_accepted_association_has_nagle_off(scp_factory: Any) -> None:
+    """The node answers every C-STORE with a small response PDU; its accepted sockets run with
+    TCP_NODELAY, as the DCMTK peers do with TCP_NODELAY=1."""
+    import socket
+
+    from pynetdicom import AE
+
+    node = scp_factory()
+    ae = AE(ae_title="PROBE")
+    ae.add_requested_context("1.2.840.10008.1.1")
+    assoc = ae.associate(LOOPBACK, node.port, ae_title="LTDIFF")
+    try:
+        assert assoc.is_established
+        (served,) = node.scp.ae.active_associations
+        assert served.dul.socket.socket.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) != 0
+    finally:
+        assoc.release()
