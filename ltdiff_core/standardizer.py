@@ -87,6 +87,7 @@ class Standardizer:
         if strength is not None:  # override the checkpoint's SDEdit start (fidelity/texture trade-off)
             self.sampling["strength"] = float(strength)
         self.first_guess: LinearKernelFilter | None = None
+        self.noise_stats: tuple[np.ndarray, np.ndarray] | None = None  # denoiser's noise-descriptor statistics
         self.max_batch_pixels = int(max_batch_pixels)
         self.tile_size, self.tile_overlap = int(tile_size), int(tile_overlap)
         self.device = "cpu"
@@ -133,7 +134,6 @@ class Standardizer:
                     ).to(self.device)
                 except (TypeError, ValueError, KeyError) as exc:
                     raise CheckpointError(f"{ckpt.path}: bad diffusion settings: {exc}") from exc
-                self.noise_stats = None
                 if self.inferer.noise_dim:
                     prefix = str(meta.get("noise_condition", {}).get("prefix", "noise_condition"))
                     try:
@@ -306,7 +306,7 @@ class Standardizer:
         extra = 8 if self.factor > 1 else 0
         xp, crop = pad_to_multiple(x, self.factor, extra)
         noise = None
-        if getattr(self, "noise_stats", None) is not None and self.variant == "diffusion":
+        if self.noise_stats is not None and self.variant == "diffusion":
             # measured on each whole slice (never a tile or a batch), so every tile and chunk agrees
             from .noise_condition import describe, standardise
 

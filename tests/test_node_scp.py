@@ -1,6 +1,8 @@
 """Receive: real DCMTK peers (echoscu, storescu) against the node's SCP on loopback."""
 from __future__ import annotations
 
+import contextlib
+
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -123,22 +125,30 @@ def test_enhanced_ct_is_refused_with_a_clear_status(scp_factory: Any, tmp_path: 
     assert node.count(db.Instance) == 0
 
 
-def test_association_names_the_implementation(scp_factory: Any) -> None:
-    """The A-ASSOCIATE-AC carries the node's Implementation Version Name (PS3.7 D.3.3.2), so a
-    peer's logs say which release of the node it talked to."""
+@contextlib.contextmanager
+def _echo_association(node: RunningSCP) -> Iterator[Any]:
+    """An established Verification association with the node (a real pynetdicom requestor), released after."""
     from pynetdicom import AE
 
-    from dicom_node.version import IMPLEMENTATION_VERSION_NAME
-
-    node = scp_factory()
     ae = AE(ae_title="PROBE")
     ae.add_requested_context("1.2.840.10008.1.1")
     assoc = ae.associate(LOOPBACK, node.port, ae_title="LTDIFF")
     try:
         assert assoc.is_established
-        assert assoc.acceptor.implementation_version_name == IMPLEMENTATION_VERSION_NAME
+        yield assoc
     finally:
-        assoc.release()
+        if assoc.is_established:
+            assoc.release()
+
+
+def test_association_names_the_implementation(scp_factory: Any) -> None:
+    """The A-ASSOCIATE-AC carries the node's Implementation Version Name (PS3.7 D.3.3.2), so a
+    peer's logs say which release of the node it talked to."""
+    from dicom_node.version import IMPLEMENTATION_VERSION_NAME
+
+    node = scp_factory()
+    with _echo_association(node) as assoc:
+        assert assoc.acceptor.implementation_version_name == IMPLEMENTATION_VERSION_NAME
 
 
 def test_accepted_association_has_nagle_off(scp_factory: Any) -> None:
@@ -146,15 +156,7 @@ def test_accepted_association_has_nagle_off(scp_factory: Any) -> None:
     TCP_NODELAY, as the DCMTK peers do with TCP_NODELAY=1."""
     import socket
 
-    from pynetdicom import AE
-
     node = scp_factory()
-    ae = AE(ae_title="PROBE")
-    ae.add_requested_context("1.2.840.10008.1.1")
-    assoc = ae.associate(LOOPBACK, node.port, ae_title="LTDIFF")
-    try:
-        assert assoc.is_established
+    with _echo_association(node):
         (served,) = node.scp.ae.active_associations
         assert served.dul.socket.socket.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) != 0
-    finally:
-        assoc.release()

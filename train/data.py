@@ -208,6 +208,7 @@ class LatentCache:
         self.z: list[tuple] = []
         self.body: list[np.ndarray] = []
         raw_noise: list[np.ndarray] = []
+        self._last_draws: tuple[int, list[tuple[int, int, int]]] | None = None
         with torch.no_grad():
             for v in vols:
                 h, w = (s - s % factor for s in v.source.shape[1:])
@@ -231,7 +232,10 @@ class LatentCache:
         return len(self.z)
 
     def _draws(self, step: int) -> list[tuple[int, int, int]]:
-        """``(slice index, y, x)`` of each crop of ``step``'s batch."""
+        """``(slice index, y, x)`` of each crop of ``step``'s batch (kept for the step's second
+        caller: :meth:`batch_at` and :meth:`noise_at` ask for the same step)."""
+        if self._last_draws is not None and self._last_draws[0] == step:
+            return self._last_draws[1]
         rng = np.random.default_rng([self.seed, self.rank, step, 7])
         out = []
         for _ in range(self.batch):
@@ -244,6 +248,7 @@ class LatentCache:
             else:
                 y, x = int(rng.integers(0, hh - c + 1)), int(rng.integers(0, ww - c + 1))
             out.append((i, y, x))
+        self._last_draws = (step, out)
         return out
 
     def noise_at(self, step: int):
