@@ -17,7 +17,7 @@ thread per association) the syncs can be shared instead:
   dropped: the first copy is never overwritten); rename the new files to their final names;
   fsync every file and every distinct directory once, all in parallel (the file system commits
   its journal once for all of them), while the rows are inserted in one transaction
-  (``track.record_instance``); commit once every sync has returned;
+  (``track.record_received``); commit once every sync has returned;
 * then every future completes. On any failure every member gets the exception (the caller answers
   ``0xA700``, never success); files renamed before a failed insert are removed, so no file is left
   that a re-send would not replace, and no row ever exists without its file (the row commits last).
@@ -177,8 +177,7 @@ class GroupCommitter:
                 renamed.append(it)
             syncs = self._sync(new, batch)
             try:  # the rows are prepared while the syncs run; they commit only once all are done
-                for it in new:
-                    track.record_instance(s, self.audit, **it.record)
+                track.record_received(s, self.audit, [it.record for it in new])
                 s.flush()
             finally:
                 for f in syncs:

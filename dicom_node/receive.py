@@ -17,6 +17,7 @@ from typing import Any
 
 from pydicom.dataset import Dataset
 from pynetdicom import AE, evt
+from pynetdicom.dsutils import encode_file_meta
 from pynetdicom.sop_class import Verification
 
 from . import db, track
@@ -62,6 +63,14 @@ class _AssocStats:
 # An association that sent a C-STORE within this many seconds is expected to send the next one soon:
 # the group committer waits (up to group_commit_ms) for those only, not for idle associations.
 SENDER_ACTIVE_S = 1.0
+
+
+def _part10(event: evt.Event) -> tuple[bytes, memoryview]:
+    """The instance as a DICOM file in two pieces: the preamble, "DICM" and the file meta
+    information, then the data set exactly as received, as a view of pynetdicom's buffer
+    (``encoded_dataset()`` copies a CT slice's half megabyte twice). Release the view after use."""
+    meta = b"\0" * 128 + b"DICM" + encode_file_meta(event.file_meta)
+    return meta, event.request.DataSet.getbuffer()
 
 
 class StorageSCP:
@@ -300,8 +309,9 @@ class StorageSCP:
         # instances pay one stat here, no query (the group asks for all its members at once).
         if path.exists() and self._is_known(sop_uid):
             return self._duplicate(event, ds, sop_uid, series_uid, ts_uid, digest, calling, peer, st)
-        data = event.encoded_dataset()
-        why = self.watermark.receive_refusal(len(data))
+        meta, body = _part10(event)
+        size = len(meta) + body.nbytes
+        why = self.watermark.receive_refusal(size)
         if why is not None:
             if self._is_known(sop_uid):  # a re-send needs no space: answer it as a duplicate
                 return self._duplicate(event, ds, sop_uid, series_uid, ts_uid, digest, calling, peer, st)
@@ -309,10 +319,13 @@ class StorageSCP:
                       calling_ae=calling, reason=why, status="0xA700")
             return STATUS_OUT_OF_RESOURCES
         new_dirs = make_dirs(path.parent)
-        size = len(data)
+        try:
+            tmp = write_pending(path, meta, body)
+        finally:
+            body.release()
         # Durable and recorded with its group; whether the UID is known already is answered by
         # the group's one query (a known one keeps its first file untouched).
-        outcome = self.committer.submit(Pending(write_pending(path, data), path, dict(
+        outcome = self.committer.submit(Pending(tmp, path, dict(
             ds=ds, series_uid=series_uid, sop_uid=sop_uid, sop_class=sop_class, ts_uid=ts_uid, rel=rel,
             size=size, calling=calling, peer=peer, digest=digest), new_dirs))
         if outcome is Outcome.KNOWN:

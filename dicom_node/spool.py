@@ -14,9 +14,9 @@ import os
 import re
 from pathlib import Path
 
-from ltdiff_core.atomic import fsync_dir, fsync_file, temp_name, write_atomic
+from ltdiff_core.atomic import fsync_dir, fsync_file, fsync_files, temp_name, write_atomic
 
-__all__ = ["disk_usage", "fsync_dir", "fsync_file", "make_dirs", "safe_name", "unlink_quietly", "write_atomic",
+__all__ = ["disk_usage", "fsync_dir", "fsync_file", "fsync_files", "make_dirs", "safe_name", "unlink_quietly", "write_atomic",
            "write_pending"]
 
 _SAFE_UID = re.compile(r"^[0-9]+(\.[0-9]+)*$")
@@ -46,14 +46,15 @@ def make_dirs(path: Path) -> list[Path]:
     return changed
 
 
-def write_pending(path: Path, data: bytes | bytearray | memoryview) -> Path:
-    """Write ``data`` to a temporary file beside ``path``, without syncing: the caller makes it
-    durable and renames it (see ``groupcommit``). Returns the temporary path; on failure nothing
-    is left behind."""
+def write_pending(path: Path, *chunks: bytes | bytearray | memoryview) -> Path:
+    """Write ``chunks`` one after the other to a temporary file beside ``path``, without syncing:
+    the caller makes it durable and renames it (see ``groupcommit``). Returns the temporary path;
+    on failure nothing is left behind."""
     tmp = temp_name(path)
     try:
         with open(tmp, "wb") as f:
-            f.write(data)
+            for chunk in chunks:
+                f.write(chunk)
     except BaseException:
         unlink_quietly(tmp)
         raise

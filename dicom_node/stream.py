@@ -36,7 +36,7 @@ from sqlalchemy import delete, select
 
 from . import db, track
 from .logs import log_event
-from .spool import safe_name, write_atomic
+from .spool import fsync_dir, fsync_files, safe_name, write_atomic
 
 FIXED_BATCH_PIXELS = 512 * 512  # as ltdiff_core.standardizer.FIXED_BATCH_PIXELS (imported lazily: torch)
 
@@ -246,16 +246,26 @@ class Streamer:
         return done
 
     def _store(self, job_id: int, datasets: Sequence[Any], outputs: Sequence[np.ndarray], fp: str) -> bool:
-        """Write each output atomically, then record the rows; False when the job was dropped or
-        taken over meanwhile (the next sweep removes the files)."""
+        """Write each output atomically, make them durable together, then record the rows; False
+        when the job was dropped or taken over meanwhile (the next sweep removes the files).
+
+        The run's files are synced in parallel with one sync of their directory (and of its entry,
+        for the run that created it), not two serial syncs per file: this runs while the series is
+        still arriving, and every sync it queues delays the receiver's."""
         written = []
+        paths = []
         for ds, out in zip(datasets, outputs):
             uid = str(ds.SOPInstanceUID)
             rel = cache_rel(job_id, uid)
             buf = io.BytesIO()
             np.save(buf, np.ascontiguousarray(out, dtype=np.float32), allow_pickle=False)
-            write_atomic(self.config.output_dir / rel, buf.getbuffer())
+            write_atomic(self.config.output_dir / rel, buf.getbuffer(), fsync=False)
             written.append((uid, rel))
+            paths.append(self.config.output_dir / rel)
+        if paths:  # durable before the rows that point at them
+            fsync_files(paths)
+            fsync_dir(paths[0].parent)
+            fsync_dir(paths[0].parent.parent)
         with self.db.session() as s:
             job = s.get(db.Job, job_id)
             if job is None or job.state not in (db.STREAMING, db.QUEUED):

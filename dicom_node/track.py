@@ -20,9 +20,10 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Sequence
 from datetime import datetime, timedelta
+from typing import Any
 
 from pydicom.dataset import Dataset
-from sqlalchemy import select, update
+from sqlalchemy import bindparam, exists, insert, or_, select, update
 from sqlalchemy.orm import Session
 
 from . import db
@@ -89,6 +90,60 @@ def record_instance(s: Session, audit: AuditLog, ds: Dataset, *, series_uid: str
     return series
 
 
+def record_received(s: Session, audit: AuditLog, records: Sequence[dict[str, Any]]) -> None:
+    """Record a receive group (``record_instance`` keyword arguments per instance), in order.
+
+    The common case, more instances of a series that is still being received and has never been
+    processed, takes one ``UPDATE`` of the series (guarded by those conditions in its own WHERE,
+    so a concurrent transition is never overwritten) and one multi-row ``INSERT``: the ORM path
+    costs several milliseconds per instance, which one association pays serially. Anything else
+    (a new, reopened, late or grown series) takes :func:`record_instance`."""
+    by_series: dict[str, list[dict[str, Any]]] = {}
+    for r in records:
+        by_series.setdefault(str(r["series_uid"]), []).append(r)
+    for series_uid, group in by_series.items():
+        if not _record_receiving(s, series_uid, group):
+            for r in group:
+                record_instance(s, audit, **r)
+
+
+# Built once: SQLAlchemy memoizes a statement's cache key on the object, and computing it anew for
+# every instance cost more than executing the statement.
+_SERIES, _JOBS, _INSTANCES = (t.__table__ for t in (db.Series, db.Job, db.Instance))
+_COUNT_RECEIVING = (
+    update(_SERIES)
+    .where(_SERIES.c.series_uid == bindparam("uid"), _SERIES.c.state == db.RECEIVED,
+           ~exists().where(_JOBS.c.series_id == _SERIES.c.id,
+                           or_(_JOBS.c.processing_started_at.is_not(None), _JOBS.c.state.in_(db.PROCESSED_STATES))))
+    .values(instance_count=_SERIES.c.instance_count + bindparam("added"), last_received_at=bindparam("now")))
+_COUNT_RECEIVING_RETURNING = _COUNT_RECEIVING.returning(_SERIES.c.id)
+_SERIES_ID = select(_SERIES.c.id).where(_SERIES.c.series_uid == bindparam("uid"))
+_INSERT_INSTANCES = insert(_INSTANCES)
+_KNOWN_UIDS = select(_INSTANCES.c.sop_instance_uid).where(
+    _INSTANCES.c.sop_instance_uid.in_(bindparam("uids", expanding=True)))
+
+
+def _record_receiving(s: Session, series_uid: str, records: Sequence[dict[str, Any]]) -> bool:
+    """The fast path of :func:`record_received`; False (nothing written) when it does not apply."""
+    now = db.utcnow()
+    con = s.connection()
+    params = {"uid": series_uid, "added": len(records), "now": now}
+    if con.dialect.update_returning:  # PostgreSQL, SQLite >= 3.35
+        series_id = con.execute(_COUNT_RECEIVING_RETURNING, params).scalar()
+    elif con.execute(_COUNT_RECEIVING, params).rowcount == 1:
+        series_id = con.execute(_SERIES_ID, {"uid": series_uid}).scalar()
+    else:
+        series_id = None
+    if series_id is None:
+        return False
+    con.execute(_INSERT_INSTANCES, [dict(
+        series_id=series_id, sop_instance_uid=r["sop_uid"], sop_class_uid=r["sop_class"],
+        transfer_syntax_uid=r["ts_uid"], instance_number=header_int(r["ds"], "InstanceNumber"), path=r["rel"],
+        size=r["size"], received_at=now, calling_ae=r["calling"], late=False, pixel_sha256=r["digest"],
+        excluded=None) for r in records])
+    return True
+
+
 def is_known(s: Session, sop_uid: str) -> bool:
     return s.scalar(select(db.Instance.id).where(db.Instance.sop_instance_uid == sop_uid)) is not None
 
@@ -98,8 +153,7 @@ def known_sop_uids(s: Session, sop_uids: Sequence[str]) -> set[str]:
     uids = sorted(set(sop_uids))
     known: set[str] = set()
     for i in range(0, len(uids), 500):  # below every backend's bound-parameter limit
-        known.update(s.scalars(select(db.Instance.sop_instance_uid)
-                               .where(db.Instance.sop_instance_uid.in_(uids[i:i + 500]))))
+        known.update(s.connection().execute(_KNOWN_UIDS, {"uids": uids[i:i + 500]}).scalars())
     return known
 
 
