@@ -1,7 +1,7 @@
 """Receive rate of ``dicom-node serve`` against DCMTK ``storescp``, interleaved in one run.
 
     python bench/bench_receive.py [--slices 100] [--size 512] [--repeats 3] [--rss 2000]
-                                  [--targets storescp,node,node-off,raw[,baseline]]
+                                  [--targets storescp,node,node-nostream,node-off,raw[,baseline]]
                                   [--baseline-tree DIR] [--node KEY=VALUE ...]
 
 The same phantom Br40 series is sent by DCMTK ``storescu`` (TCP_NODELAY=1, 128 KB PDUs) to
@@ -24,9 +24,14 @@ First it prints the sync floor of the data volume: median milliseconds of one fi
 directory fsync and one SQLite commit (WAL, synchronous=FULL, as the node's database) for 512 KB
 files written one at a time: what one instance costs at least when nothing is shared.
 
+``node-nostream`` is the node with ``processing.streaming = false``: by default the node
+standardizes a routed series' settled slices while the rest arrives, and that work shares the
+cores with receiving.
+
 ``--rss N``: one more node receives an N-instance series (the 100 slices re-identified N/100
-times) on one association; its resident memory (VmRSS, and the peak VmHWM) is printed after the
-first 100 instances and after all N. ``--node key=value`` adds ``[node]`` keys (e.g.
+times) on one association, with streaming on and then off; its resident memory (VmRSS, and the
+peak VmHWM) is printed after 100, N/2 and N instances (with streaming on, the model is loaded once
+the first slices have settled). ``--node key=value`` adds ``[node]`` keys (e.g.
 ``group_commit_ms=0`` for one fsync pass and one transaction per instance).
 """
 from __future__ import annotations
@@ -80,11 +85,12 @@ def node_value(text: str) -> Any:
     return {"true": True, "false": False}.get(text, text)
 
 
-def start_node(out: Path, name: str, extra: dict[str, Any]) -> peers.Peer:
+def start_node(out: Path, name: str, extra: dict[str, Any], processing: dict[str, Any] | None = None) -> peers.Peer:
     shutil.rmtree(out / f"{name}-data", ignore_errors=True)
     port = peers.free_port()
     cfg = peers.write_node_config(out / f"{name}.toml", port=port, data_dir=out / f"{name}-data",
-                                  stable_age_s=3600, extra_node={"max_connections_per_address": 8, **extra})
+                                  stable_age_s=3600, extra_node={"max_connections_per_address": 8, **extra},
+                                  processing=processing)
     return peers.start_node(cfg, port, out / f"{name}.log")
 
 
@@ -214,7 +220,7 @@ def main() -> int:
     p.add_argument("--rss", type=int, default=2000, help="instances of the memory run (0: skip)")
     p.add_argument("--node", action="append", default=[], metavar="KEY=VALUE", help="extra [node] key")
     p.add_argument("--targets", default="storescp,node,node-off,raw",
-                   help="comma-separated: storescp, node, node-off, raw, baseline")
+                   help="comma-separated: storescp, node, node-nostream, node-off, raw, baseline")
     p.add_argument("--baseline-tree", type=Path, help="source tree of the 'baseline' target")
     p.add_argument("--serve-raw", nargs=2, metavar=("PORT", "DIR"), help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -248,6 +254,8 @@ def main() -> int:
                                                 extra=["--fork"] if assocs > 1 else [])
                 elif target == "node-off":  # the same node with group commit off
                     peer = start_node(out, "recv", {**extra, "group_commit_ms": 0})
+                elif target == "node-nostream":  # the same node, not standardizing while it receives
+                    peer = start_node(out, "recv", extra, {"streaming": False})
                 else:
                     peer = start_node(out, "recv", extra)
                 try:
@@ -268,18 +276,21 @@ def main() -> int:
                   f"ratio {got / scp:.2f} (per repeat {', '.join(f'{x:.2f}' for x in per_run)})")
     if args.rss:
         many = long_series(src, out / f"series-{args.rss}x{args.size}", args.rss)
-        node = start_node(out, "rss", extra)
-        try:
-            send(many[:100], node.port, "LTDIFF", 1)
-            at100 = memory(node.pid)
-            t0 = time.monotonic()
-            send(many[100:], node.port, "LTDIFF", 1)
-            dt = time.monotonic() - t0
-            at_n = memory(node.pid)
-        finally:
-            node.stop()
-        print(f"RSS at 100 instances: {at100['VmRSS']} MiB (peak {at100['VmHWM']}); at {args.rss}: "
-              f"{at_n['VmRSS']} MiB (peak {at_n['VmHWM']}); {(args.rss - 100) / dt:.1f} images/s for the rest")
+        marks = [100, args.rss // 2, args.rss]
+        for streaming in (True, False):
+            node = start_node(out, "rss", extra, {"streaming": streaming})
+            seen: list[str] = []
+            try:
+                t0 = time.monotonic()
+                for a, b in zip([0] + marks[:-1], marks):
+                    send(many[a:b], node.port, "LTDIFF", 1)
+                    m = memory(node.pid)
+                    seen.append(f"{b}: {m['VmRSS']} MiB (peak {m['VmHWM']})")
+                dt = time.monotonic() - t0
+            finally:
+                node.stop()
+            print(f"RSS (streaming {'on' if streaming else 'off'}) after {'; '.join(seen)}; "
+                  f"{args.rss / dt:.1f} images/s")
     print(f"load average at the end: {' '.join(f'{x:.1f}' for x in os.getloadavg())}")
     return 0
 
