@@ -82,10 +82,7 @@ class Dispatcher:
             if not res.ok:
                 return
             with self.db.session() as s:
-                row = s.get(db.InstanceSend, todo[k][0])
-                if row is not None:
-                    row.state, row.status, row.error, row.sent_at = db.SENT, res.status, None, db.utcnow()
-                    row.attempts += 1
+                track.instance_sent(s, todo[k][0], res.status, db.utcnow())
 
         if dest is None:
             outcome_error, failure, results = f"destination {name!r} is no longer configured", PERMANENT, []

@@ -17,7 +17,7 @@ from typing import Any
 
 from pydicom import dcmread
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
-from pynetdicom import AE
+from pynetdicom import AE, _config
 from pynetdicom.presentation import build_context
 
 from .config import Destination
@@ -55,18 +55,25 @@ class SendOutcome:
         return sum(r.ok for r in self.results)
 
 
-def _contexts(files: Sequence[Path]) -> tuple[list[tuple[Path, str, str]], list]:
-    """(path, SOPInstanceUID, SOPClassUID) per file and the presentation contexts to propose:
-    each file's own transfer syntax (sent as stored, no re-encode) plus the uncompressed ones."""
+# A file whose own transfer syntax the destination accepted is sent from the file as stored, in
+# PDU-sized chunks, without decoding it and encoding it again (pynetdicom reads this flag when
+# send_c_store is given a path). Files that need another transfer syntax are decoded here and
+# passed as a Dataset, which pynetdicom converts whatever the flag says.
+_config.STORE_SEND_CHUNKED_DATASET = True
+
+
+def _contexts(files: Sequence[Path]) -> tuple[list[tuple[Path, str, str, str]], list]:
+    """(path, SOPInstanceUID, SOPClassUID, TransferSyntaxUID) per file and the presentation
+    contexts to propose: each file's own transfer syntax (sent as stored, no re-encode) plus the
+    uncompressed ones."""
     info = []
     wanted: dict[str, set[str]] = {}
     for p in files:
         meta = dcmread(p, stop_before_pixels=True, specific_tags=["SOPClassUID", "SOPInstanceUID"])
         sop_class = str(meta.file_meta.MediaStorageSOPClassUID)
-        info.append((p, str(meta.file_meta.MediaStorageSOPInstanceUID), sop_class))
-        wanted.setdefault(sop_class, {ExplicitVRLittleEndian, ImplicitVRLittleEndian}).add(
-            str(meta.file_meta.TransferSyntaxUID)
-        )
+        ts = str(meta.file_meta.TransferSyntaxUID)
+        info.append((p, str(meta.file_meta.MediaStorageSOPInstanceUID), sop_class, ts))
+        wanted.setdefault(sop_class, {ExplicitVRLittleEndian, ImplicitVRLittleEndian}).add(ts)
     contexts = [build_context(uid, sorted(ts)) for uid, ts in wanted.items()]
     return info, contexts
 
@@ -120,17 +127,18 @@ def send_files(dest: Destination, files: Sequence[Path], calling_ae: str, max_pd
             else:
                 out.failure = TRANSIENT
                 out.error = f"association with {dest.host}:{dest.port} not established (refused, timed out or aborted)"
-            out.results = [InstanceResult(p, uid, None, out.error) for p, uid, _ in info]
+            out.results = [InstanceResult(p, uid, None, out.error) for p, uid, _, _ in info]
             return out
         no_delay(assoc)
         accepted = {cx.abstract_syntax for cx in assoc.accepted_contexts}
-        for k, (path, uid, sop_class) in enumerate(info):
+        as_stored = {(cx.abstract_syntax, cx.transfer_syntax[0]) for cx in assoc.accepted_contexts}
+        for k, (path, uid, sop_class, ts) in enumerate(info):
             if sop_class not in accepted:
                 out.results.append(InstanceResult(path, uid, None, f"SOP class {sop_class} not accepted"))
                 out.failure, out.error = PERMANENT, f"no accepted presentation context for SOP class {sop_class}"
                 continue
             try:
-                rsp = assoc.send_c_store(path)
+                rsp = assoc.send_c_store(path if (sop_class, ts) in as_stored else dcmread(path))
             except (ValueError, RuntimeError, OSError) as exc:
                 out.results.append(InstanceResult(path, uid, None, str(exc)))
                 out.failure = out.failure or PERMANENT
@@ -141,7 +149,7 @@ def send_files(dest: Destination, files: Sequence[Path], calling_ae: str, max_pd
                 # No response: DIMSE timeout or the association broke; the rest can't be sent now.
                 msg = "no C-STORE response (timeout or association aborted)"
                 out.results.append(InstanceResult(path, uid, None, msg))
-                out.results += [InstanceResult(p, u, None, msg) for p, u, _ in info[k + 1:]]
+                out.results += [InstanceResult(p, u, None, msg) for p, u, _, _ in info[k + 1:]]
                 out.failure = out.failure or TRANSIENT
                 out.error = out.error or msg
                 break
@@ -157,7 +165,7 @@ def send_files(dest: Destination, files: Sequence[Path], calling_ae: str, max_pd
                 on_result(k, res)
             if not assoc.is_established:
                 msg = "association aborted by the destination"
-                out.results += [InstanceResult(p, u, None, msg) for p, u, _ in info[k + 1:]]
+                out.results += [InstanceResult(p, u, None, msg) for p, u, _, _ in info[k + 1:]]
                 out.failure = out.failure or TRANSIENT
                 out.error = out.error or msg
                 break

@@ -472,6 +472,19 @@ def claim_delivery(s: Session, now: datetime, owner: str, lease_s: float) -> db.
     return d
 
 
+_SENDS = db.InstanceSend.__table__
+_INSTANCE_SENT = (update(_SENDS).where(_SENDS.c.id == bindparam("send_id"))
+                  .values(state=db.SENT, status=bindparam("status"), error=None, sent_at=bindparam("now"),
+                          attempts=_SENDS.c.attempts + 1))
+
+
+def instance_sent(s: Session, send_id: int, status: int, now: datetime) -> None:
+    """One instance's success response, committed as it arrives (a crash after it never sends
+    the instance again). One prebuilt statement: this runs once per instance sent, in line
+    with the C-STORE exchange."""
+    s.connection().execute(_INSTANCE_SENT, {"send_id": send_id, "status": status, "now": now})
+
+
 def release_delivery(d: db.Delivery) -> None:
     """The attempt is recorded: the delivery is free for the next due attempt (any dispatcher)."""
     d.claimed_by = d.lease_expires_at = None

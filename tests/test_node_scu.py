@@ -3,8 +3,12 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
+from typing import Any
 
 import pydicom
+import pytest
+from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
+from pynetdicom.association import Association
 from fault_helpers import sending_pipeline
 from nodetools.peers import LOOPBACK, free_port, make_ct_series, start_storescp
 from sqlalchemy import select
@@ -36,6 +40,34 @@ def test_send_series_to_storescp(tmp_path: Path) -> None:
     received = sorted((tmp_path / "pacs").glob("*.dcm"))
     assert len(received) == 3
     assert {pydicom.dcmread(f).SOPInstanceUID for f in received} == {pydicom.dcmread(f).SOPInstanceUID for f in files}
+
+
+@pytest.mark.parametrize("accepts", ["explicit", "implicit-only"])
+def test_files_go_as_stored_when_their_syntax_is_accepted_else_converted(tmp_path: Path, accepts: str,
+                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    files = make_ct_series(tmp_path / "out", n=3, size=32)
+    stored_ts = {str(pydicom.dcmread(f).file_meta.TransferSyntaxUID) for f in files}
+    assert stored_ts == {ExplicitVRLittleEndian}
+    sent_as: list[str] = []
+    real = Association.send_c_store
+
+    def spy(self: Association, dataset: Any, *args: Any, **kw: Any) -> Any:
+        sent_as.append("file" if isinstance(dataset, (str, Path)) else "dataset")
+        return real(self, dataset, *args, **kw)
+    monkeypatch.setattr(Association, "send_c_store", spy)
+    extra = ["+B"] + (["+xi"] if accepts == "implicit-only" else [])  # +B: written exactly as received
+    with start_storescp(tmp_path / "pacs", "PACS", extra=extra) as pacs:
+        dest = Destination(name="PACS", ae_title="PACS", host=LOOPBACK, port=pacs.port, timeout_s=5)
+        out = send_files(dest, files, "LTDIFF")
+        assert out.failure is None and out.sent == 3
+    assert sent_as == (["file"] * 3 if accepts == "explicit" else ["dataset"] * 3)
+    received = {str(d.SOPInstanceUID): d for d in map(pydicom.dcmread, (tmp_path / "pacs").glob("*.dcm"))}
+    want_ts = ExplicitVRLittleEndian if accepts == "explicit" else ImplicitVRLittleEndian
+    for f in files:
+        src = pydicom.dcmread(f)
+        got = received[str(src.SOPInstanceUID)]
+        assert got.file_meta.TransferSyntaxUID == want_ts
+        assert got.PixelData == src.PixelData and got.ConvolutionKernel == src.ConvolutionKernel
 
 
 def test_transient_failure_is_retried_until_the_destination_is_up(tmp_path: Path) -> None:
