@@ -42,9 +42,11 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from pydicom.dataelem import DataElement
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.multival import MultiValue
 from pydicom.sequence import Sequence as DicomSequence
+from pydicom.valuerep import PersonName
 from pydicom.sr.codedict import codes
 from pydicom.sr.coding import Code
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
@@ -201,6 +203,19 @@ def _set_pixel_value(out: Dataset, keyword: str, value: int, signed: bool) -> No
     out.add_new(tag, "SS" if signed else "US", int(value))
 
 
+# Values that cannot change in place: an element holding one is copied shallowly (deepcopy of
+# every element was half of deriving a slice); lists, sequences and anything else are deep-copied.
+_IMMUTABLE_VALUES = (str, int, float, bytes, type(None), PersonName)
+
+
+def _copy_element(elem: DataElement) -> DataElement:
+    if elem.VR == "SQ" or not isinstance(elem.value, _IMMUTABLE_VALUES):
+        return copy.deepcopy(elem)
+    new = DataElement.__new__(DataElement)
+    new.__dict__.update(elem.__dict__)
+    return new
+
+
 def _copy_header(source: Dataset) -> Dataset:
     """Public attributes of the source without pixel data (the source object is not changed)."""
     out = Dataset()
@@ -208,7 +223,7 @@ def _copy_header(source: Dataset) -> Dataset:
     for elem in source:
         if elem.tag.is_private or elem.keyword in drop or elem.tag.group == 0x0002:
             continue
-        out.add(copy.deepcopy(elem))
+        out.add(_copy_element(elem))
     return out
 
 

@@ -266,6 +266,27 @@ def test_private_tags_dropped_equipment_appended_source_object_unchanged(tmp_pat
     assert len(sources[0].ContributingEquipmentSequence) == 1
 
 
+def test_output_headers_share_nothing_mutable_with_the_sources(tmp_path: Path) -> None:
+    """Headers are copied element by element, shallowly only for values that cannot change in
+    place: editing a derived header (multi-valued, sequence, text) leaves the source as it was."""
+    sources = [pydicom.dcmread(p) for p in write_source_series(tmp_path / "src")]
+    for s in sources:
+        s.ReferencedImageSequence = [Dataset()]
+        s.ReferencedImageSequence[0].ReferencedSOPInstanceUID = "1.2.3.4"
+        s.PatientName = "Doe^Jane"
+    before = [s.to_json_dict() for s in sources]
+    out = derive_series(sources, np.stack([read_hu(s) for s in sources]), _info())
+    for d in out:
+        assert d.ImageOrientationPatient == sources[0].ImageOrientationPatient
+        d.ImageOrientationPatient[0] = 0.5
+        d.PixelSpacing.append(9)
+        d.ReferencedImageSequence[0].ReferencedSOPInstanceUID = "9.9"
+        d.ReferencedImageSequence.append(Dataset())
+        d.PatientName = "Changed^Name"
+        d.WindowCenter = 1
+    assert [s.to_json_dict() for s in sources] == before
+
+
 def test_rejects_inconsistent_input(tmp_path: Path) -> None:
     paths = write_source_series(tmp_path / "src")
     sources = [pydicom.dcmread(p) for p in paths]
