@@ -305,7 +305,7 @@ class Http(Section):
 
 DestinationType = Literal["dimse", "stow-rs"]
 DESTINATION_TYPES: tuple[str, ...] = get_args(DestinationType)
-DIMSE_KEYS = frozenset({"ae_title", "host", "port", "tls", "tls_server_name", "tls_check_hostname"})
+DIMSE_KEYS = frozenset({"ae_title", "host", "port", "tls", "tls_server_name", "tls_check_hostname", "associations"})
 STOW_KEYS = frozenset({"url", "max_instances_per_request", "max_request_mb", "username", "password_env",
                        "password_file", "token_env", "token_file", "ca_file"})
 
@@ -341,6 +341,7 @@ class Destination(Section):
     max_retries: Annotated[int, Strict(), Field(ge=0)] | None = None  # None: limited by retry_for_s only
     backoff_base_s: Positive = 10.0
     timeout_s: Positive = 30.0
+    associations: Annotated[int, Strict(), Field(ge=1, le=16)] = 1  # dimse: C-STORE associations in parallel
     retry_for_s: NonNegative = 86400.0  # keep retrying transient failures this long, then `failed`
     backoff_max_s: Positive = 600.0  # cap of the exponential backoff
     use_tls: StrictBool = Field(False, alias="tls")  # `tls = true` in the file: DICOM TLS ([tls] credentials)

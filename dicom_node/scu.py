@@ -1,4 +1,4 @@
-"""Send: C-STORE a derived series to one destination over one association.
+"""Send: C-STORE a derived series to one destination (one association, or a few in parallel).
 
 The outcome is classified so the caller can retry only what may succeed later:
 transient (connection refused, timeout, abort, association rejected-transient, status 0xA7xx
@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -94,10 +95,40 @@ def _context_refusal(assoc: Any) -> str | None:
 
 def send_files(dest: Destination, files: Sequence[Path], calling_ae: str, max_pdu: int = 131072,
                on_result: Callable[[int, InstanceResult], None] | None = None) -> SendOutcome:
-    """Send ``files`` to ``dest`` over one association; never raises for network outcomes.
+    """Send ``files`` to ``dest``; never raises for network outcomes.
 
-    ``on_result(index, result)`` is called as each C-STORE response arrives (before the next
-    instance is sent), so the caller can commit per-instance state that survives a crash."""
+    Over one association, or over ``dest.associations`` opened together, each sending a
+    contiguous share of ``files`` in order: the destination stores one instance while the node
+    encodes the next. ``on_result(index, result)`` (index into ``files``) is called as each
+    C-STORE response arrives (before that association sends its next instance), so the caller
+    can commit per-instance state that survives a crash; with several associations it is called
+    from several threads. The results are in the order of ``files``; the outcome is permanent if
+    any share failed permanently, else transient if any failed."""
+    n = max(1, min(int(getattr(dest, "associations", 1)), len(files)))
+    if n == 1:
+        return _send_over_one(dest, files, calling_ae, max_pdu, on_result)
+    t0 = time.monotonic()
+    bounds = [len(files) * i // n for i in range(n + 1)]
+
+    def share(i: int) -> SendOutcome:
+        base = bounds[i]
+        report = None if on_result is None else (lambda k, res: on_result(base + k, res))
+        return _send_over_one(dest, files[base:bounds[i + 1]], calling_ae, max_pdu, report)
+
+    with ThreadPoolExecutor(n, thread_name_prefix="c-store") as pool:
+        parts = list(pool.map(share, range(n)))
+    out = SendOutcome(results=[r for part in parts for r in part.results], seconds=time.monotonic() - t0)
+    for kind in (PERMANENT, TRANSIENT):
+        failed = [part for part in parts if part.failure == kind]
+        if failed:
+            out.failure, out.error = kind, failed[0].error
+            break
+    return out
+
+
+def _send_over_one(dest: Destination, files: Sequence[Path], calling_ae: str, max_pdu: int,
+                   on_result: Callable[[int, InstanceResult], None] | None) -> SendOutcome:
+    """``files`` in order over one association (see :func:`send_files`)."""
     t0 = time.monotonic()
     out = SendOutcome()
     if not files:

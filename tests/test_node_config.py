@@ -107,6 +107,12 @@ def test_example_config_documents_every_key() -> None:
          "destinations[0].max_instances_per_request: must be positive"),
         ({"destinations": [{"name": "W", "type": "stow-rs", "url": "https://h/dw", "tls": True}]},
          "destinations[0].tls: not a key of a type = 'stow-rs' destination (got True)"),
+        ({"destinations": [{"name": "W", "type": "stow-rs", "url": "http://h/dw", "associations": 2}]},
+         "destinations[0].associations: not a key of a type = 'stow-rs' destination (got 2)"),
+        ({"destinations": [{"name": "P", "ae_title": "P", "host": "h", "port": 104, "associations": 0}]},
+         "destinations[0].associations: must be >= 1 (got 0)"),
+        ({"destinations": [{"name": "P", "ae_title": "P", "host": "h", "port": 104, "associations": 17}]},
+         "destinations[0].associations: must be <= 16 (got 17)"),
         ({"destinations": [{"name": "W", "type": "stow-rs", "url": "http://h/dw", "max_request_mb": "8"}]},
          "destinations[0].max_request_mb: must be int or float (got '8')"),
         # unknown keys, at every level, are named with the keys that level accepts

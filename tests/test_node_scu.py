@@ -1,13 +1,15 @@
 """Send: C-STORE to DCMTK storescp, with retry on transient failures and none on permanent ones."""
 from __future__ import annotations
 
+import threading
 import time
 from pathlib import Path
 from typing import Any
 
 import pydicom
 import pytest
-from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
+from pydicom.encaps import encapsulate
+from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian, JPEGLosslessSV1
 from pynetdicom.association import Association
 from fault_helpers import sending_pipeline
 from nodetools.peers import LOOPBACK, free_port, make_ct_series, start_storescp
@@ -68,6 +70,35 @@ def test_files_go_as_stored_when_their_syntax_is_accepted_else_converted(tmp_pat
         got = received[str(src.SOPInstanceUID)]
         assert got.file_meta.TransferSyntaxUID == want_ts
         assert got.PixelData == src.PixelData and got.ConvolutionKernel == src.ConvolutionKernel
+
+
+def test_parallel_associations_send_contiguous_shares_in_order(tmp_path: Path) -> None:
+    files = make_ct_series(tmp_path / "out", n=7, size=32)
+    # labelled JPEG Lossless, which storescp does not accept and which cannot be converted:
+    # a permanent failure of one instance, in the last share
+    odd = tmp_path / "out" / "jpeg-labelled.dcm"
+    ds = pydicom.dcmread(files[0])
+    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = "1.2.826.0.1.3680043.10.999.77"
+    ds.file_meta.TransferSyntaxUID = JPEGLosslessSV1
+    ds.PixelData = encapsulate([bytes(ds.PixelData)])
+    ds.save_as(odd, enforce_file_format=True)
+    seen: list[tuple[int, str]] = []
+    with start_storescp(tmp_path / "pacs", "PACS", extra=["--fork"]) as pacs:
+        dest = Destination(name="PACS", ae_title="PACS", host=LOOPBACK, port=pacs.port, timeout_s=5, associations=3)
+        threads: set[str] = set()
+
+        def report(k: int, r: Any) -> None:
+            seen.append((k, r.sop_instance_uid))
+            threads.add(threading.current_thread().name)
+        out = send_files(dest, files, "LTDIFF", on_result=report)
+        assert out.failure is None and out.sent == 7
+        assert len(threads) == 3  # one association (thread) per share
+        assert [r.path for r in out.results] == files
+        assert sorted(seen) == [(k, str(pydicom.dcmread(f).SOPInstanceUID)) for k, f in enumerate(files)]
+        shares = send_files(dest, files[1:4] + [odd], "LTDIFF")
+    # the other shares were sent; the failed one says why; the outcome is that failure
+    assert [r.ok for r in shares.results] == [True, True, True, False]
+    assert shares.failure == PERMANENT and "jpeg-labelled.dcm" in (shares.error or ""), shares.error
 
 
 def test_transient_failure_is_retried_until_the_destination_is_up(tmp_path: Path) -> None:

@@ -7,6 +7,7 @@ import time
 from pathlib import Path
 
 import pydicom
+import pytest
 from fault_helpers import make_rig, sending_pipeline
 from sqlalchemy import select
 
@@ -60,10 +61,13 @@ def test_destination_accepting_no_ct_context_fails_at_once_with_the_reason(tmp_p
     assert d.job.series.state == db.FAILED
 
 
-def test_kill9_while_sending_resumes_with_unacknowledged_instances_only(tmp_path: Path) -> None:
+@pytest.mark.parametrize("associations", [1, 3])
+def test_kill9_while_sending_resumes_with_unacknowledged_instances_only(tmp_path: Path, associations: int) -> None:
     """Item 2: the PACS sleeps 1 s after each store; kill -9 the node once 2 instances are there.
-    Before: per-instance state committed at association end, so all 6 were sent again (8 files)."""
-    rig = make_rig(tmp_path, pacs_extra=["--sleep-after", "1"])
+    Before: per-instance state committed at association end, so all 6 were sent again (8 files).
+    With 3 associations in parallel (storescp --fork serves them at once) each share resumes too."""
+    rig = make_rig(tmp_path, pacs_extra=["--sleep-after", "1"] + (["--fork"] if associations > 1 else []),
+                   destination={"associations": associations})
     try:
         files = make_ct_series(tmp_path / "in", n=6, size=64)
         uid = str(pydicom.dcmread(files[0]).SeriesInstanceUID)
