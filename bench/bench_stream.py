@@ -2,11 +2,11 @@
 at the PACS, with ``processing.streaming`` on and off.
 
     python bench/bench_stream.py [--slices 300] [--size 512] [--rate 20] [--model linear|default|PATH]
-                                 [--modes on,off] [--min-slices 16] [--settle 2.0]
+                                 [--modes on,off[,on:4,...]] [--min-slices 16] [--settle 2.0]
 
 A Br40 series (synthetic disc, or the chest phantom with ``--phantom``) is sent by pynetdicom over one association, paced at ``--rate`` images/s
 (a scanner reconstructing), to ``dicom-node serve``, which sends the standardized series to
-Orthanc. Images in Acquisition (0020,1002) is set on every instance, so the series is complete
+Orthanc (over one association, or ``N`` at once with a mode such as ``on:4``). Images in Acquisition (0020,1002) is set on every instance, so the series is complete
 with its last instance in both modes (no stable-age wait). Before the timed series a 4-slice
 warm-up series (new UIDs) goes through the same node, so the model is loaded in both modes.
 
@@ -111,17 +111,18 @@ def orthanc_count(orthanc: peers.Peer) -> int:
 
 
 def run(mode: str, datasets: list[pydicom.Dataset], args: argparse.Namespace, out: Path) -> dict:
-    work = out / f"run-{mode}"
+    streaming, _, assocs = mode.partition(":")  # "on", "off", or with send associations: "on:4"
+    work = out / f"run-{streaming}-{assocs or 1}"
     shutil.rmtree(work, ignore_errors=True)
     port = peers.free_port()
     orthanc = peers.start_orthanc(work / "orthanc", "ORTHANC", {"ltdiff": ("LTDIFF", port)})
     cfg = peers.write_node_config(
         work / "node.toml", port=port, data_dir=work / "data", stable_age_s=30.0,
         destinations=[{"name": "orthanc", "ae_title": "ORTHANC", "host": "127.0.0.1", "port": orthanc.port,
-                       "timeout_s": 60}],
+                       "timeout_s": 60, "associations": int(assocs or 1)}],
         rules=[{"name": "br40", "match": {"ConvolutionKernel": "Br40*"}, "model": args.model_path,
                 "destinations": ["orthanc"], "qa": "flag"}],
-        processing={"streaming": mode == "on", "stream_min_slices": args.min_slices,
+        processing={"streaming": streaming == "on", "stream_min_slices": args.min_slices,
                     "stream_settle_s": args.settle, "max_batch_slices": max(len(datasets), 256)},
     )
     node = peers.start_node(cfg, port, work / "node.log")
@@ -164,7 +165,8 @@ def main() -> int:
     p.add_argument("--size", type=int, default=512)
     p.add_argument("--rate", type=float, default=20.0, help="images/s sent")
     p.add_argument("--model", default="linear", help="default, a shipped name (linear, ltdiff, direct) or a checkpoint path")
-    p.add_argument("--modes", default="on,off")
+    p.add_argument("--modes", default="on,off",
+                   help="comma-separated runs: streaming on|off, optionally :N C-STORE associations to Orthanc (on:4)")
     p.add_argument("--min-slices", type=int, default=16)
     p.add_argument("--settle", type=float, default=2.0)
     p.add_argument("--phantom", action="store_true", help="send the chest phantom instead of the disc series")
@@ -182,7 +184,7 @@ def main() -> int:
         per_slice = r["model"] / rest if rest and r["model"] else float("nan")
         left = r["slices"] - r["at_last"]
         need = per_slice * left
-        print(f"streaming {mode:>3}: LATENCY last received -> last stored at Orthanc {r['latency']:.2f} s; "
+        print(f"streaming {mode:>5}: LATENCY last received -> last stored at Orthanc {r['latency']:.2f} s; "
               f"{r['at_last']}/{r['slices']} slices standardized when the last arrived ({r['streamed']} from the "
               f"cache in the end); model {per_slice:.3f} s/slice at completion ({r['model']} s for {rest}); "
               f"MODEL TIME FOR THE {left} SLICES UNPROCESSED AT THE END {need:.2f} s; "
