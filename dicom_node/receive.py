@@ -22,6 +22,7 @@ from pynetdicom.sop_class import Verification
 
 from . import db, track
 from .audit import audit_for
+from .busy import BusyMeter
 from .config import NodeConfig
 from .duplicates import header_differences, same_pixels
 from .groupcommit import GroupCommitter, Outcome, Pending
@@ -91,6 +92,7 @@ class StorageSCP:
                 self._hosts.setdefault(a.ae_title, set()).update(a.addresses or (a.host,))
         self._enhanced = frozenset(_uids(ENHANCED_CT_SOP_CLASSES))
         self.watermark = Watermark(config, database)
+        self.busy = BusyMeter()  # streaming waits while the handlers are saturated (busy.py)
         self.committer = GroupCommitter(database, audit_for(config), window_ms=config.node.group_commit_ms,
                                         max_group=config.node.group_commit_max,
                                         open_associations=self._active_senders,
@@ -231,6 +233,13 @@ class StorageSCP:
         return sum(1 for st in list(self._stats.values()) if max(st.started, st.last_store) >= since)
 
     def _on_store(self, event: evt.Event) -> int | Dataset:
+        self.busy.begin()
+        try:
+            return self._on_store_timed(event)
+        finally:
+            self.busy.end()
+
+    def _on_store_timed(self, event: evt.Event) -> int | Dataset:
         st = self._stats.get(id(event.assoc))
         if st is not None:
             st.last_store = time.monotonic()

@@ -90,6 +90,7 @@ class NodeService:
             write_atomic(c.pid_file, f"{os.getpid()}\n".encode())
         if "receive" in self.roles:
             self.scp = StorageSCP(c, self.db)
+            self.pipeline.streamer.receive_saturated = self.scp.busy.saturated
             self.port = self.scp.start()
         self.heartbeat(started=True)
         self.scheduler = build_scheduler(c, self.pipeline, self.heartbeat, self.roles)

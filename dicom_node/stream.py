@@ -157,6 +157,8 @@ class Streamer:
         self.db = database
         self.processor = processor
         self._stalled: dict[int, str] = {}  # job id -> why its slices are left to the process step
+        # Receive first: set by the service when the receiver runs in this process (busy.py).
+        self.receive_saturated: Callable[[], bool] = lambda: False
 
     def _pending(self) -> tuple[int, str, int, list[tuple[str, str]]] | None:
         """(job id, model, seed, [(SOPInstanceUID, spool path)]) of the first streaming job with at
@@ -182,11 +184,12 @@ class Streamer:
             return s.scalar(select(db.Job.id).where(db.Job.state == db.QUEUED).limit(1)) is not None
 
     def stream(self, stop: Callable[[], bool] | None = None) -> int:
-        """Run streaming chunks until none is ready, a queued job waits (completed series first) or
-        ``stop``; returns how many slices were standardized."""
+        """Run streaming chunks until none is ready, a queued job waits (completed series first),
+        the receiver in this process is saturated (it goes first) or ``stop``; returns how many
+        slices were standardized."""
         sweep(self.config, self.db)
         total = 0
-        while not (stop and stop()) and not self.queued_work():
+        while not (stop and stop()) and not self.receive_saturated() and not self.queued_work():
             pending = self._pending()
             if pending is None:
                 break
@@ -229,7 +232,7 @@ class Streamer:
         done = 0
         model_s = 0.0
         for k in range(0, len(sr.datasets), step):
-            if k and self.queued_work():
+            if k and (self.receive_saturated() or self.queued_work()):
                 break
             t1 = time.monotonic()
             try:
