@@ -16,7 +16,7 @@ outputs are not recalled; status shows both jobs, so there is never a silent sec
 from __future__ import annotations
 
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from . import db, retention, track
@@ -42,6 +42,10 @@ class Pipeline:
         self.dispatcher = Dispatcher(config, database, self.stop)
         self.streamer = Streamer(config, database, self.processor)
         self.resent: list[str] = []
+        # Set by the scheduler: run a step now instead of at its next poll. Routing a series
+        # wakes "process", a processed job wakes "send" (the polls stay, for work from other
+        # processes and for retries).
+        self.wake: Callable[[str], None] = lambda step: None
 
     @property
     def models(self) -> ModelCache:
@@ -63,12 +67,17 @@ class Pipeline:
         return counts
 
     def scan(self) -> int:
-        return self.decider.scan()
+        routed = self.decider.scan()
+        if routed:
+            self.wake("process")
+        return routed
 
     def process(self) -> int:
         """One batch of queued jobs; when none waits, streaming runs (same thread, so the two never
         compete for the model, and a completed series always goes first)."""
         n = self.processor.process()
+        if n:
+            self.wake("send")
         if n == 0 and self.config.processing.streaming:
             self.streamer.stream(self.stop.is_set)
         elif n == 0:

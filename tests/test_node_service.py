@@ -2,8 +2,11 @@
 up/down in `dicom-node status`, and resumes a job interrupted in the middle of processing."""
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
+import pydicom
+from fault_helpers import make_rig
 from nodetools.peers import (
     echoscu, free_port, make_ct_series, make_linear_checkpoint, node_status, start_node, start_storescp, storescu,
     wait_for, write_node_config,
@@ -63,3 +66,20 @@ def test_sigterm_status_and_restart_resumes_processing(tmp_path: Path) -> None:
         if node is not None:
             node.stop()
         pacs.stop()
+
+
+def test_routed_series_wakes_process_and_send_without_waiting_for_their_polls(tmp_path: Path) -> None:
+    """With a 60 s poll the series is only done in time if routing wakes the process step and the
+    processed job wakes the send step (the first polls run 0.5 s after start, before the send)."""
+    rig = make_rig(tmp_path, processing={"poll_interval_s": 60.0}, start=False)
+    try:
+        rig.start()
+        time.sleep(1.0)  # past the first polls
+        files = make_ct_series(tmp_path / "in", n=4, size=32)
+        uid = str(pydicom.dcmread(files[0]).SeriesInstanceUID)
+        assert storescu(files, rig.port, "LTDIFF").returncode == 0
+        series = rig.wait_state(uid, ("done", "failed"), 30)
+        assert series["state"] == "done", series
+        assert len(rig.pacs_files()) == 4
+    finally:
+        rig.stop()
