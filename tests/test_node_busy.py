@@ -47,7 +47,9 @@ def test_concurrent_handlers_add_up() -> None:
         t.start()
     for t in threads:
         t.join()
-    assert m.fraction() >= 0.99  # 4 x 0.2 s in a 0.5 s window
+    # 4 x 0.2 s in a 0.5 s window: 1.0 when they overlap; one handler alone is at most 0.4, so
+    # more than that shows concurrent handlers add up (robust to threads starting late)
+    assert m.fraction() > 0.45
     assert m.saturated()
     time.sleep(0.6)
     assert m.fraction() == 0.0 and not m.saturated()
