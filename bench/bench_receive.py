@@ -24,6 +24,10 @@ First it prints the sync floor of the data volume: median milliseconds of one fi
 directory fsync and one SQLite commit (WAL, synchronous=FULL, as the node's database) for 512 KB
 files written one at a time: what one instance costs at least when nothing is shared.
 
+``pg-1`` and ``pg-2`` are receive-only processes (``serve --roles receive``) on a PostgreSQL
+database (a server started for the run): one, or two sharing the port (``node.reuse_port``), so
+that receiving runs on two cores.
+
 ``node-nostream`` is the node with ``processing.streaming = false``: by default the node
 standardizes a routed series' settled slices while the rest arrives, and that work shares the
 cores with receiving.
@@ -37,6 +41,7 @@ the first slices have settled). ``--node key=value`` adds ``[node]`` keys (e.g.
 from __future__ import annotations
 
 import argparse
+import atexit
 import os
 import shutil
 import statistics
@@ -125,6 +130,40 @@ def start_raw(out: Path) -> peers.Peer:
         peer.stop()
         raise
     return peer
+
+
+class Receivers:
+    """``n`` ``dicom-node serve --roles receive`` processes on one PostgreSQL database, sharing
+    one port when ``n`` > 1 (``node.reuse_port``); stopped together."""
+
+    def __init__(self, out: Path, pg: Any, n: int, extra: dict[str, Any], run: int) -> None:
+        shutil.rmtree(out / "pg-data", ignore_errors=True)
+        self.port = peers.free_port()
+        url = pg.create_database(f"recv{run}")
+        cfg = peers.write_node_config(out / "pg.toml", port=self.port, data_dir=out / "pg-data", stable_age_s=3600,
+                                      extra_node={"max_connections_per_address": 8, "database_url": url,
+                                                  "reuse_port": n > 1, **extra})
+        self.procs: list[peers.Peer] = []
+        try:
+            for i in range(n):
+                proc = peers._spawn(peers.node_cmd("--config", str(cfg), "serve", "--roles", "receive"),
+                                    out / f"pg-{i}.log", env=peers.peer_env())
+                self.procs.append(peers.Peer(proc, self.port, out / f"pg-{i}.log"))
+                if i == 0:
+                    peers.wait_port(self.port, 60, proc)  # the first one creates the schema
+                else:
+                    peers.wait_for(lambda p=self.procs[-1]: "scp_listening" in p.log(), 60, 0.1, "receiver listening")
+        except BaseException:
+            self.stop()
+            raise
+
+    @property
+    def pid(self) -> int:
+        return self.procs[0].pid
+
+    def stop(self) -> None:
+        for p in self.procs:
+            p.stop()
 
 
 def sync_floor(out: Path, n: int = 40) -> dict[str, float]:
@@ -220,7 +259,7 @@ def main() -> int:
     p.add_argument("--rss", type=int, default=2000, help="instances of the memory run (0: skip)")
     p.add_argument("--node", action="append", default=[], metavar="KEY=VALUE", help="extra [node] key")
     p.add_argument("--targets", default="storescp,node,node-off,raw",
-                   help="comma-separated: storescp, node, node-nostream, node-off, raw, baseline")
+                   help="comma-separated: storescp, node, node-nostream, node-off, pg-1, pg-2, raw, baseline")
     p.add_argument("--baseline-tree", type=Path, help="source tree of the 'baseline' target")
     p.add_argument("--serve-raw", nargs=2, metavar=("PORT", "DIR"), help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -239,6 +278,8 @@ def main() -> int:
           + f"; together {sum(floor.values()):.1f} ms per unshared instance")
     counts = [int(c) for c in args.associations.split(",")]
     rates: dict[tuple[str, int], list[float]] = {}
+    pg: Any = None  # a PostgreSQL server, started for the pg-1/pg-2 targets
+    runs = 0
     for r in range(args.repeats):
         for assocs in counts:
             names = args.targets.split(",")
@@ -256,6 +297,14 @@ def main() -> int:
                     peer = start_node(out, "recv", {**extra, "group_commit_ms": 0})
                 elif target == "node-nostream":  # the same node, not standardizing while it receives
                     peer = start_node(out, "recv", extra, {"streaming": False})
+                elif target in ("pg-1", "pg-2"):  # receive-only processes on PostgreSQL, 1 or 2 on one port
+                    if pg is None:
+                        from nodetools.postgres import start_postgres
+
+                        pg = start_postgres()
+                        atexit.register(pg.stop)
+                    runs += 1
+                    peer = Receivers(out, pg, int(target[-1]), extra, runs)
                 else:
                     peer = start_node(out, "recv", extra)
                 try:

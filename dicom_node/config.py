@@ -177,6 +177,9 @@ class Node(Section):
     group_commit_max: Count = 64  # instances per group commit
     roles: tuple[Role, ...] = ROLES  # `serve --roles` overrides; all four: the single-box node
     lease_s: Positive = 60.0  # a claimed job/delivery is another worker's to take after this without renewal
+    # Several `serve --roles receive` processes (shared database) listen on the same port and the
+    # kernel spreads new connections among them (Linux SO_REUSEPORT): receiving on several cores.
+    reuse_port: StrictBool = False
 
     @field_validator("roles")
     @classmethod

@@ -145,7 +145,8 @@ class StorageSCP:
         if c.tls.enabled:
             listeners.append(("dicom-tls", c.tls.port, server_context(c.tls)))
         for name, port, ctx in listeners:
-            server = start_server(self.ae, (c.bind_address, port), self.handlers(), self.gate, ctx, listener=name)
+            server = start_server(self.ae, (c.bind_address, port), self.handlers(), self.gate, ctx, listener=name,
+                                  reuse_port=c.node.reuse_port)
             self._servers.append(server)
             self.ports[name] = server.server_address[1]
             log_event(log, "scp_listening", ae_title=c.ae_title, address=c.bind_address, port=self.ports[name],

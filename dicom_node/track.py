@@ -24,6 +24,7 @@ from typing import Any
 
 from pydicom.dataset import Dataset
 from sqlalchemy import bindparam, exists, insert, or_, select, update
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from . import db
@@ -40,26 +41,13 @@ def record_instance(s: Session, audit: AuditLog, ds: Dataset, *, series_uid: str
     """Series upsert + instance insert (one transaction); a series that grows is reopened or
     flagged ``grown_after_processing``, never silently given a second output."""
     now = db.utcnow()
-    series = db.series_by_uid(s, series_uid)
+    series = db.series_by_uid(s, series_uid) or _start_series(
+        s, audit, ds, series_uid=series_uid, sop_class=sop_class, calling=calling, peer=peer, now=now)
     # Late: the series' output has been (or is being) produced, whatever state the first late
     # instance moved the series to (so every late instance is counted).
-    late = series is not None and (series.state in db.PROCESSED_STATES or any(
-        j.processing_started_at is not None or j.state in db.PROCESSED_STATES for j in series.jobs))
-    if series is None:
-        series = db.Series(
-            series_uid=series_uid, sop_class_uid=sop_class, calling_ae=calling, peer_address=peer,
-            expected_count=header_int(ds, (0x0020, 0x1002)),  # Images in Acquisition
-            instance_count=0, first_received_at=now, state=db.RECEIVED, state_changed_at=now,
-            study_uid=header_text(ds, "StudyInstanceUID"),
-            **{column: header_text(ds, keyword, size) for keyword, (column, size) in SERIES_ATTRIBUTES.items()},
-        )
-        s.add(series)
-        s.flush()
-        log_event(log, "series_started", series_uid=series_uid, study_uid=series.study_uid,
-                  modality=series.modality, kernel=series.convolution_kernel, calling_ae=calling,
-                  expected_count=series.expected_count)
-        audit.series("received", series_uid, series.study_uid, calling_ae=calling, peer=peer)
-    elif series.state in (db.COMPLETE, db.QUEUED, db.IGNORED, db.UNROUTED, db.REFUSED):
+    late = series.state in db.PROCESSED_STATES or any(
+        j.processing_started_at is not None or j.state in db.PROCESSED_STATES for j in series.jobs)
+    if series.state in (db.COMPLETE, db.QUEUED, db.IGNORED, db.UNROUTED, db.REFUSED):
         # Not processed yet: drop the pending decision and wait for the series to be stable again
         # (a job that was streaming goes back to streaming: its cached slices stay valid).
         for job in series.jobs:
@@ -77,16 +65,53 @@ def record_instance(s: Session, audit: AuditLog, ds: Dataset, *, series_uid: str
             log_event(log, "series_grown_after_processing", level=logging.WARNING, series_uid=series_uid,
                       previous_state=series.state)
             _reopen(series)
+    # Counted in SQL (SET n = n + 1), flushed per instance: another receiver process may be
+    # counting instances of the same series in its own transaction.
     if late:
         series.grown_after_processing = True
-        series.late_instances += 1
-    series.instance_count += 1
+        series.late_instances = db.Series.late_instances + 1
+    series.instance_count = db.Series.instance_count + 1
     series.last_received_at = now
     s.add(db.Instance(
         series_id=series.id, sop_instance_uid=sop_uid, sop_class_uid=sop_class, transfer_syntax_uid=ts_uid,
         instance_number=header_int(ds, "InstanceNumber"), path=rel, size=size, received_at=now,
         calling_ae=calling, late=late, pixel_sha256=digest,
     ))
+    s.flush()
+    return series
+
+
+def _start_series(s: Session, audit: AuditLog, ds: Dataset, *, series_uid: str, sop_class: str, calling: str,
+                  peer: str, now: datetime) -> db.Series:
+    """The new series row, or the one another receiver process inserted first: on a shared
+    database two processes (``node.reuse_port``) can receive the first instances of one series at
+    once, and the unique SeriesInstanceUID lets one insert win; the other reads the winner's row
+    (inserted in a savepoint, so the rest of its group commits). SQLite serves one process."""
+    series = db.Series(
+        series_uid=series_uid, sop_class_uid=sop_class, calling_ae=calling, peer_address=peer,
+        expected_count=header_int(ds, (0x0020, 0x1002)),  # Images in Acquisition
+        instance_count=0, first_received_at=now, state=db.RECEIVED, state_changed_at=now,
+        study_uid=header_text(ds, "StudyInstanceUID"),
+        **{column: header_text(ds, keyword, size) for keyword, (column, size) in SERIES_ATTRIBUTES.items()},
+    )
+    if s.get_bind().dialect.name == "sqlite":
+        s.add(series)
+        s.flush()
+    else:
+        try:
+            with s.begin_nested():
+                s.add(series)
+                s.flush()
+        except IntegrityError:
+            winner = db.series_by_uid(s, series_uid)
+            if winner is None:
+                raise
+            log_event(log, "series_started_elsewhere", series_uid=series_uid)
+            return winner
+    log_event(log, "series_started", series_uid=series_uid, study_uid=series.study_uid,
+              modality=series.modality, kernel=series.convolution_kernel, calling_ae=calling,
+              expected_count=series.expected_count)
+    audit.series("received", series_uid, series.study_uid, calling_ae=calling, peer=peer)
     return series
 
 

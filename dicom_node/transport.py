@@ -361,15 +361,24 @@ class GuardedAssociationServer(ThreadedAssociationServer):
 
     def __init__(self, ae: AE, address: tuple[str, int], ae_title: str, contexts: list[Any],
                  ssl_context: ssl.SSLContext | None = None, evt_handlers: list[Any] | None = None, *,
-                 gate: ConnectionGate, listener: str = "dicom") -> None:
+                 gate: ConnectionGate, listener: str = "dicom", reuse_port: bool = False) -> None:
         self.gate = gate
         self.listener = listener
+        self.reuse_port = reuse_port
         super().__init__(ae, address, ae_title, contexts, ssl_context, evt_handlers,
                          request_handler=GuardedRequestHandler)
         # Bound after the caller's handlers: a calling AE refused for its host is never counted.
         self.bind(evt.EVT_REQUESTED, gate.on_requested)
         for event in (evt.EVT_RELEASED, evt.EVT_ABORTED, evt.EVT_REJECTED):
             self.bind(event, gate.on_closed)
+
+    def server_bind(self) -> None:
+        """pynetdicom's bind, plus SO_REUSEPORT when several receiver processes share the port
+        (``node.reuse_port``; each process has its own gate, so the limits apply per process)."""
+        if self.reuse_port:
+            assert self.socket is not None
+            self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        super().server_bind()
 
     def get_request(self) -> tuple[socket.socket, tuple[str, int]]:
         assert self.socket is not None
@@ -403,13 +412,15 @@ def tls_peer(assoc: Association) -> dict[str, Any]:
 
 
 def start_server(ae: AE, address: tuple[str, int], handlers: list[Any], gate: ConnectionGate,
-                 ssl_context: ssl.SSLContext | None = None, listener: str = "dicom") -> GuardedAssociationServer:
+                 ssl_context: ssl.SSLContext | None = None, listener: str = "dicom",
+                 reuse_port: bool = False) -> GuardedAssociationServer:
     """Start a guarded listener in a daemon thread (what ``AE.start_server(block=False)`` does)."""
     # pynetdicom's own limit counts every acceptor thread (half-open ones too); the gate enforces
     # the real one, so this only has to stay above what the gate lets in.
     ae.maximum_associations = gate.limits.max_connections + 1
     server = ae.make_server(address, ssl_context=ssl_context, evt_handlers=handlers,
-                            server_class=GuardedAssociationServer, gate=gate, listener=listener)
+                            server_class=GuardedAssociationServer, gate=gate, listener=listener,
+                            reuse_port=reuse_port)
     stamp = datetime.now().strftime("%Y%m%d%H%M%S")
     thread = threading.Thread(target=server.serve_forever, name=f"AcceptorServer@{stamp}", daemon=True)
     thread.start()

@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
+import threading
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -153,3 +154,102 @@ def test_roles_share_one_postgres_queue(tmp_path: Path, postgres: PostgresServer
         resume_and_stop(peers.values())
         pacs.stop()
         database.dispose()
+
+
+def test_two_receivers_share_one_port(tmp_path: Path, postgres: PostgresServer) -> None:
+    """``node.reuse_port``: two ``serve --roles receive`` processes listen on one port; the kernel
+    gives each new connection to one of them. 16 single-instance associations: every instance is
+    recorded once, and both processes took associations. Without the key a second process on the
+    port cannot start."""
+    url = postgres.create_database("reuseport")
+    port = free_port()
+
+    def config(name: str, reuse: bool) -> Path:
+        return write_node_config(tmp_path / f"{name}.toml", port=port, data_dir=tmp_path / "shared", stable_age_s=3600,
+                                 extra_node={"database_url": url, "reuse_port": reuse,
+                                             "max_connections_per_address": 8},  # per process
+                                 disk=SCRATCH_DISK)
+    cfg = config("node", True)
+    database = db.Database(url)
+    procs: list[Peer] = []
+    try:
+        procs.append(serve(cfg, "receive", tmp_path / "receiver-1.log"))
+        wait_port(port, 60, procs[0].proc)  # the first one upgrades the schema
+        procs.append(serve(cfg, "receive", tmp_path / "receiver-2.log"))
+        wait_for(lambda: "scp_listening" in procs[1].log(), 60, 0.2, "second receiver listening")
+        files = make_ct_series(tmp_path / "in", n=16, size=32)
+        for f in files:  # one association each
+            assert storescu([f], port, "LTDIFF").returncode == 0
+        with database.session() as s:
+            uids = list(s.scalars(select(db.Instance.sop_instance_uid)))
+            series = list(s.scalars(select(db.Series)))
+        assert sorted(uids) == sorted(str(pydicom.dcmread(f).SOPInstanceUID) for f in files)
+        assert len(series) == 1 and series[0].instance_count == 16
+        accepted = [p.log().count("event=association_accepted") for p in procs]
+        assert sum(accepted) == 16 and min(accepted) >= 1, accepted
+        # the first instances of a new series at both receivers at once: one series row wins, the
+        # other receiver records into it, and no count is lost (8 associations, 2 instances each)
+        burst = make_ct_series(tmp_path / "burst", n=16, size=32, seed=5)
+        codes: list[int] = []
+        threads = [threading.Thread(target=lambda part: codes.append(storescu(part, port, "LTDIFF").returncode),
+                                    args=(burst[i::8],)) for i in range(8)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert codes == [0] * 8
+        burst_uid = str(pydicom.dcmread(burst[0]).SeriesInstanceUID)
+        with database.session() as s:
+            rows = list(s.scalars(select(db.Series).where(db.Series.series_uid == burst_uid)))
+            assert len(rows) == 1 and rows[0].instance_count == 16
+            assert len(list(s.scalars(select(db.Instance.id).where(db.Instance.series_id == rows[0].id)))) == 16
+        # the same port without reuse_port: refused at start
+        lone = serve(config("lone", False), "receive", tmp_path / "lone.log")
+        procs.append(lone)
+        assert lone.proc.wait(60) != 0
+        assert "Address already in use" in lone.log() or "in use" in lone.log()
+    finally:
+        resume_and_stop(procs)
+        database.dispose()
+
+
+def test_series_inserted_by_another_receiver_meanwhile_is_used(tmp_path: Path, postgres: PostgresServer) -> None:
+    """Two transactions record the first instance of one series at once: the second one's insert
+    waits on the unique SeriesInstanceUID until the first commits, then records into that row."""
+    from pydicom.dataset import Dataset
+
+    from dicom_node import track
+    from dicom_node.audit import AuditLog
+
+    database = db.Database(postgres.create_database("race"))
+    database.create_all()
+
+    def record(n: int) -> dict[str, Any]:
+        ds = Dataset()
+        ds.InstanceNumber = n
+        return dict(ds=ds, series_uid="1.2.3", sop_uid=f"1.2.3.{n}", sop_class="1.2.840.10008.5.1.4.1.1.2",
+                    ts_uid="1.2.840.10008.1.2.1", rel=f"x/{n}.dcm", size=1, calling="A", peer="127.0.0.1", digest=None)
+    first = database.Session()
+    track.record_received(first, AuditLog(None, "N"), [record(1)])  # inserted, not committed
+    done = threading.Event()
+    errors: list[BaseException] = []
+
+    def second() -> None:
+        try:
+            with database.session() as s:
+                track.record_received(s, AuditLog(None, "N"), [record(2)])
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+        done.set()
+    t = threading.Thread(target=second)
+    t.start()
+    assert not done.wait(1.0)  # blocked on the first transaction's row
+    first.commit()
+    first.close()
+    t.join(30)
+    assert done.is_set() and errors == []
+    with database.session() as s:
+        rows = list(s.scalars(select(db.Series)))
+        assert len(rows) == 1 and rows[0].instance_count == 2
+        assert sorted(s.scalars(select(db.Instance.sop_instance_uid))) == ["1.2.3.1", "1.2.3.2"]
+    database.dispose()
