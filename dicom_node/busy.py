@@ -8,9 +8,11 @@ receiver is saturated and uses the gaps a paced sender (a scanner reconstructing
 """
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 from collections import deque
+from collections.abc import Iterator
 
 WINDOW_S = 1.0
 # At full speed about half of each C-STORE cycle is the node's handler (the other half is
@@ -26,6 +28,15 @@ class BusyMeter:
         self._lock = threading.Lock()
         self._spans: deque[tuple[float, float]] = deque()
         self._open: dict[int, float] = {}  # thread id -> start of the handler running now
+
+    @contextlib.contextmanager
+    def measuring(self) -> Iterator[None]:
+        """Count the block (one handler call) as busy time."""
+        self.begin()
+        try:
+            yield
+        finally:
+            self.end()
 
     def begin(self) -> None:
         with self._lock:

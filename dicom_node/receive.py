@@ -234,13 +234,10 @@ class StorageSCP:
         return sum(1 for st in list(self._stats.values()) if max(st.started, st.last_store) >= since)
 
     def _on_store(self, event: evt.Event) -> int | Dataset:
-        self.busy.begin()
-        try:
-            return self._on_store_timed(event)
-        finally:
-            self.busy.end()
+        with self.busy.measuring():
+            return self._handle_store(event)
 
-    def _on_store_timed(self, event: evt.Event) -> int | Dataset:
+    def _handle_store(self, event: evt.Event) -> int | Dataset:
         st = self._stats.get(id(event.assoc))
         if st is not None:
             st.last_store = time.monotonic()

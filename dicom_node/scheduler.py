@@ -9,8 +9,8 @@ process's roles are scheduled: ``decide`` (completeness scan, retention), ``proc
 """
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
 import threading
+from collections.abc import Callable, Sequence
 from datetime import datetime, timedelta, timezone
 
 from apscheduler.executors.pool import ThreadPoolExecutor

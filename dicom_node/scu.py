@@ -105,7 +105,7 @@ def send_files(dest: Destination, files: Sequence[Path], calling_ae: str, max_pd
     can commit per-instance state that survives a crash; with several associations it is called
     from several threads. The results are in the order of ``files``; the outcome is permanent if
     any share failed permanently, else transient if any failed."""
-    n = max(1, min(int(getattr(dest, "associations", 1)), len(files)))
+    n = max(1, min(dest.associations, len(files)))
     if n == 1:
         return _send_over_one(dest, files, calling_ae, max_pdu, on_result)
     t0 = time.monotonic()
