@@ -80,6 +80,27 @@ def _contexts(files: Sequence[Path]) -> tuple[list[tuple[Path, str, str, str]], 
     return info, contexts
 
 
+def keep_responses(assoc: Any) -> None:
+    """Hand a C-STORE response that pynetdicom's association reactor took off the queue back to
+    the sender waiting for it.
+
+    ``send_c_store`` pauses the reactor before sending and waits for the response on the same
+    queue, but the pause has a window: the reactor can pass its checkpoint just before the pause
+    and take the response, log "Received unexpected C-STORE service message" and drop it (seen
+    here once in a CI run; reported upstream as pynetdicom issue 875 for C-FIND). The sender then
+    waits for the DIMSE timeout, the association is aborted and the instance is sent again, a
+    duplicate at the PACS. The node's SCU associations carry only its own requests, so any
+    message that is not a request is a response someone waits for."""
+    serve = assoc._serve_request
+
+    def serve_or_return(msg: Any, context_id: int) -> None:
+        if not msg.is_valid_request and assoc.is_established:
+            assoc.dimse.msg_queue.put((context_id, msg))
+            return
+        serve(msg, context_id)
+    assoc._serve_request = serve_or_return
+
+
 def _context_refusal(assoc: Any) -> str | None:
     """The destination's reason when it answered A-ASSOCIATE-AC but accepted none of our
     presentation contexts (pynetdicom then aborts the association); ``None`` otherwise."""
@@ -162,6 +183,7 @@ def _send_over_one(dest: Destination, files: Sequence[Path], calling_ae: str, ma
             out.results = [InstanceResult(p, uid, None, out.error) for p, uid, _, _ in info]
             return out
         no_delay(assoc)
+        keep_responses(assoc)
         accepted = {cx.abstract_syntax for cx in assoc.accepted_contexts}
         as_stored = {(cx.abstract_syntax, cx.transfer_syntax[0]) for cx in assoc.accepted_contexts}
         for k, (path, uid, sop_class, ts) in enumerate(info):

@@ -101,6 +101,39 @@ def test_parallel_associations_send_contiguous_shares_in_order(tmp_path: Path) -
     assert shares.failure == PERMANENT and "jpeg-labelled.dcm" in (shares.error or ""), shares.error
 
 
+@pytest.mark.parametrize("kept", [True, False])
+def test_response_taken_by_the_reactor_goes_back_to_the_sender(tmp_path: Path, kept: bool) -> None:
+    """pynetdicom's reactor can take a C-STORE response off the queue before the paused sender
+    does (seen once in CI: DIMSE timeout, then a duplicate at the PACS). On a real association
+    with storescp, a response handed to the reactor's handler is put back on the queue the sender
+    reads; pynetdicom's own handler drops it."""
+    from pynetdicom import AE
+    from pynetdicom.dimse_primitives import C_STORE
+    from pynetdicom.sop_class import CTImageStorage
+
+    from dicom_node.scu import keep_responses
+
+    with start_storescp(tmp_path / "pacs", "PACS") as pacs:
+        ae = AE(ae_title="LTDIFF")
+        ae.add_requested_context(CTImageStorage)
+        assoc = ae.associate(LOOPBACK, pacs.port, ae_title="PACS")
+        try:
+            assert assoc.is_established
+            if kept:
+                keep_responses(assoc)
+            rsp = C_STORE()
+            rsp.MessageIDBeingRespondedTo = 1
+            rsp.AffectedSOPClassUID = CTImageStorage
+            rsp.AffectedSOPInstanceUID = "1.2.3"
+            rsp.Status = 0x0000
+            cx_id = assoc.accepted_contexts[0].context_id
+            assoc._serve_request(rsp, cx_id)  # what the reactor does with a message it took
+            got = assoc.dimse.get_msg(block=False)
+            assert got == ((cx_id, rsp) if kept else (None, None))
+        finally:
+            assoc.release()
+
+
 def test_transient_failure_is_retried_until_the_destination_is_up(tmp_path: Path) -> None:
     port = free_port()
     worker, files = sending_pipeline(tmp_path, _dest(port, retries=4, backoff=0.5))
