@@ -186,7 +186,12 @@ def cmd_echo(args: argparse.Namespace) -> int:
     ae.add_requested_context(Verification)
     assoc = ae.associate(host, port, ae_title=called)
     if not assoc.is_established:
-        print(f"C-ECHO {called}@{host}:{port}: association failed")
+        from .negotiation import reject_reason, rejection
+
+        prim = rejection(assoc)
+        why = ("aborted, refused or timed out" if prim is None else
+               f"rejected ({'permanent' if int(prim.result) == 1 else 'transient'}): {reject_reason(prim)}")
+        print(f"C-ECHO {called}@{host}:{port}: association {why}")
         return 1
     rsp = assoc.send_c_echo()
     assoc.release()

@@ -23,6 +23,7 @@ from pydicom.uid import (
     JPEGLSNearLossless,
     RLELossless,
 )
+from pynetdicom.pdu_primitives import A_ASSOCIATE
 from pynetdicom.sop_class import (  # type: ignore[attr-defined]
     EnhancedCTImageStorage,
     LegacyConvertedEnhancedCTImageStorage,
@@ -98,6 +99,22 @@ def _sentence(text: str) -> str:
 def reject_reason(primitive: Any) -> str:
     """An A-ASSOCIATE-RJ's Result Source / Reason-Diag as words (PS3.8 Table 9-21)."""
     return _sentence(str(primitive.reason_str))
+
+
+def rejection(assoc: Any) -> Any | None:
+    """The destination's A-ASSOCIATE-RJ primitive, or ``None`` if it did not reject.
+
+    A peer that rejects and closes at once (DCMTK ``storescp --refuse`` does) can close the
+    socket before pynetdicom's requestor looks at it again after connecting; pynetdicom then
+    reports an abort and leaves the rejection unread on the DUL's queue (about half of 200
+    tries against ``storescp --refuse``). The rejection is the peer's real answer: a permanent
+    one must not be retried."""
+    if assoc.is_rejected and assoc.acceptor.primitive is not None:
+        return assoc.acceptor.primitive
+    for prim in list(assoc.dul.to_user_queue.queue):
+        if isinstance(prim, A_ASSOCIATE) and prim.result in (0x01, 0x02):
+            return prim
+    return None
 
 
 def context_result(context: Any) -> str:

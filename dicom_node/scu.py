@@ -23,7 +23,8 @@ from pynetdicom import AE, _config
 from pynetdicom.presentation import build_context
 
 from .config import Destination
-from .negotiation import PERMANENT, TRANSIENT, classify_status, context_result, is_success, reject_reason
+from .negotiation import (PERMANENT, TRANSIENT, classify_status, context_result, is_success, reject_reason,
+                          rejection)
 from .logs import log_event
 from .tls import client_context
 from .transport import no_delay
@@ -168,8 +169,7 @@ def _send_over_one(dest: Destination, files: Sequence[Path], calling_ae: str, ma
     assoc = ae.associate(dest.host, dest.port, ae_title=dest.ae_title, tls_args=tls_args)
     try:
         if not assoc.is_established:
-            if assoc.is_rejected and assoc.acceptor.primitive is not None:
-                prim = assoc.acceptor.primitive
+            if (prim := rejection(assoc)) is not None:
                 result, reason = int(prim.result), reject_reason(prim)
                 out.failure = PERMANENT if result == 1 else TRANSIENT
                 out.error = (f"association rejected ({'permanent' if result == 1 else 'transient'}): {reason}")

@@ -170,6 +170,35 @@ def test_permanent_rejection_fails_at_once(tmp_path: Path) -> None:
         assert "PACS: permanent" in job.series.error
 
 
+def test_rejection_is_seen_even_when_the_peer_closes_at_once(tmp_path: Path) -> None:
+    """``storescp --refuse`` rejects and closes at once; in about half of the tries pynetdicom
+    reports that as an abort with the rejection left unread. Every try must still read as a
+    permanent rejection, never as a transient failure that would be retried."""
+    files = make_ct_series(tmp_path / "out", n=1, size=32)
+    with start_storescp(tmp_path / "pacs", "PACS", extra=["--refuse"]) as pacs:
+        dest = Destination(name="PACS", ae_title="PACS", host=LOOPBACK, port=pacs.port, timeout_s=5)
+        outcomes = [send_files(dest, files, "LTDIFF") for _ in range(20)]
+    assert {(o.failure, o.sent) for o in outcomes} == {(PERMANENT, 0)}
+    assert all(o.error.startswith("association rejected (permanent)") for o in outcomes)
+
+
+def test_echo_names_the_rejection(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """`dicom-node echo --destination` tells the admin why the PACS said no, not just "failed"."""
+    from dicom_node.cli import main as cli_main
+    from nodetools.peers import write_node_config
+
+    with start_storescp(tmp_path / "ok", "PACS") as ok, \
+            start_storescp(tmp_path / "no", "PACS", extra=["--refuse"]) as no:
+        conf = write_node_config(tmp_path / "node.toml", port=free_port(), data_dir=tmp_path / "data",
+                                 destinations=[{**_dest(ok.port), "name": "OK"}, {**_dest(no.port), "name": "NO"}])
+        assert cli_main(["--config", str(conf), "echo", "--destination", "OK"]) == 0
+        assert capsys.readouterr().out.strip() == f"C-ECHO PACS@{LOOPBACK}:{ok.port}: status 0x0000"
+        for _ in range(5):  # the peer closes at once: the rejection must be read every time
+            assert cli_main(["--config", str(conf), "echo", "--destination", "NO"]) == 1
+            assert capsys.readouterr().out.strip().startswith(
+                f"C-ECHO PACS@{LOOPBACK}:{no.port}: association rejected (permanent): ")
+
+
 def test_exhausted_retries_fail_with_reason(tmp_path: Path) -> None:
     worker, _ = sending_pipeline(tmp_path, _dest(free_port(), retries=1, backoff=0.1))
     worker.send()
