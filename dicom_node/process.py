@@ -27,7 +27,7 @@ from typing import Any
 
 from sqlalchemy import select
 
-from ltdiff_core.atomic import fsync_dir, fsync_files
+from ltdiff_core.atomic import fsync_dir, make_durable
 
 from . import db, track
 from .anomalies import spacing_refusal
@@ -329,8 +329,7 @@ class Processor:
                 ds.save_as(fh, enforce_file_format=True)
             files.append(staging / name)
             rels.append((str(ds.SOPInstanceUID), f"job-{job_id}/{name}"))
-        fsync_files(files)
-        fsync_dir(staging)
+        make_durable(files, [staging])
         derive_s = time.monotonic() - t0
         out_uid = str(derived[0].SeriesInstanceUID) if derived else None
         streamed = self._streamed.get(job_id)

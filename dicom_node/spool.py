@@ -14,9 +14,9 @@ import os
 import re
 from pathlib import Path
 
-from ltdiff_core.atomic import fsync_dir, fsync_file, fsync_files, temp_name, write_atomic
+from ltdiff_core.atomic import fsync_dir, fsync_file, fsync_files, make_durable, temp_name, write_atomic
 
-__all__ = ["disk_usage", "fsync_dir", "fsync_file", "fsync_files", "make_dirs", "safe_name", "unlink_quietly", "write_atomic",
+__all__ = ["disk_usage", "fsync_dir", "fsync_file", "fsync_files", "make_durable", "make_dirs", "safe_name", "unlink_quietly", "write_atomic",
            "write_pending"]
 
 _SAFE_UID = re.compile(r"^[0-9]+(\.[0-9]+)*$")

@@ -36,7 +36,7 @@ from sqlalchemy import delete, select
 
 from . import db, track
 from .logs import log_event
-from .spool import fsync_dir, fsync_files, safe_name, write_atomic
+from .spool import make_durable, safe_name, write_atomic
 
 FIXED_BATCH_PIXELS = 512 * 512  # as ltdiff_core.standardizer.FIXED_BATCH_PIXELS (imported lazily: torch)
 
@@ -266,9 +266,7 @@ class Streamer:
             written.append((uid, rel))
             paths.append(self.config.output_dir / rel)
         if paths:  # durable before the rows that point at them
-            fsync_files(paths)
-            fsync_dir(paths[0].parent)
-            fsync_dir(paths[0].parent.parent)
+            make_durable(paths, [paths[0].parent, paths[0].parent.parent])
         with self.db.session() as s:
             job = s.get(db.Job, job_id)
             if job is None or job.state not in (db.STREAMING, db.QUEUED):

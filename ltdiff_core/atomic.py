@@ -50,6 +50,15 @@ def fsync_files(paths: "list[Path]", workers: int = 8) -> None:
             pass
 
 
+def make_durable(files: "list[Path]", dirs: "list[Path]") -> None:
+    """Files written without syncs (plain writes, or renames with ``fsync=False``) made durable
+    together: their data in parallel (:func:`fsync_files`), then each directory whose entries
+    changed, innermost first. One sync pass for a batch instead of two serial syncs per file."""
+    fsync_files(files)
+    for d in dirs:
+        fsync_dir(d)
+
+
 def temp_name(path: Path) -> Path:
     """Hidden, unique sibling of ``path`` (``.NAME.PID.RANDOM.tmp``); never a final name."""
     return path.parent / f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
