@@ -1,12 +1,19 @@
 """GPU figures of the default model: slices/s at batch 1-64 (bf16, fp32), peak memory, series latency.
 
-    python bench/bench_gpu.py [--model PATH] [--new-default PATH|derive] [--batches 1,2,4,8,16,32,64]
-                              [--seconds 2] [--series-slices 300] [--series DIR] [--out FILE.json]
+    python bench/bench_gpu.py [--model NAME|PATH ...] [--new-default PATH|derive]
+                              [--batches 1,2,4,8,16,32,64] [--seconds 2] [--series-slices 300]
+                              [--series DIR] [--out FILE.json]
+
+``--model`` (repeatable) names the models measured, each labelled by its name: by default the
+default model (the linear filter, its FFTs in ``torch.fft`` on the GPU) and ``ltdiff`` (the latent
+diffusion model, the default before it). ``--new-default`` adds one more, labelled "new default".
 
 1. Throughput: ``Standardizer`` on 512^2 slices with ``max_batch_pixels`` = batch x 512^2, after a
    warm-up batch; each (precision, batch) runs whole batches until ``--seconds`` have passed
    (at least 2 batches), timed with ``torch.cuda.synchronize``. Peak memory is
-   ``torch.cuda.max_memory_allocated`` (and reserved) of that configuration.
+   ``torch.cuda.max_memory_allocated`` (and reserved) of that configuration. Each row names the
+   device the model ran on (``model_device``); bf16 autocast applies to networks only, so the
+   linear filter is measured in fp32 alone.
 2. Series latency: a ``--series-slices`` phantom series (``python -m train.make_phantom``, Br40)
    through ``dicom-node standardize --device cuda`` (its default batch), wall time of the command.
 
@@ -45,7 +52,8 @@ def throughput(model: str | None, label: str, batches: list[int], seconds: float
 
     cuda = device.startswith("cuda")
     sync = torch.cuda.synchronize if cuda else (lambda: None)
-    for bf16 in ((True, False) if cuda else (False,)):
+    networks = Standardizer.from_checkpoint(model, device="cpu").method != "linear"
+    for bf16 in ((True, False) if cuda and networks else (False,)):
         for bs in batches:
             s = Standardizer.from_checkpoint(model, device=device, max_batch_pixels=bs * size * size, cuda_bf16=bf16)
             vol = synthetic_volume(bs, size)
@@ -60,7 +68,7 @@ def throughput(model: str | None, label: str, batches: list[int], seconds: float
                     n += bs
                 sync()
                 dt = time.perf_counter() - t0
-                row = {"figure": "throughput", "model": label, "device": device, "size": size,
+                row = {"figure": "throughput", "model": label, "model_device": s.device, "size": size,
                        "precision": "bf16" if bf16 else "fp32", "batch": bs, "slices": n, "seconds": round(dt, 3),
                        "slices_per_s": round(n / dt, 2)}
                 if cuda:
@@ -105,7 +113,8 @@ def make_series(n: int, workdir: Path, rows: list[dict[str, Any]], size: int = S
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--model", default=None, help="checkpoint (default: shipped ltdiff)")
+    p.add_argument("--model", action="append", default=None, metavar="NAME|PATH",
+                   help="a model to measure, repeatable (default: 'default' and 'ltdiff')")
     p.add_argument("--new-default", default=None, help="second model: checkpoint path or 'derive' "
                    "(see bench/bench_inference.py)")
     p.add_argument("--batches", default="1,2,4,8,16,32,64")
@@ -129,11 +138,11 @@ def main() -> int:
     emit(rows, {"cuda": cuda, "device": torch.cuda.get_device_name(0) if cuda else args.device,
                 "torch": torch.__version__, "cuda_version": torch.version.cuda})
     tmp = tempfile.TemporaryDirectory()
-    models: list[tuple[str, str | None]] = [("current default", args.model)]
+    models: list[tuple[str, str | None]] = [(m, m) for m in (args.model or ["default", "ltdiff"])]
     if args.new_default:
         from bench.bench_inference import derive_new_default
 
-        nd = derive_new_default(args.model, Path(tmp.name)) if args.new_default == "derive" else args.new_default
+        nd = derive_new_default(None, Path(tmp.name)) if args.new_default == "derive" else args.new_default
         models.append(("new default", str(nd)))
     batches = [int(b) for b in args.batches.split(",") if b.strip()]
     for label, model in models:

@@ -52,6 +52,26 @@ def uid_slice_key(seed: int, uid: str) -> int:
     return int.from_bytes(digest[:8], "big") % (2**63 - 1)
 
 
+NVIDIA_DRIVER = Path("/proc/driver/nvidia/version")
+
+
+def linear_device(device: str) -> str:
+    """Where the linear filter's FFTs run: ``"cpu"`` (SciPy) or a torch device (``torch.fft``).
+
+    ``"auto"`` takes CUDA only on a machine with the NVIDIA driver loaded, checked before importing
+    torch: the linear filter needs no torch on the CPU, and a CPU-only node should not pay its
+    import (2.5 s, a few hundred MB) to learn that there is no GPU."""
+    if device == "cpu" or (device == "auto" and not NVIDIA_DRIVER.exists()):
+        return "cpu"
+    import torch
+
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise RuntimeError(f"device {device!r} requested but torch sees no CUDA device")
+    return device
+
+
 class Standardizer:
     """Kernel standardization with a loaded checkpoint (see :meth:`from_checkpoint`)."""
 
@@ -99,6 +119,7 @@ class Standardizer:
         if self.method == "linear":
             self.filter = LinearKernelFilter.from_tensors(ckpt.tensors, "linear")
             self.factor = 1
+            self.device = linear_device(device)
         else:
             import torch
 
@@ -295,7 +316,7 @@ class Standardizer:
         if self.method == "linear":
             noisy = self.variant == "linear+noise"
             if not noisy and len(set(pixel)) == 1:  # one geometry: the filter's stacked FFT path
-                return self.filter.apply(hu, pixel[0])
+                return self.filter.apply(hu, pixel[0], device=None if self.device == "cpu" else self.device)
             return np.stack([self.filter.apply(s, px, noise_seed=k if noisy else None)
                              for s, px, k in zip(hu, pixel, keys)])
         x = hu_to_unit(hu, self.norm)

@@ -1,6 +1,8 @@
 """The fitted radial filter recovers a known transfer function, across pixel sizes."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -71,3 +73,58 @@ def test_round_trip_through_tensors():
 def test_no_data_is_an_error():
     with pytest.raises(ValueError, match="no paired slices"):
         LinearFilterFitter().fit()
+
+
+def test_torch_fft_path_equals_the_scipy_path():
+    """On an accelerator the filter runs its FFTs in torch.fft (run here on the CPU through the same
+    code): the same output as the SciPy path to float32 rounding, for a slice, for a volume longer
+    than one device stack, and for an odd matrix."""
+    from ltdiff_core.linear_filter import DEVICE_STACK
+
+    filt = _fit()
+    filt.pad = 8
+    rng = np.random.default_rng(3)
+    vol = rng.normal(0, 100, (DEVICE_STACK + 5, 40, 37)).astype(np.float32)
+    for x in (vol[0], vol):
+        ref = filt.apply(x, (0.7, 0.8))
+        got = filt.apply(x, (0.7, 0.8), device="cpu")
+        assert got.shape == ref.shape and got.dtype == np.float32
+        assert float(np.abs(got - ref).max()) < 1e-3
+    assert float(np.abs(filt.apply(vol, (0.7, 0.8), device="cpu") - vol).max()) > 1.0  # it filtered
+
+
+def test_linear_device_on_a_machine_without_gpu(tmp_path, monkeypatch):
+    """The linear default picks CUDA only where there is one; on a CPU-only machine "auto" is the
+    CPU without importing torch, and asking for CUDA is an error, not a silent CPU run."""
+    import subprocess
+    import sys
+
+    from ltdiff_core import standardizer as st
+
+    code = ("import sys; from ltdiff_core import Standardizer; s = Standardizer.from_checkpoint('linear'); "
+            "print(s.device, 'torch' in sys.modules)")
+    root = Path(__file__).resolve().parents[1]
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=root, check=True)
+    assert out.stdout.split() == ["cpu", "False"] or st.NVIDIA_DRIVER.exists()
+    assert st.linear_device("cpu") == "cpu"
+    driver = tmp_path / "version"
+    driver.write_text("NVRM version: test\n")
+    monkeypatch.setattr(st, "NVIDIA_DRIVER", driver)  # a driver file, but torch decides
+    import torch
+
+    assert st.linear_device("auto") == ("cuda" if torch.cuda.is_available() else "cpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(RuntimeError, match="no CUDA device"):
+            st.linear_device("cuda")
+
+
+def test_standardizer_runs_the_linear_filter_on_a_torch_device():
+    """A Standardizer given a torch device (here "cpu:0", the torch path on the CPU) gives the same
+    HU as the default SciPy path and names its device (it goes into the output's provenance)."""
+    from ltdiff_core import Standardizer
+
+    vol = (np.random.default_rng(1).standard_normal((6, 40, 48)) * 50).astype(np.float32)
+    ref = Standardizer.from_checkpoint("linear", device="cpu")
+    dev = Standardizer.from_checkpoint("linear", device="cpu:0")
+    assert (ref.device, dev.device) == ("cpu", "cpu:0") and dev.info["device"] == "cpu:0"
+    assert float(np.abs(dev.standardize(vol, (1.0, 0.7, 0.7)) - ref.standardize(vol, (1.0, 0.7, 0.7))).max()) < 1e-3
