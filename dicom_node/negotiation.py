@@ -106,8 +106,8 @@ def rejection(assoc: Any) -> Any | None:
 
     A peer that rejects and closes at once (DCMTK ``storescp --refuse`` does) can close the
     socket before pynetdicom's requestor looks at it again after connecting; pynetdicom then
-    reports an abort and leaves the rejection unread on the DUL's queue (about half of 200
-    tries against ``storescp --refuse``). The rejection is the peer's real answer: a permanent
+    reports an abort and leaves the rejection unread on the DUL's queue (often, on loopback
+    against ``storescp --refuse``). The rejection is the peer's real answer: a permanent
     one must not be retried."""
     if assoc.is_rejected and assoc.acceptor.primitive is not None:
         return assoc.acceptor.primitive

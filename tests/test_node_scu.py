@@ -171,8 +171,8 @@ def test_permanent_rejection_fails_at_once(tmp_path: Path) -> None:
 
 
 def test_rejection_is_seen_even_when_the_peer_closes_at_once(tmp_path: Path) -> None:
-    """``storescp --refuse`` rejects and closes at once; in about half of the tries pynetdicom
-    reports that as an abort with the rejection left unread. Every try must still read as a
+    """``storescp --refuse`` rejects and closes at once; pynetdicom often reports that as an
+    abort with the rejection left unread. Every try must still read as a
     permanent rejection, never as a transient failure that would be retried."""
     files = make_ct_series(tmp_path / "out", n=1, size=32)
     with start_storescp(tmp_path / "pacs", "PACS", extra=["--refuse"]) as pacs:
