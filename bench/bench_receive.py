@@ -20,6 +20,10 @@ instance). ``raw`` is a bare pynetdicom SCP (same PDU size) that writes each dat
 received and answers success, without validation, fsync or database: the ceiling of any
 pynetdicom-based receiver on the machine at that moment.
 
+For the targets that are one process (the node, ``baseline``, ``raw``) it also prints the
+receiver's CPU time per instance (user + system, from ``/proc/PID/stat``, all its threads) over
+the send: what the receiver itself costs, less dependent on the load than the wall time.
+
 First it prints the sync floor of the data volume: median milliseconds of one file fsync, one
 directory fsync and one SQLite commit (WAL, synchronous=FULL, as the node's database) for 512 KB
 files written one at a time: what one instance costs at least when nothing is shared.
@@ -216,6 +220,13 @@ def start_baseline(out: Path, tree: Path, extra: dict[str, Any]) -> peers.Peer:
     return peer
 
 
+def cpu_seconds(pid: int) -> tuple[float, float]:
+    """User and system CPU seconds of a process so far (its threads, not its children)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    tick = os.sysconf("SC_CLK_TCK")
+    return int(fields[11]) / tick, int(fields[12]) / tick
+
+
 def memory(pid: int) -> dict[str, int]:
     """VmRSS and VmHWM of a process in MiB."""
     out = {}
@@ -278,6 +289,7 @@ def main() -> int:
           + f"; together {sum(floor.values()):.1f} ms per unshared instance")
     counts = [int(c) for c in args.associations.split(",")]
     rates: dict[tuple[str, int], list[float]] = {}
+    cpus: dict[tuple[str, int], list[float]] = {}  # receiver CPU ms per instance (one-process targets)
     pg: Any = None  # a PostgreSQL server, started for the pg-1/pg-2 targets
     runs = 0
     for r in range(args.repeats):
@@ -307,22 +319,32 @@ def main() -> int:
                     peer = Receivers(out, pg, int(target[-1]), extra, runs)
                 else:
                     peer = start_node(out, "recv", extra)
+                one_process = target not in ("storescp", "pg-1", "pg-2")  # storescp --fork, pg: several
                 try:
                     load = os.getloadavg()[0]
+                    cpu0 = cpu_seconds(peer.pid) if one_process else None
                     dt = send(files, peer.port, "LTDIFF", assocs)
+                    cpu1 = cpu_seconds(peer.pid) if one_process else None
                 finally:
                     peer.stop()
                 rate = len(files) / dt
                 rates.setdefault((target, assocs), []).append(rate)
-                print(f"run {r + 1} {target:8s} {assocs} assoc: {dt:6.2f} s {rate:6.1f} images/s (load {load:.1f})",
-                      flush=True)
+                cpu = ""
+                if cpu0 is not None and cpu1 is not None:
+                    user, system = ((b - a) * 1000 / len(files) for a, b in zip(cpu0, cpu1))
+                    cpus.setdefault((target, assocs), []).append(user + system)
+                    cpu = f", receiver CPU {user + system:.1f} ms/instance (user {user:.1f}, system {system:.1f})"
+                print(f"run {r + 1} {target:8s} {assocs} assoc: {dt:6.2f} s {rate:6.1f} images/s{cpu} "
+                      f"(load {load:.1f})", flush=True)
     for assocs in counts:
         scp = statistics.median(rates[("storescp", assocs)])
         for target in [t for t in args.targets.split(",") if t != "storescp"]:
             got = statistics.median(rates[(target, assocs)])
             per_run = [n / s for n, s in zip(rates[(target, assocs)], rates[("storescp", assocs)])]
+            cpu = (f"; receiver CPU {statistics.median(cpus[(target, assocs)]):.1f} ms/instance"
+                   if (target, assocs) in cpus else "")
             print(f"RECEIVE {assocs} assoc: storescp {scp:.1f} images/s, {target} {got:.1f} images/s, "
-                  f"ratio {got / scp:.2f} (per repeat {', '.join(f'{x:.2f}' for x in per_run)})")
+                  f"ratio {got / scp:.2f} (per repeat {', '.join(f'{x:.2f}' for x in per_run)}){cpu}")
     if args.rss:
         many = long_series(src, out / f"series-{args.rss}x{args.size}", args.rss)
         marks = [100, args.rss // 2, args.rss]
