@@ -106,7 +106,7 @@ def start_node(out: Path, name: str, extra: dict[str, Any], processing: dict[str
 def serve_raw(port: int, out_dir: Path) -> None:
     """The ``raw`` target: pynetdicom writing the encoded data set, nothing else (runs until killed)."""
     from pynetdicom import AE, evt
-    from pynetdicom.sop_class import CTImageStorage
+    from pynetdicom.sop_class import CTImageStorage, Verification
 
     out_dir.mkdir(parents=True, exist_ok=True)
 
@@ -119,6 +119,7 @@ def serve_raw(port: int, out_dir: Path) -> None:
     ae.maximum_pdu_size = 131072
     ae.maximum_associations = 8
     ae.add_supported_context(CTImageStorage, ["1.2.840.10008.1.2.1", "1.2.840.10008.1.2"])
+    ae.add_supported_context(Verification)
     ae.start_server((peers.LOOPBACK, port), evt_handlers=[(evt.EVT_C_STORE, store)])
 
 
@@ -225,6 +226,10 @@ def cpu_seconds(pid: int) -> tuple[float, float]:
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     tick = os.sysconf("SC_CLK_TCK")
     return int(fields[11]) / tick, int(fields[12]) / tick
+
+
+def rates_targets(rates: dict[tuple[str, int], list[float]], assocs: int) -> set[str]:
+    return {t for t, a in rates if a == assocs}
 
 
 def memory(pid: int) -> dict[str, int]:
@@ -345,6 +350,11 @@ def main() -> int:
                    if (target, assocs) in cpus else "")
             print(f"RECEIVE {assocs} assoc: storescp {scp:.1f} images/s, {target} {got:.1f} images/s, "
                   f"ratio {got / scp:.2f} (per repeat {', '.join(f'{x:.2f}' for x in per_run)}){cpu}")
+        if "baseline" in rates_targets(rates, assocs) and "node" in rates_targets(rates, assocs):
+            for key, what in ((rates, "images/s"), (cpus, "receiver CPU")):
+                pairs = [a / b for a, b in zip(key[("node", assocs)], key[("baseline", assocs)])]
+                print(f"PAIRED {assocs} assoc: node / baseline {what}, same repeat: median {statistics.median(pairs):.2f}, "
+                      f"range {min(pairs):.2f}-{max(pairs):.2f} (per repeat {', '.join(f'{x:.2f}' for x in pairs)})")
     if args.rss:
         many = long_series(src, out / f"series-{args.rss}x{args.size}", args.rss)
         marks = [100, args.rss // 2, args.rss]

@@ -39,11 +39,11 @@ from typing import Any
 
 from pynetdicom import AE, evt
 from pynetdicom.association import Association
-from pynetdicom.dul import DULServiceProvider
 from pynetdicom.pdu import A_ABORT_RQ
 from pynetdicom.transport import RequestHandler, ThreadedAssociationServer
 
 from .logs import log_event
+from .reactor import ReactiveAssociation, ReactiveDUL
 
 log = logging.getLogger("dicom_node.transport")
 
@@ -103,9 +103,10 @@ class _Refused(Exception):
     """A PDU the node will not read; the message is the reason logged."""
 
 
-class GuardedDUL(DULServiceProvider):
+class GuardedDUL(ReactiveDUL):
     """DUL service provider whose PDU reader checks the declared length before the body and reads
-    against a deadline (pynetdicom's reads block for ever and buffer any declared length)."""
+    against a deadline (pynetdicom's reads block for ever and buffer any declared length); its
+    reactor waits for work instead of polling (:mod:`dicom_node.reactor`)."""
 
     def __init__(self, assoc: Association, limits: Limits, request_deadline: float) -> None:
         super().__init__(assoc)
@@ -346,7 +347,7 @@ class GuardedRequestHandler(RequestHandler):
         assoc.dul = dul
         assoc.acse_timeout = assoc.acse_timeout  # the setters arm the new DUL's ARTIM and idle timers
         assoc.network_timeout = assoc.network_timeout
-        return assoc
+        return ReactiveAssociation.adopt(assoc, dul)
 
 
 class GuardedAssociationServer(ThreadedAssociationServer):

@@ -160,3 +160,57 @@ def test_accepted_association_has_nagle_off(scp_factory: Any) -> None:
     with _echo_association(node):
         (served,) = node.scp.ae.active_associations
         assert served.dul.socket.socket.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) != 0
+
+
+def test_idle_association_waits_instead_of_polling(scp_factory: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An open association with no traffic costs the node a few wake-ups a second (to check its
+    timers), not pynetdicom's 1000 polls a second in each of its two threads, and still answers
+    at once when a request comes."""
+    import time
+
+    from dicom_node import reactor
+
+    passes = {"dul": 0, "assoc": 0}
+    real_wait = reactor.ReactiveDUL._wait_for_work
+
+    def counting_wait(self: Any) -> None:
+        passes["dul"] += 1
+        real_wait(self)
+    monkeypatch.setattr(reactor.ReactiveDUL, "_wait_for_work", counting_wait)
+    node = scp_factory()
+    with _echo_association(node) as assoc:
+        (served,) = node.scp.ae.active_associations
+        assert isinstance(served, reactor.ReactiveAssociation)
+        real_event_wait = served._wake_event.wait
+
+        def counting_event_wait(timeout: float | None = None) -> bool:
+            passes["assoc"] += 1
+            return real_event_wait(timeout)
+        served._wake_event.wait = counting_event_wait  # type: ignore[method-assign]
+        time.sleep(0.3)
+        passes.update(dul=0, assoc=0)
+        time.sleep(1.0)
+        idle = dict(passes)
+        t0 = time.monotonic()
+        assert assoc.send_c_echo().Status == 0
+        answered_s = time.monotonic() - t0
+    assert idle["dul"] <= 3 / reactor.IDLE_WAIT_S and idle["assoc"] <= 3 / reactor.IDLE_WAIT_S, idle
+    assert idle["dul"] >= 1 and idle["assoc"] >= 1, idle  # still checking its timers
+    assert answered_s < reactor.IDLE_WAIT_S * 10, answered_s  # woken by the request, not by a timer
+
+
+def test_network_timeout_still_ends_an_idle_association(scp_factory: Any) -> None:
+    """The timers are checked between waits: a silent peer is dropped after network_timeout_s."""
+    import time
+
+    node = scp_factory(network_timeout_s=0.5)
+    with _echo_association(node) as assoc:
+        t0 = time.monotonic()
+        while assoc.is_established and time.monotonic() - t0 < 10:
+            time.sleep(0.05)
+        assert not assoc.is_established
+        assert 0.4 < time.monotonic() - t0 < 5
+    deadline = time.monotonic() + 5
+    while node.scp.ae.active_associations and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not node.scp.ae.active_associations
