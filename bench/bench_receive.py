@@ -117,7 +117,7 @@ def serve_raw(port: int, out_dir: Path) -> None:
 
     ae = AE("LTDIFF")
     ae.maximum_pdu_size = 131072
-    ae.maximum_associations = 8
+    ae.maximum_associations = 16
     ae.add_supported_context(CTImageStorage, ["1.2.840.10008.1.2.1", "1.2.840.10008.1.2"])
     ae.add_supported_context(Verification)
     ae.start_server((peers.LOOPBACK, port), evt_handlers=[(evt.EVT_C_STORE, store)])
