@@ -8,6 +8,7 @@ not wrap around. The residual's radial NPS is kept for the optional "linear+nois
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 from scipy import fft as sfft
@@ -69,17 +70,12 @@ class LinearKernelFilter:
         hu = np.asarray(hu, dtype=np.float32)
         p = self.pad
         if device is not None and noise_seed is None:
-            return self._apply_torch(hu, pixel_mm, device)
+            return self._apply_stacked(hu[None], pixel_mm, device)[0] if hu.ndim == 2 else \
+                self._apply_stacked(hu, pixel_mm, device)
         if hu.ndim == 3:
             if noise_seed is not None:
                 return np.stack([self.apply(s, pixel_mm, noise_seed=noise_seed * 100003 + i) for i, s in enumerate(hu)])
-            out = np.empty_like(hu)
-            for k in range(0, hu.shape[0], STACK):
-                x = np.pad(hu[k:k + STACK], ((0, 0), (p, p), (p, p)), mode="reflect") if p else hu[k:k + STACK]
-                h = self.transfer_grid(x.shape[1:], pixel_mm)
-                y = sfft.irfft2(sfft.rfft2(x, workers=-1) * h, s=x.shape[1:], workers=-1)
-                out[k:k + STACK] = y[:, p:p + hu.shape[1], p:p + hu.shape[2]]
-            return out
+            return self._apply_stacked(hu, pixel_mm, None)
         x = _padded(hu, p)
         spec = sfft.rfft2(x, workers=-1) * self.transfer_grid(x.shape, pixel_mm)
         if noise_seed is not None and self.residual_nps.size:
@@ -87,24 +83,29 @@ class LinearKernelFilter:
         out = sfft.irfft2(spec, s=x.shape, workers=-1)
         return out[p:p + hu.shape[0], p:p + hu.shape[1]].astype(np.float32)
 
-    def _apply_torch(self, hu: np.ndarray, pixel_mm: tuple[float, float], device: str) -> np.ndarray:
-        """:meth:`apply` with the FFTs in ``torch.fft`` on ``device``; the padding (NumPy, reflect)
-        and the transfer grid are the SciPy path's, so results agree to float32 rounding."""
-        import torch
-
-        single = hu.ndim == 2
-        vol = hu[None] if single else hu
+    def _apply_stacked(self, vol: np.ndarray, pixel_mm: tuple[float, float], device: str | None) -> np.ndarray:
+        """A float32 volume through the FFT in stacks sharing one transfer grid: SciPy on the CPU
+        (``device`` None, :data:`STACK` slices a call) or ``torch.fft`` on a torch device
+        (:data:`DEVICE_STACK`); the padding and the grid are the same either way."""
         p = self.pad
+        stack = STACK if device is None else DEVICE_STACK
+        rows, cols = slice(p, p + vol.shape[1]), slice(p, p + vol.shape[2])
         out = np.empty_like(vol)
-        h = None
-        for k in range(0, vol.shape[0], DEVICE_STACK):
-            x = np.pad(vol[k:k + DEVICE_STACK], ((0, 0), (p, p), (p, p)), mode="reflect") if p else vol[k:k + DEVICE_STACK]
-            if h is None:
-                h = torch.from_numpy(self.transfer_grid(x.shape[1:], pixel_mm)).to(device)
-            t = torch.from_numpy(np.ascontiguousarray(x)).to(device)
-            y = torch.fft.irfft2(torch.fft.rfft2(t) * h, s=x.shape[1:])
-            out[k:k + DEVICE_STACK] = y[:, p:p + vol.shape[1], p:p + vol.shape[2]].cpu().numpy()
-        return out[0] if single else out
+        h: Any = None
+        for k in range(0, vol.shape[0], stack):
+            x = np.pad(vol[k:k + stack], ((0, 0), (p, p), (p, p)), mode="reflect") if p else vol[k:k + stack]
+            if device is None:
+                h = self.transfer_grid(x.shape[1:], pixel_mm)
+                y = sfft.irfft2(sfft.rfft2(x, workers=-1) * h, s=x.shape[1:], workers=-1)[:, rows, cols]
+            else:
+                import torch
+
+                if h is None:
+                    h = torch.from_numpy(self.transfer_grid(x.shape[1:], pixel_mm)).to(device)
+                t = torch.from_numpy(np.ascontiguousarray(x)).to(device)
+                y = torch.fft.irfft2(torch.fft.rfft2(t) * h, s=x.shape[1:])[:, rows, cols].cpu().numpy()
+            out[k:k + stack] = y
+        return out
 
     def _noise_spectrum(self, shape, f, pixel_mm, seed: int) -> np.ndarray:
         rng = np.random.default_rng(seed)
