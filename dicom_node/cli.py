@@ -186,12 +186,11 @@ def cmd_echo(args: argparse.Namespace) -> int:
     ae.add_requested_context(Verification)
     assoc = ae.associate(host, port, ae_title=called)
     if not assoc.is_established:
-        from .negotiation import reject_reason, rejection
+        from .negotiation import rejection, rejection_text
 
         prim = rejection(assoc)
-        why = ("aborted, refused or timed out" if prim is None else
-               f"rejected ({'permanent' if int(prim.result) == 1 else 'transient'}): {reject_reason(prim)}")
-        print(f"C-ECHO {called}@{host}:{port}: association {why}")
+        why = "association aborted, refused or timed out" if prim is None else rejection_text(prim)
+        print(f"C-ECHO {called}@{host}:{port}: {why}")
         return 1
     rsp = assoc.send_c_echo()
     assoc.release()

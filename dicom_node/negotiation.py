@@ -117,6 +117,13 @@ def rejection(assoc: Any) -> Any | None:
     return None
 
 
+def rejection_text(primitive: Any) -> str:
+    """``association rejected (permanent|transient): <reason>``, as the sender records it and
+    ``dicom-node echo`` prints it."""
+    kind = "permanent" if int(primitive.result) == 1 else "transient"
+    return f"association rejected ({kind}): {reject_reason(primitive)}"
+
+
 def context_result(context: Any) -> str:
     """Why a presentation context was not accepted (PS3.8 9.3.3.2), e.g. "abstract syntax not supported"."""
     return str(context.status).lower()

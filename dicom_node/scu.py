@@ -23,8 +23,8 @@ from pynetdicom import AE, _config
 from pynetdicom.presentation import build_context
 
 from .config import Destination
-from .negotiation import (PERMANENT, TRANSIENT, classify_status, context_result, is_success, reject_reason,
-                          rejection)
+from .negotiation import (PERMANENT, TRANSIENT, classify_status, context_result, is_success, rejection,
+                          rejection_text)
 from .logs import log_event
 from .tls import client_context
 from .transport import no_delay
@@ -170,9 +170,8 @@ def _send_over_one(dest: Destination, files: Sequence[Path], calling_ae: str, ma
     try:
         if not assoc.is_established:
             if (prim := rejection(assoc)) is not None:
-                result, reason = int(prim.result), reject_reason(prim)
-                out.failure = PERMANENT if result == 1 else TRANSIENT
-                out.error = (f"association rejected ({'permanent' if result == 1 else 'transient'}): {reason}")
+                out.failure = PERMANENT if int(prim.result) == 1 else TRANSIENT
+                out.error = rejection_text(prim)
             elif (refusal := _context_refusal(assoc)) is not None:
                 # Negotiated, then aborted by pynetdicom because nothing we propose is accepted:
                 # a configuration mismatch that no retry can fix.
