@@ -20,6 +20,7 @@ fire at most that much later than pynetdicom's polling would notice them.
 """
 from __future__ import annotations
 
+import logging
 import queue
 import select
 import socket
@@ -135,8 +136,6 @@ class ReactiveDUL(DULServiceProvider):
             self.on_end()
 
     def _abort_on_error(self) -> None:
-        import logging
-
         logging.getLogger("pynetdicom").exception("Exception in DUL.run(), aborting association")
         abort_pdu = A_ABORT_RQ()
         abort_pdu.source = 0x02

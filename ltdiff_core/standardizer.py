@@ -60,7 +60,7 @@ def linear_device(device: str) -> str:
 
     ``"auto"`` takes CUDA only on a machine with the NVIDIA driver loaded, checked before importing
     torch: the linear filter needs no torch on the CPU, and a CPU-only node should not pay its
-    import (2.5 s, a few hundred MB) to learn that there is no GPU."""
+    import (2.5 s here, `python -c "import torch"`) to learn that there is no GPU."""
     if device == "cpu" or (device == "auto" and not NVIDIA_DRIVER.exists()):
         return "cpu"
     import torch
