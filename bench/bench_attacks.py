@@ -10,7 +10,7 @@
   0.2 s; reported: seconds until the first successful C-ECHO (">hold" if none within
   ``--hold-s``). Then the same with the 12 idle connections alone.
 
-The node is started from the current directory's code (``python -m dicom_node.cli``), so the
+The node is started from the current directory's code (``python -m dicom_node.app.cli``), so the
 script measures whatever checkout it is run in.
 """
 from __future__ import annotations

@@ -7,7 +7,7 @@ slices, interleaved; the encoded files must be byte-identical. Not a test.
 The slices are a synthetic disc series (a short header), or the DICOM files under ``--series``
 (e.g. the chest phantom's Br40 series, whose header is a scanner-like one).
 
-Times ``dicom_node.derive.derive_series`` per slice (UIDs and times fixed so both paths write the
+Times ``dicom_node.derive.series.derive_series`` per slice (UIDs and times fixed so both paths write the
 same bytes), and separately encoding the derived datasets (``save_as`` to memory), which both
 paths share.
 """
@@ -30,7 +30,7 @@ sys.path.insert(0, str(ROOT))
 import pydicom  # noqa: E402
 from pydicom.dataset import Dataset  # noqa: E402
 
-from dicom_node import derive  # noqa: E402
+from dicom_node.derive import series as derive  # noqa: E402
 from nodetools import peers  # noqa: E402
 
 sys.path.insert(0, str(ROOT / "bench"))

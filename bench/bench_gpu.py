@@ -14,7 +14,7 @@ diffusion model, the default before it). ``--new-default`` adds one more, labell
    ``torch.cuda.max_memory_allocated`` (and reserved) of that configuration. Each row names the
    device the model ran on (``model_device``); bf16 autocast applies to networks only, so the
    linear filter is measured in fp32 alone.
-2. Series latency: a ``--series-slices`` phantom series (``python -m train.make_phantom``, Br40)
+2. Series latency: a ``--series-slices`` phantom series (``python -m ltdiff_train.make_phantom``, Br40)
    through ``dicom-node standardize --device cuda`` (its default batch), wall time of the command.
 
 Without a CUDA device it prints why and exits with status 0 and ``{"cuda": false}``: nothing is
@@ -86,7 +86,7 @@ def throughput(model: str | None, label: str, batches: list[int], seconds: float
 def series_latency(model: str | None, label: str, series: Path, n: int, rows: list[dict[str, Any]],
                    device: str = "cuda") -> None:
     with tempfile.TemporaryDirectory() as out:
-        cmd = [sys.executable, "-c", "import sys; from dicom_node.cli import main; sys.exit(main())",
+        cmd = [sys.executable, "-c", "import sys; from dicom_node.app.cli import main; sys.exit(main())",
                "standardize", str(series), out, "--device", device, "--quiet", "--qa", "off"]
         if model:
             cmd[5:5] = ["--model", str(model)]
@@ -104,7 +104,7 @@ def series_latency(model: str | None, label: str, series: Path, n: int, rows: li
 
 def make_series(n: int, workdir: Path, rows: list[dict[str, Any]], size: int = SIZE) -> Path:
     t0 = time.perf_counter()
-    subprocess.run([sys.executable, "-m", "train.make_phantom", "--out", str(workdir), "--cases", "1",
+    subprocess.run([sys.executable, "-m", "ltdiff_train.make_phantom", "--out", str(workdir), "--cases", "1",
                     "--slices", str(n), "--seed", "7", "--size", str(size)], check=True, cwd=ROOT,
                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     emit(rows, {"figure": "phantom_generation", "slices": n, "seconds": round(time.perf_counter() - t0, 1)})

@@ -50,7 +50,7 @@ def phantom_series(out: Path, slices: int, size: int) -> Path:
     """The Br40 phantom series used by the node benchmarks (made once, then reused)."""
     case = out / f"phantom-{slices}x{size}" / "case-000"
     if len(list((case / "br40").glob("*.dcm"))) != slices:
-        subprocess.run([sys.executable, "-m", "train.make_phantom", "--out", str(case.parent), "--cases", "1",
+        subprocess.run([sys.executable, "-m", "ltdiff_train.make_phantom", "--out", str(case.parent), "--cases", "1",
                         "--slices", str(slices), "--seed", "11", "--size", str(size)], check=True, cwd=ROOT)
     return case / "br40"
 

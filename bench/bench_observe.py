@@ -20,7 +20,7 @@ from pathlib import Path
 
 from sqlalchemy import insert
 
-from dicom_node import db
+from dicom_node.store import db
 from dicom_node.config import parse_config
 from dicom_node.observe.server import ObserveServer
 

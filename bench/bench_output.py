@@ -35,7 +35,7 @@ def previous(datasets, staging: Path) -> None:
 
 
 def current(datasets, staging: Path) -> None:
-    """Now (dicom_node.process): plain writes, fsync_files, one fsync_dir."""
+    """Now (dicom_node.process.processor): plain writes, fsync_files, one fsync_dir."""
     from ltdiff_core.atomic import fsync_dir, fsync_files
 
     files = []

@@ -175,7 +175,7 @@ def sync_floor(out: Path, n: int = 40) -> dict[str, float]:
     """Median ms of the three syncs an unshared instance pays (see the module docstring)."""
     import sqlite3
 
-    from dicom_node.spool import fsync_dir, fsync_file
+    from dicom_node.store.spool import fsync_dir, fsync_file
 
     d = out / "sync-floor"
     shutil.rmtree(d, ignore_errors=True)

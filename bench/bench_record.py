@@ -23,7 +23,7 @@ sys.path.insert(0, str(ROOT))
 
 from pydicom.dataset import Dataset  # noqa: E402
 
-from dicom_node import db, track  # noqa: E402
+from dicom_node.store import db, track  # noqa: E402
 from dicom_node.audit import AuditLog  # noqa: E402
 
 sys.path.insert(0, str(ROOT / "bench"))

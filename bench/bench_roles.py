@@ -25,7 +25,7 @@ sys.path.insert(0, str(ROOT))
 
 from sqlalchemy import func, select  # noqa: E402
 
-from dicom_node import db  # noqa: E402
+from dicom_node.store import db  # noqa: E402
 from nodetools.peers import (  # noqa: E402
     LOOPBACK, SCRATCH_DISK, Peer, free_port, make_ct_series, node_cmd, peer_env, start_storescp, storescu,
     resume_and_stop, wait_for, wait_port, write_node_config,

@@ -5,7 +5,7 @@ PDU-sized chunks), and 1, 2 and 4 associations at once. Not a test.
     python bench/bench_send.py [--slices 300] [--size 512] [--repeats 3] [--associations 1,2,4]
 
 The PACS is Orthanc (a fresh one per run: no instance is a duplicate) on the same machine, and
-the sender is ``dicom_node.scu.send_files`` as the dispatch step calls it, without the database
+the sender is ``dicom_node.dispatch.scu.send_files`` as the dispatch step calls it, without the database
 commit per instance. DCMTK ``storescu`` (TCP_NODELAY=1, one association) sends the same files to
 a fresh Orthanc too, as the native reference. The runs of one repeat are interleaved and their
 order alternates per repeat; printed: median seconds per series and images/s per path.
@@ -26,7 +26,7 @@ sys.path.insert(0, str(ROOT))
 from pynetdicom import _config  # noqa: E402
 
 from dicom_node.config import Destination  # noqa: E402
-from dicom_node.scu import send_files  # noqa: E402
+from dicom_node.dispatch.scu import send_files  # noqa: E402
 from nodetools import peers  # noqa: E402
 
 sys.path.insert(0, str(ROOT / "bench"))

@@ -53,7 +53,7 @@ def series_files(out: Path, slices: int, size: int, use_phantom: bool) -> list[P
         return sorted(d.glob("*.dcm"))
     case = out / f"phantom-{slices}x{size}" / "case-000"
     if len(list((case / "br40").glob("*.dcm"))) != slices:
-        subprocess.run([sys.executable, "-m", "train.make_phantom", "--out", str(case.parent), "--cases", "1",
+        subprocess.run([sys.executable, "-m", "ltdiff_train.make_phantom", "--out", str(case.parent), "--cases", "1",
                         "--slices", str(slices), "--seed", "11", "--size", str(size), "--no-rescan"],
                        check=True, cwd=ROOT)
     return sorted((case / "br40").glob("*.dcm"))
@@ -100,7 +100,7 @@ def cached_rows(database) -> int:  # noqa: ANN001
     sent, so this reads within milliseconds of the last C-STORE response."""
     from sqlalchemy import func, select
 
-    from dicom_node import db
+    from dicom_node.store import db
 
     with database.session() as s:
         return int(s.scalar(select(func.count(db.StreamSlice.id))) or 0)
@@ -131,7 +131,7 @@ def run(mode: str, datasets: list[pydicom.Dataset], args: argparse.Namespace, ou
         send_paced(warm, port, args.rate)
         peers.wait_for(lambda: orthanc_count(orthanc) >= 4, 3600, 0.2, "warm-up series stored")
         timed = renamed(datasets)
-        from dicom_node import db
+        from dicom_node.store import db
         from dicom_node.config import load_config
 
         database = db.Database(load_config(cfg).db_url)

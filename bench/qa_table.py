@@ -35,7 +35,7 @@ def main() -> None:
     from ltdiff_core.dicomio.reader import read_series
     from ltdiff_core.phantom import generate_case
     from ltdiff_core.weights import default_checkpoint
-    from train.make_phantom import case_seed
+    from ltdiff_train.make_phantom import case_seed
 
     path = args.checkpoint or default_checkpoint("ltdiff")
     from ltdiff_core.resample import supported_geometry
@@ -46,7 +46,7 @@ def main() -> None:
     geometry = supported_geometry(meta)
     env["source"]["measures"].update(geometry)
     rows: list[tuple[str, np.ndarray, tuple[float, float, float], float | None]] = []
-    # the cases of `python -m train.make_phantom --seed S --cases 1 --slices 2 --size 256` (tests/test_qa_gate.py)
+    # the cases of `python -m ltdiff_train.make_phantom --seed S --cases 1 --slices 2 --size 256` (tests/test_qa_gate.py)
     for seed in (4242, 4243):
         c = generate_case(case_seed(seed, 0), 2, size=args.size, thickness_mm=1.5)
         rows.append((f"phantom Br40 {args.size}^2 (make_phantom --seed {seed})", c.br40, c.spacing, None))

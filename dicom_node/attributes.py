@@ -48,7 +48,7 @@ def header_int(ds: Dataset, keyword: str | tuple[int, int]) -> int | None:
 
 
 def series_attributes(series: object) -> dict[str, str | None]:
-    """The matchable attributes of a :class:`dicom_node.db.Series` row, by DICOM keyword."""
+    """The matchable attributes of a :class:`dicom_node.store.db.Series` row, by DICOM keyword."""
     out = {k: getattr(series, column, None) for k, (column, _) in SERIES_ATTRIBUTES.items() if k in MATCH_KEYS}
     out[CALLING_AE] = getattr(series, "calling_ae", None)
     return out

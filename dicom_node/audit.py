@@ -17,7 +17,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from .config import NodeConfig
+from dicom_node.config import NodeConfig
 
 # EventOutcomeIndicator (RFC 3881 5.1.4)
 SUCCESS, MINOR_FAILURE, SERIOUS_FAILURE, MAJOR_FAILURE = 0, 4, 8, 12

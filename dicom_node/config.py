@@ -27,11 +27,11 @@ from pydantic import (
 )
 from pydantic_core import ErrorDetails, PydanticCustomError
 
-from .attributes import MATCH_KEYS
-from .tls import DICOM_TLS_PORT, ClientTLS
-from .tls import check as check_tls
+from dicom_node.attributes import MATCH_KEYS
+from dicom_node.tls import DICOM_TLS_PORT, ClientTLS
+from dicom_node.tls import check as check_tls
 
-QAMode = Literal["refuse", "flag", "off"]  # physics QA gate, see dicom_node.qa_gate
+QAMode = Literal["refuse", "flag", "off"]  # physics QA gate, see dicom_node.process.qa_gate
 Role = Literal["receive", "decide", "process", "dispatch"]  # stages a `serve` process runs
 ROLES: tuple[str, ...] = get_args(Role)
 _AE_RE = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}$")  # DICOM AE: 16 chars, no backslash/control

@@ -1,7 +1,7 @@
 """Negotiation: what the node accepts and proposes, and what its DIMSE statuses mean.
 
-The SOP classes and transfer syntaxes here are used by the SCP (:mod:`dicom_node.receive`), the
-SCU (:mod:`dicom_node.scu`) and the conformance statement (:mod:`dicom_node.conformance`), so
+The SOP classes and transfer syntaxes here are used by the SCP (:mod:`dicom_node.receive.scp`), the
+SCU (:mod:`dicom_node.dispatch.scu`) and the conformance statement (:mod:`dicom_node.admin.conformance`), so
 what the statement says is, by construction, what the node negotiates. Status categories and
 rejection reasons come from pynetdicom (``code_to_category``, ``reason_str``), not hand tables.
 """

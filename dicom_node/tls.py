@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:  # the [tls] section of the configuration file
-    from .config import TLSConfig
+    from dicom_node.config import TLSConfig
 
 # RFC 7525 section 4.2 / RFC 9325 section 4.2, in OpenSSL names, ECDHE first.
 BCP195_CIPHERS = ":".join((

@@ -2,7 +2,7 @@
 
 Why: the target's noise level relative to the linear first guess varies from case to case, and
 on paired data most of that variation follows how the *input* was reconstructed (its IR
-strength), which reshapes the input's noise power spectrum (``python -m train.target_noise``
+strength), which reshapes the input's noise power spectrum (``python -m ltdiff_train.target_noise``
 measures both). A latent denoiser conditioned only on the latents mostly ignored it; these three
 numbers give it the input's noise level and spectral shape explicitly, through the time embedding.
 

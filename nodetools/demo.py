@@ -95,7 +95,7 @@ def run(args: argparse.Namespace) -> int:
         case = out / "phantom" / "case-000"
         if not (case / "br40").is_dir() or len(list((case / "br40").glob("*.dcm"))) != args.slices:
             _say(f"generating a {args.slices}-slice {args.size}x{args.size} phantom case in {case.parent}")
-            subprocess.run([sys.executable, "-m", "train.make_phantom", "--out", str(case.parent), "--cases", "1",
+            subprocess.run([sys.executable, "-m", "ltdiff_train.make_phantom", "--out", str(case.parent), "--cases", "1",
                             "--slices", str(args.slices), "--seed", str(args.seed), "--size", str(args.size)],
                            check=True, cwd=ROOT)
         src_dir, ref_dir = case / "br40", case / "bl64"
@@ -156,7 +156,7 @@ def run(args: argparse.Namespace) -> int:
         else:
             raise TimeoutError(f"no result after {args.timeout} s; see {node.log_path}")
         print()
-        subprocess.run([sys.executable, "-m", "dicom_node.cli", "--config", str(cfg), "status", "--last", "3"],
+        subprocess.run([sys.executable, "-m", "dicom_node.app.cli", "--config", str(cfg), "status", "--last", "3"],
                        cwd=ROOT)
         print()
         series = st["series"][0]
@@ -194,7 +194,7 @@ def run(args: argparse.Namespace) -> int:
         _say(f"result at the PACS: {where}")
         _say(f"before/after image: {png}")
         _say(f"node data (spool, outputs, database): {out / 'node-data'}; status: "
-             f"python -m dicom_node.cli --config {cfg} status")
+             f"python -m dicom_node.app.cli --config {cfg} status")
         if args.keep_running:
             _say("PACS and node keep running; press Ctrl-C to stop them")
             while True:

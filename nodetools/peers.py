@@ -293,7 +293,7 @@ def write_node_config(path: Path, *, port: int, data_dir: Path, ae_title: str = 
 
 
 def node_cmd(*args: str) -> list[str]:
-    return [sys.executable, "-m", "dicom_node.cli", *args]
+    return [sys.executable, "-m", "dicom_node.app.cli", *args]
 
 
 def start_node(config: Path, port: int, log_path: Path, timeout: float = 60.0) -> Peer:

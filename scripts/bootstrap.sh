@@ -31,7 +31,7 @@ if [ ${#need_apt[@]} -gt 0 ]; then
   pkill -x Orthanc 2>/dev/null || true
 fi
 
-stamp="$VENV/.installed-$(cat "$ROOT/setup.cfg" "$ROOT/pyproject.toml" | sha256sum | cut -c1-16)"
+stamp="$VENV/.installed-$(cat "$ROOT/setup.cfg" "$ROOT/setup.py" "$ROOT/pyproject.toml" | sha256sum | cut -c1-16)"
 if [ ! -f "$stamp" ]; then
   echo "[bootstrap] creating/updating virtual environment in .venv"
   [ -x "$VENV/bin/python" ] || "$PY" -m venv "$VENV"

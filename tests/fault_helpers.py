@@ -14,9 +14,9 @@ import pydicom
 from pynetdicom import AE
 from sqlalchemy import select
 
-from dicom_node import db
+from dicom_node.store import db
 from dicom_node.config import load_config
-from dicom_node.status import collect_status
+from dicom_node.admin.status import collect_status
 from nodetools.peers import (
     LOOPBACK, ROOT, SCRATCH_DISK, Peer, free_port, start_node, start_storescp, wait_for, write_node_config,
 )
@@ -166,7 +166,7 @@ def sending_pipeline(tmp: Path, dest: dict[str, Any], n: int = 3) -> tuple[Any, 
     as after a model run; returns the pipeline and the output files."""
     from dicom_node.config import parse_config
     from nodetools.peers import make_ct_series
-    from dicom_node.pipeline import Pipeline
+    from dicom_node.app.pipeline import Pipeline
 
     cfg = parse_config({"node": {"data_dir": str(tmp / "data"), "ae_title": "LTDIFF"},
                         "destinations": [dest], "rules": [{"name": "r", "destinations": [dest["name"]]}]}, tmp)

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from dicom_node import spool
+from dicom_node.store import spool
 from ltdiff_core import atomic
 
 

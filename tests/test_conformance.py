@@ -8,9 +8,9 @@ import pytest
 from pydicom.pixels import get_decoder
 from pydicom.uid import UID, CTImageStorage
 
-from dicom_node.cli import main
+from dicom_node.app.cli import main
 from dicom_node.config import parse_config
-from dicom_node.conformance import conformance_statement
+from dicom_node.admin.conformance import conformance_statement
 from dicom_node.negotiation import (
     ACCEPTED_TRANSFER_SYNTAXES,
     ENHANCED_CT_REFUSAL_STATUS,

@@ -28,7 +28,7 @@ from pydicom.uid import (
     generate_uid,
 )
 
-from dicom_node.derive import DerivationInfo, derive_series, write_series
+from dicom_node.derive.series import DerivationInfo, derive_series, write_series
 
 SHA = hashlib.sha256(b"test checkpoint").hexdigest()
 UID_ROOT = "1.2.826.0.1.3680043.10.999."

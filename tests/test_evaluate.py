@@ -9,7 +9,7 @@ import pytest
 
 from ltdiff_core.radiomics.classes import ALL_CLASSES
 from ltdiff_core.radiomics.evaluation import EvaluationError, load_checked, validate_pair
-from train import evaluate, make_phantom
+from ltdiff_train import evaluate, make_phantom
 
 
 @pytest.fixture(scope="module")

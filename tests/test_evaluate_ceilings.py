@@ -11,7 +11,7 @@ from ltdiff_core.dicomio.cases import CaseError, has_series, load_case, load_mat
 from ltdiff_core.dicomio.uids import make_uid
 from ltdiff_core.dicomio.writer import StudyInfo, ct_datasets, save_datasets, slice_positions, to_int16
 from ltdiff_core.radiomics.methods import method_names
-from train import evaluate
+from ltdiff_train import evaluate
 
 SHAPE = (3, 64, 64)
 SPACING = (1.5, 0.7, 0.7)
@@ -164,7 +164,7 @@ def test_seeds_and_paired_bootstrap_end_to_end(rescan_cases, tmp_path):
 
 def test_autoencoder_ceiling_equals_the_relabelled_target_route(rescan_cases, tmp_path):
     """D(E(standard)) in one run gives the numbers the train.relabel_target route gives."""
-    from train import relabel_target
+    from ltdiff_train import relabel_target
 
     root, _ = rescan_cases
     one = tmp_path / "one"

@@ -11,7 +11,7 @@ from ltdiff_core import measure as M
 from ltdiff_core.dicomio import find_series, load_case
 from ltdiff_core.phantom import fbp_generator as G
 from ltdiff_core.phantom import generate
-from train.make_phantom import case_seed, main
+from ltdiff_train.make_phantom import case_seed, main
 
 N, PIX, TARGET = 96, 0.7, 25.0
 

@@ -55,7 +55,7 @@ def test_import_finder_sees_every_import_form(source: str) -> None:
 
 def test_import_finder_ignores_look_alikes() -> None:
     assert not any(is_within(m, "nodetools") for m in imported_modules(
-        "import nodetoolsx\nfrom dicom_node import spool\nx = 'nodetools.peers'\n"))
+        "import nodetoolsx\nfrom dicom_node.store import spool\nx = 'nodetools.peers'\n"))
 
 
 def test_service_does_not_import_nodetools() -> None:
@@ -85,7 +85,7 @@ def test_benchmarks_import_only_what_exists() -> None:
     import importlib.util
 
     root = Path(__file__).resolve().parents[1]
-    ours = ("dicom_node", "ltdiff_core", "nodetools", "train", "bench")
+    ours = ("dicom_node", "ltdiff_core", "nodetools", "ltdiff_train", "bench")
     missing = []
     for path in sorted((root / "bench").glob("*.py")):
         for node in ast.walk(ast.parse(path.read_text())):

@@ -10,7 +10,7 @@ import pydicom
 import pytest
 
 from ltdiff_core.dicomio import find_series, list_cases, load_case
-from train.make_phantom import case_seed, main
+from ltdiff_train.make_phantom import case_seed, main
 
 ARGS = ["--cases", "2", "--slices", "3", "--size", "96", "--thickness", "3"]
 
@@ -25,7 +25,7 @@ def _pixels_and_uids(case_dir: Path) -> list[tuple[str, bytes, str]]:
 
 def test_same_seed_same_data_other_seed_other_data(tmp_path):
     repo = Path(__file__).resolve().parents[1]
-    cmd = [sys.executable, "-m", "train.make_phantom", "--out", str(tmp_path / "a"), "--seed", "5", *ARGS]
+    cmd = [sys.executable, "-m", "ltdiff_train.make_phantom", "--out", str(tmp_path / "a"), "--seed", "5", *ARGS]
     subprocess.run(cmd, check=True, cwd=repo, capture_output=True, timeout=600)
     assert main(["--out", str(tmp_path / "b"), "--seed", "5", *ARGS]) == 0
     assert main(["--out", str(tmp_path / "c"), "--seed", "6", "--cases", "1", *ARGS[2:]]) == 0

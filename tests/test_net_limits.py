@@ -20,12 +20,12 @@ import pytest
 from pynetdicom import AE
 from pynetdicom.sop_class import Verification
 
-from dicom_node import db
+from dicom_node.store import db
 from dicom_node.config import ConfigError, parse_config
 from nodetools.peers import (
     LOOPBACK, associate_rq, connect_from, echoscu, free_port, start_node, started, write_node_config,
 )
-from dicom_node.receive import StorageSCP
+from dicom_node.receive.scp import StorageSCP
 
 MiB = 1 << 20
 
@@ -326,7 +326,7 @@ def test_a_port_probe_frees_its_connection_at_once(scp_factory: Any) -> None:
 
 def test_refusal_lines_carry_the_suppressed_count(scp_factory: Any, caplog: pytest.LogCaptureFixture,
                                                   monkeypatch: pytest.MonkeyPatch) -> None:
-    from dicom_node import transport
+    from dicom_node.receive import transport
 
     monkeypatch.setattr(transport, "REFUSAL_LOG_INTERVAL_S", 1.0)
     node = scp_factory(max_connections_per_address=1)

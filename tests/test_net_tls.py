@@ -16,14 +16,14 @@ import pytest
 from pynetdicom import AE
 from pynetdicom.sop_class import Verification
 
-from dicom_node import db
+from dicom_node.store import db
 from dicom_node.config import ConfigError, parse_config
 from nodetools.peers import (
     LOOPBACK, dcmtk, echoscu, free_port, make_ct_series, orthanc_get, peer_env, start_orthanc,
     start_storescp, started,
 )
-from dicom_node.receive import StorageSCP
-from dicom_node.scu import send_files
+from dicom_node.receive.scp import StorageSCP
+from dicom_node.dispatch.scu import send_files
 from dicom_node.tls import BCP195_CIPHERS
 
 
@@ -257,7 +257,7 @@ def test_tls_configuration_errors_name_the_key(tmp_path: Path, pki: Path) -> Non
 
 
 def test_conformance_statement_describes_the_tls_profile(tmp_path: Path, pki: Path) -> None:
-    from dicom_node.conformance import conformance_statement
+    from dicom_node.admin.conformance import conformance_statement
 
     raw = {"node": {"port": 11112}, "tls": tls_section(pki, enabled=True, port=2762),
            "destinations": [{"name": "PACS", "ae_title": "P", "host": LOOPBACK, "port": 104, "tls": True}]}

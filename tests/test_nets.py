@@ -75,7 +75,7 @@ def test_denoiser_and_direct_shapes():
 
 
 def test_autoencoder_overfits_tiny_batch():
-    from train.fit_autoencoder import deep_supervised
+    from ltdiff_train.fit_autoencoder import deep_supervised
 
     ae = MultiscaleLatentAutoencoder(TINY)
     g = torch.Generator().manual_seed(1)

@@ -7,8 +7,8 @@ import time
 
 import pytest
 
-from dicom_node import busy
-from dicom_node.busy import BusyMeter
+from dicom_node.receive import busy
+from dicom_node.receive.busy import BusyMeter
 
 
 def test_fraction_counts_only_the_window_and_caps_at_one(monkeypatch: pytest.MonkeyPatch) -> None:

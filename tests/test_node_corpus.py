@@ -20,7 +20,7 @@ from ltdiff_core.dicomio.uids import make_uid
 from ltdiff_core.dicomio.writer import StudyInfo, ct_datasets
 from pydicom.uid import DeflatedExplicitVRLittleEndian, ImplicitVRLittleEndian
 
-from dicom_node import db
+from dicom_node.store import db
 from nodetools.peers import dcmtk, peer_env, wait_for
 
 OK, MISMATCH, CANNOT, RESOURCES, SOP_CLASS = 0x0000, 0xA900, 0xC000, 0xA700, 0x0122

@@ -9,7 +9,7 @@ from pathlib import Path
 import pydicom
 from fault_helpers import make_rig
 
-from dicom_node import db
+from dicom_node.store import db
 from nodetools.peers import make_ct_series, storescu, wait_for
 from fault_helpers import rows
 

@@ -9,7 +9,7 @@ import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
 
-from dicom_node import db, migrate
+from dicom_node.store import db, migrate
 
 
 def _columns(path: Path, table: str) -> set[str]:
@@ -86,7 +86,7 @@ def test_versioned_database_upgrades_revision_by_revision(tmp_path: Path) -> Non
 
 
 def test_models_match_the_newest_revision(tmp_path: Path) -> None:
-    """A change to dicom_node/db.py without a revision fails here (the schema the migrations build
+    """A change to dicom_node/store/db.py without a revision fails here (the schema the migrations build
     is the schema the code uses)."""
     database = db.Database(f"sqlite:///{tmp_path / 'new.sqlite'}")
     database.create_all()
@@ -98,9 +98,9 @@ def test_models_match_the_newest_revision(tmp_path: Path) -> None:
 def test_db_commands_and_roles_on_sqlite(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """`dicom-node db current|upgrade`; a subset of roles on SQLite is refused at start (the other
     roles could run nowhere: SQLite serves one process)."""
-    from dicom_node.cli import main
+    from dicom_node.app.cli import main
     from dicom_node.config import ConfigError, parse_config
-    from dicom_node.service import NodeService
+    from dicom_node.app.service import NodeService
 
     cfg_path = tmp_path / "node.toml"
     cfg_path.write_text(f'[node]\ndata_dir = "{tmp_path / "data"}"\n')

@@ -11,11 +11,11 @@ import pytest
 from nodetools.peers import LOOPBACK, free_port, make_ct_series, storescu
 from sqlalchemy import select
 
-from dicom_node import db
-from dicom_node.decide import SeriesProgress, completeness_reason, match_rule
+from dicom_node.store import db
+from dicom_node.decide.rules import SeriesProgress, completeness_reason, match_rule
 from dicom_node.config import Completeness, parse_config
-from dicom_node.receive import StorageSCP
-from dicom_node.pipeline import Pipeline
+from dicom_node.receive.scp import StorageSCP
+from dicom_node.app.pipeline import Pipeline
 
 
 def test_completeness_rule() -> None:

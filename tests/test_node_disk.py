@@ -18,7 +18,7 @@ import pytest
 from fault_helpers import make_rig
 
 from nodetools.peers import make_ct_series, node_cmd, storescu, wait_for
-from dicom_node.watermark import free_space
+from dicom_node.store.watermark import free_space
 
 SIZE_MB = 24
 PENDING = ("received", "complete", "queued", "processing", "sending")

@@ -46,7 +46,7 @@ def dciodvfy_errors(path: Path) -> list[str]:
 @pytest.fixture(scope="module")
 def phantom(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("phantom")
-    subprocess.run([sys.executable, "-m", "train.make_phantom", "--out", str(out), "--cases", "1", "--slices",
+    subprocess.run([sys.executable, "-m", "ltdiff_train.make_phantom", "--out", str(out), "--cases", "1", "--slices",
                     str(SLICES), "--seed", "3", "--size", str(SIZE)], check=True, cwd=ROOT, capture_output=True)
     return out / "case-000"
 

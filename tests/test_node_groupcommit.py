@@ -16,10 +16,11 @@ from fault_helpers import rows
 from pynetdicom import AE, _config
 from sqlalchemy import select
 
-from dicom_node import db, groupcommit, receive, spool, track
+from dicom_node.store import db, spool, track
+from dicom_node.receive import groupcommit, scp as receive
 from dicom_node.config import load_config, parse_config
 from nodetools.peers import LOOPBACK, SCRATCH_DISK, free_port, make_ct_series, start_node, wait_for, write_node_config
-from dicom_node.receive import StorageSCP
+from dicom_node.receive.scp import StorageSCP
 
 CT = "1.2.840.10008.5.1.4.1.1.2"
 OUT_OF_RESOURCES = 0xA700

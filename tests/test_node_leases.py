@@ -13,10 +13,10 @@ from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
 from sqlalchemy import select
 
-from dicom_node import db, migrate, track
+from dicom_node.store import db, migrate, track
 from dicom_node.config import parse_config
 from nodetools.peers import SCRATCH_DISK
-from dicom_node.process import Processor
+from dicom_node.process.processor import Processor
 
 from nodetools.postgres import PostgresServer
 
@@ -104,7 +104,7 @@ def test_expired_lease_is_reclaimed_and_the_late_worker_is_fenced_off(tmp_path: 
 
 
 def test_retention_removes_the_staged_output_of_a_dead_worker(tmp_path: Path) -> None:
-    from dicom_node import retention
+    from dicom_node.admin import retention
 
     cfg = parse_config({"node": {"data_dir": str(tmp_path / "data")}, "disk": SCRATCH_DISK})
     database = db.Database(cfg.db_url)

@@ -14,7 +14,7 @@ from fault_helpers import NodeRig, c_store, make_rig, rows
 from ltdiff_core.dicomio.uids import make_uid
 from ltdiff_core.dicomio.writer import StudyInfo, ct_datasets
 
-from dicom_node import db
+from dicom_node.store import db
 from nodetools.peers import echoscu, node_cmd, storescu, wait_for
 
 

@@ -22,7 +22,7 @@ import pydicom
 import pytest
 from sqlalchemy import select
 
-from dicom_node import db
+from dicom_node.store import db
 from nodetools.peers import (
     LOOPBACK, SCRATCH_DISK, Peer, free_port, make_ct_series, node_cmd, peer_env, start_storescp, storescu,
     resume_and_stop, wait_for, wait_port, write_node_config,
@@ -218,7 +218,7 @@ def test_series_inserted_by_another_receiver_meanwhile_is_used(tmp_path: Path, p
     waits on the unique SeriesInstanceUID until the first commits, then records into that row."""
     from pydicom.dataset import Dataset
 
-    from dicom_node import track
+    from dicom_node.store import track
     from dicom_node.audit import AuditLog
 
     database = db.Database(postgres.create_database("race"))

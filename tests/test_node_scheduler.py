@@ -5,7 +5,7 @@ import threading
 
 from apscheduler.schedulers.background import BackgroundScheduler
 
-from dicom_node.scheduler import _Waker
+from dicom_node.app.scheduler import _Waker
 
 
 def test_wake_while_running_runs_the_step_once_more() -> None:

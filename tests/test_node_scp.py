@@ -12,9 +12,9 @@ import pytest
 from nodetools.peers import LOOPBACK, echoscu, free_port, make_ct_series, storescu
 from sqlalchemy import func, select
 
-from dicom_node import db
+from dicom_node.store import db
 from dicom_node.config import parse_config
-from dicom_node.receive import StorageSCP
+from dicom_node.receive.scp import StorageSCP
 
 
 class RunningSCP:
@@ -168,7 +168,7 @@ def test_idle_association_waits_instead_of_polling(scp_factory: Any, monkeypatch
     at once when a request comes."""
     import time
 
-    from dicom_node import reactor
+    from dicom_node.receive import reactor
 
     passes = {"dul": 0, "assoc": 0}
     real_wait = reactor.ReactiveDUL._wait_for_work

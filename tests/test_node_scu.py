@@ -15,10 +15,10 @@ from fault_helpers import sending_pipeline
 from nodetools.peers import LOOPBACK, free_port, make_ct_series, start_storescp
 from sqlalchemy import select
 
-from dicom_node import db
+from dicom_node.store import db
 from dicom_node.config import Destination
 from dicom_node.negotiation import PERMANENT, TRANSIENT, classify_status
-from dicom_node.scu import send_files
+from dicom_node.dispatch.scu import send_files
 
 
 def _dest(port: int, ae: str = "PACS", retries: int = 3, backoff: float = 0.5) -> dict:
@@ -111,7 +111,7 @@ def test_response_taken_by_the_reactor_goes_back_to_the_sender(tmp_path: Path, k
     from pynetdicom.dimse_primitives import C_STORE
     from pynetdicom.sop_class import CTImageStorage
 
-    from dicom_node.scu import keep_responses
+    from dicom_node.dispatch.scu import keep_responses
 
     with start_storescp(tmp_path / "pacs", "PACS") as pacs:
         ae = AE(ae_title="LTDIFF")
@@ -184,7 +184,7 @@ def test_rejection_is_seen_even_when_the_peer_closes_at_once(tmp_path: Path) -> 
 
 def test_echo_names_the_rejection(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """`dicom-node echo --destination` tells the admin why the PACS said no, not just "failed"."""
-    from dicom_node.cli import main as cli_main
+    from dicom_node.app.cli import main as cli_main
     from nodetools.peers import write_node_config
 
     with start_storescp(tmp_path / "ok", "PACS") as ok, \
@@ -214,7 +214,7 @@ def test_sending_socket_has_nagle_off(tmp_path: Path, monkeypatch) -> None:
     peer's delayed ACK held every instance ~40 ms (a local Orthanc took 20 instances/s)."""
     import socket
 
-    from dicom_node import scu
+    from dicom_node.dispatch import scu
 
     seen: list[int] = []
     real = scu.no_delay

@@ -11,11 +11,11 @@ import pytest
 from fault_helpers import make_rig, sending_pipeline
 from sqlalchemy import select
 
-from dicom_node import db
+from dicom_node.store import db
 from dicom_node.config import Destination
 from nodetools.peers import LOOPBACK, free_port, make_ct_series, node_cmd, start_storescp, storescu, wait_for
-from dicom_node.scu import PERMANENT, send_files
-from dicom_node.pipeline import Pipeline
+from dicom_node.dispatch.scu import PERMANENT, send_files
+from dicom_node.app.pipeline import Pipeline
 
 MR_ONLY = """[[TransferSyntaxes]]
 [Uncompressed]

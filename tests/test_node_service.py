@@ -13,9 +13,9 @@ from nodetools.peers import (
 )
 from sqlalchemy import select
 
-from dicom_node import db
+from dicom_node.store import db
 from dicom_node.config import Completeness, load_config
-from dicom_node.pipeline import Pipeline
+from dicom_node.app.pipeline import Pipeline
 
 
 def test_sigterm_status_and_restart_resumes_processing(tmp_path: Path) -> None:

@@ -27,17 +27,17 @@ from fault_helpers import sending_pipeline
 from dicomweb_client import DICOMwebClient
 from sqlalchemy import select
 
-from dicom_node import db
+from dicom_node.store import db
 from dicom_node.config import parse_config
-from dicom_node.cli import main as cli_main
+from dicom_node.app.cli import main as cli_main
 from nodetools.peers import (
     LOOPBACK, free_port, make_ct_series, make_linear_checkpoint, node_status, start_node, start_orthanc, storescu,
     wait_for, write_node_config,
 )
 from dicom_node.negotiation import PERMANENT, TRANSIENT
-from dicom_node.senders import sender_for
-from dicom_node.stow import batches, send_files_stow
-from dicom_node.pipeline import Pipeline
+from dicom_node.dispatch.senders import sender_for
+from dicom_node.dispatch.stow import batches, send_files_stow
+from dicom_node.app.pipeline import Pipeline
 
 pki = test_net_tls.pki  # the throw-away CA fixture (openssl), shared with the DICOM TLS tests
 
@@ -356,7 +356,7 @@ def test_credentials_come_from_env_or_file_and_never_reach_the_logs(tmp_path: Pa
 
 
 def test_sender_for_follows_the_destination_type(tmp_path: Path) -> None:
-    from dicom_node.scu import send_files
+    from dicom_node.dispatch.scu import send_files
 
     cfg = parse_config({"destinations": [_dest("http://h/dicom-web"),
                                          {"name": "PACS", "ae_title": "PACS", "host": "h", "port": 104}]}, tmp_path)

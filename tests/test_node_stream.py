@@ -14,7 +14,7 @@ import pytest
 from sqlalchemy import select
 from fault_helpers import LINEAR, make_rig, rows
 
-from dicom_node import db
+from dicom_node.store import db
 from nodetools.peers import make_ct_series, node_cmd, peer_env, storescu, wait_for
 
 STREAM = {"streaming": True, "stream_min_slices": 4, "stream_settle_s": 0.2}

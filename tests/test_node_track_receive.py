@@ -10,7 +10,7 @@ import pytest
 from pydicom.dataset import Dataset
 from sqlalchemy import select
 
-from dicom_node import db, track
+from dicom_node.store import db, track
 from dicom_node.audit import AuditLog
 
 CT = "1.2.840.10008.5.1.4.1.1.2"

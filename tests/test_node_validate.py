@@ -1,7 +1,7 @@
 """Receive validation helpers: UID syntax and length, and values made safe to store and echo."""
 from __future__ import annotations
 
-from dicom_node.validate import printable, uid_problem
+from dicom_node.receive.validate import printable, uid_problem
 
 
 def test_printable_keeps_received_values_safe() -> None:

@@ -50,7 +50,7 @@ def test_descriptors_follow_noise_level_and_spectrum():
 def test_zero_initialised_embedding_keeps_the_function_until_trained():
     """A denoiser continued with the condition starts as the one without it; once the embedding has
     weights, the descriptors change its output, on the training and the split inference path alike."""
-    from train.fit_diffusion import with_noise_condition
+    from ltdiff_train.fit_diffusion import with_noise_condition
 
     torch.manual_seed(0)
     cfg = DenoiserConfig(latent_dim=4, cond_dim=8, channels=(8, 8), attention_levels=(False, False),
@@ -80,7 +80,7 @@ def test_noise_conditioned_checkpoint_trains_and_runs_per_slice(tmp_path):
     from test_training import _ae_config, _diffusion_config
 
     from ltdiff_core.checkpoint import load_checkpoint
-    from train import fit_autoencoder, fit_diffusion, fit_linear
+    from ltdiff_train import fit_autoencoder, fit_diffusion, fit_linear
 
     cases = tmp_path / "cases"
     cases.mkdir()
@@ -136,9 +136,9 @@ def test_target_noise_measures_k_and_explains_it_by_the_ir_levels(tmp_path):
     import subprocess
     import sys
 
-    from train import target_noise
+    from ltdiff_train import target_noise
 
-    subprocess.run([sys.executable, "-m", "train.make_phantom", "--out", str(tmp_path / "cases"), "--cases", "6",
+    subprocess.run([sys.executable, "-m", "ltdiff_train.make_phantom", "--out", str(tmp_path / "cases"), "--cases", "6",
                     "--slices", "1", "--seed", "4343", "--size", "256", "--no-rescan"],
                    check=True, capture_output=True, timeout=600)
     out = tmp_path / "tn.json"

@@ -27,7 +27,7 @@ from fault_helpers import NodeRig, c_store, make_rig
 from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
 
-from dicom_node import db
+from dicom_node.store import db
 from dicom_node.config import ConfigError, Http, load_config, parse_config
 from dicom_node.observe.metrics import REFUSAL_CLASSES, refusal_class
 from dicom_node.observe.server import ObserveServer
@@ -106,7 +106,7 @@ def test_ipv6_loopback(tmp_path: Path) -> None:
 
 
 def test_a_taken_http_port_stops_the_start_before_the_dicom_listener(tmp_path: Path) -> None:
-    from dicom_node.service import NodeService
+    from dicom_node.app.service import NodeService
 
     with socket.socket() as taken:
         taken.bind((LOOPBACK, 0))

@@ -25,12 +25,12 @@ LINEAR = default_checkpoint("linear")
 
 
 def _cli(*args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "dicom_node.cli", *args], capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "dicom_node.app.cli", *args], capture_output=True, text=True,
                           timeout=timeout, cwd=ROOT)
 
 
 def _make_phantom(out: Path, seed: int, thickness: float = 1.5, slices: int = 2) -> Path:
-    subprocess.run([sys.executable, "-m", "train.make_phantom", "--out", str(out), "--cases", "1", "--slices",
+    subprocess.run([sys.executable, "-m", "ltdiff_train.make_phantom", "--out", str(out), "--cases", "1", "--slices",
                     str(slices), "--seed", str(seed), "--size", "256", "--thickness", str(thickness)],
                    check=True, capture_output=True, timeout=300, cwd=ROOT)
     return out / "case-000"
@@ -66,7 +66,7 @@ def sharp_as_br40(phantom: Path, tmp_path_factory: pytest.TempPathFactory) -> Pa
 
 def _envelope() -> dict[str, Any]:
     env = qa.envelope_of(load_checkpoint(LINEAR).metadata)
-    assert env is not None, "the shipped checkpoints must carry a QA envelope (python -m train.envelope)"
+    assert env is not None, "the shipped checkpoints must carry a QA envelope (python -m ltdiff_train.envelope)"
     return env
 
 
@@ -174,7 +174,7 @@ def test_thresholds_come_from_the_checkpoint_envelope(phantom: Path, sharp_as_br
     shutil.copytree(phantom, cases / "case-000")
     ck = tmp_path / "sharp-source.safetensors"
     before = load_checkpoint(LINEAR)
-    r = subprocess.run([sys.executable, "-m", "train.envelope", "--cases", str(cases), "--checkpoint", str(LINEAR),
+    r = subprocess.run([sys.executable, "-m", "ltdiff_train.envelope", "--cases", str(cases), "--checkpoint", str(LINEAR),
                         "--out", str(ck), "--source-kernel", "Bl64", "--target-kernel", "Br40"],
                        capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert r.returncode == 0, r.stderr
@@ -201,7 +201,7 @@ def test_older_database_gets_the_new_columns(tmp_path: Path) -> None:
     at start-up (create_all)."""
     import sqlite3
 
-    from dicom_node import db, migrate
+    from dicom_node.store import db, migrate
 
     url = f"sqlite:///{tmp_path / 'old.sqlite'}"
     d = db.Database(url)

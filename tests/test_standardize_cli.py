@@ -16,7 +16,7 @@ from ltdiff_core.radiomics.image_metrics import find_uniform_patches, noise_and_
 
 
 def _cli(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "dicom_node.cli", *args], capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "dicom_node.app.cli", *args], capture_output=True, text=True,
                           timeout=600)
 
 
@@ -27,7 +27,7 @@ def _digest(files: list[Path]) -> dict[str, str]:
 @pytest.fixture(scope="module")
 def phantom(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("phantom")
-    subprocess.run([sys.executable, "-m", "train.make_phantom", "--out", str(out), "--cases", "1", "--slices", "2",
+    subprocess.run([sys.executable, "-m", "ltdiff_train.make_phantom", "--out", str(out), "--cases", "1", "--slices", "2",
                     "--seed", "4242", "--size", "256"], check=True, capture_output=True, timeout=300)
     return out / "case-000"
 

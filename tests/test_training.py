@@ -13,9 +13,9 @@ import pytest
 import torch
 
 from ltdiff_core import Standardizer
-from train import fit_autoencoder, fit_diffusion, fit_direct, fit_linear
-from train.common import ConfigError, load_config
-from train.data import CropSampler, load_split
+from ltdiff_train import fit_autoencoder, fit_diffusion, fit_direct, fit_linear
+from ltdiff_train.common import ConfigError, load_config
+from ltdiff_train.data import CropSampler, load_split
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY_AE = """
@@ -192,7 +192,7 @@ def test_ddp_two_processes_end_with_identical_weights(tmp_path, cases):
     cfg = _ae_config(tmp_path, cases, steps=1)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     # ``python -m torch.distributed.run`` is the ``torchrun`` console script
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "train.fit_autoencoder",
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "ltdiff_train.fit_autoencoder",
                            "--config", str(cfg)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stderr[-3000:]
     meta = json.loads((tmp_path / "ae.json").read_text())
@@ -276,7 +276,7 @@ def test_latent_cache_crops_whole_slice_latents_reproducibly():
     """The cache encodes each slice once and crops latents at body-biased places from (seed, step)."""
     import torch
 
-    from train.data import LatentCache, PairedVolume
+    from ltdiff_train.data import LatentCache, PairedVolume
 
     rng = np.random.default_rng(0)
     src = rng.normal(0, 0.05, (2, 64, 64)).astype(np.float32) - 1.0
@@ -305,7 +305,7 @@ def test_calibrate_gain_brings_the_drawn_residual_to_the_true_power(tmp_path):
     from test_standardizer import _first_guess_ckpt
 
     from ltdiff_core.checkpoint import CheckpointError, load_checkpoint
-    from train import calibrate_gain
+    from ltdiff_train import calibrate_gain
 
     ck = _first_guess_ckpt(tmp_path / "fg.safetensors", decoding="delta")
     rng = np.random.default_rng(0)

@@ -1,6 +1,6 @@
 """Calibrate a generative checkpoint's residual gain on training slices.
 
-    python -m train.calibrate_gain --checkpoint PATH --cases DIR [--cases DIR ...] [--slices 8] [--out PATH]
+    python -m ltdiff_train.calibrate_gain --checkpoint PATH --cases DIR [--cases DIR ...] [--slices 8] [--out PATH]
 
 A sampler with few steps returns samples with too little variance, even with a perfect denoiser
 (``tests/test_diffusion.py``), so the texture the model draws on top of its first guess G(A) comes
@@ -95,7 +95,7 @@ def calibrate(path: str | Path, roots: Sequence[str], n_slices: int = 8, rounds:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m train.calibrate_gain", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="python -m ltdiff_train.calibrate_gain", description=__doc__.splitlines()[0])
     p.add_argument("--checkpoint", required=True)
     p.add_argument("--cases", action="append", required=True, metavar="DIR", help="training case root (repeatable)")
     p.add_argument("--slices", type=int, default=8, help="whole slices measured (spread over all cases)")

@@ -1,6 +1,6 @@
 """The QA training envelope of a checkpoint: what its training data looked like, measured.
 
-    python -m train.envelope --cases DIR [--cases DIR ...] --checkpoint PATH [--checkpoint PATH ...] [--out PATH]
+    python -m ltdiff_train.envelope --cases DIR [--cases DIR ...] --checkpoint PATH [--checkpoint PATH ...] [--out PATH]
 
 Measures every training pair with :mod:`ltdiff_core.qa` (source series; target series on the
 source's patches), reduces them to robust ranges and writes them into the checkpoint's metadata
@@ -77,7 +77,7 @@ def _kernels(path: Path, source: str | None, target: str | None) -> tuple[str, s
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m train.envelope", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="python -m ltdiff_train.envelope", description=__doc__.splitlines()[0])
     p.add_argument("--cases", action="append", required=True, metavar="DIR", help="case root (repeatable)")
     p.add_argument("--checkpoint", action="append", required=True, metavar="PATH",
                    help="checkpoint to stamp (repeatable)")

@@ -1,6 +1,6 @@
 """Radiomic reproducibility evaluation of every method on paired cases, in one run.
 
-    python -m train.evaluate --cases DIR --out DIR [--methods identity,histmatch,...]
+    python -m ltdiff_train.evaluate --cases DIR --out DIR [--methods identity,histmatch,...]
         [--model PATH] [--linear PATH] [--direct PATH] [--ablation PATH] [--steps-list 2,8]
         [--source-kernel Br40 --target-kernel Bl64] [--max-rois-per-range N] [--seed S] [--jobs N]
         [--seeds 0,1,2] [--bootstrap 1000] [--bootstrap-seed 0] [--reference ours]
@@ -28,7 +28,7 @@ def _csv(s: str) -> list[str]:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m train.evaluate", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="python -m ltdiff_train.evaluate", description=__doc__.split("\n")[0])
     p.add_argument("--cases", type=Path, required=True, help="folder of case folders (paired series + optional SEG)")
     p.add_argument("--out", type=Path, required=True, help="output folder for report.json/report.md/PNGs")
     p.add_argument("--methods", type=_csv, default=None,
@@ -73,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"evaluate: error: {e}", file=sys.stderr)
         return 2
     argv_list = sys.argv[1:] if argv is None else list(argv)
-    report["command"] = "python -m train.evaluate " + " ".join(shlex.quote(a) for a in argv_list)
+    report["command"] = "python -m ltdiff_train.evaluate " + " ".join(shlex.quote(a) for a in argv_list)
     paths = write_report(report, args.out)
     boot = report.get("bootstrap", {})
     if "seconds" in boot:

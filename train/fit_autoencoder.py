@@ -1,7 +1,7 @@
 """Train the multiscale-latent UNet++ autoencoder on crops of both kernels.
 
-    python -m train.fit_autoencoder --config conf/train-autoencoder.toml [--cases DIR] [--out PATH] [--resume]
-    torchrun --nproc_per_node N -m train.fit_autoencoder ...   (DDP)
+    python -m ltdiff_train.fit_autoencoder --config conf/train-autoencoder.toml [--cases DIR] [--out PATH] [--resume]
+    torchrun --nproc_per_node N -m ltdiff_train.fit_autoencoder ...   (DDP)
 
 Loss: L1 in normalised space plus an FFT-magnitude and an image-gradient L1 term on every
 deep-supervision head; plain L1 alone averages noise away, and the autoencoder must keep the

@@ -1,6 +1,6 @@
 """Train the conditional latent denoiser p(Z_B | Z_A) on a frozen autoencoder.
 
-    python -m train.fit_diffusion --config conf/train-diffusion.toml [--autoencoder PATH] [--linear PATH]
+    python -m ltdiff_train.fit_diffusion --config conf/train-diffusion.toml [--autoencoder PATH] [--linear PATH]
         [--cases DIR] [--out PATH] [--resume] [--init LTDIFF_CHECKPOINT]
 
 Writes the combined "ltdiff" checkpoint (autoencoder + denoiser + latent statistics +

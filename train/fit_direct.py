@@ -1,6 +1,6 @@
 """Train the baseline UNet++ directly A -> B (residual, deep supervision).
 
-    python -m train.fit_direct --config conf/train-direct.toml [--cases DIR] [--out PATH] [--resume]
+    python -m ltdiff_train.fit_direct --config conf/train-direct.toml [--cases DIR] [--out PATH] [--resume]
 
 This is the papers' "UNet++" row: the same data and texture loss as the autoencoder, but a
 deterministic regression, so it shows what the latent diffusion adds.

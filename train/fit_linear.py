@@ -1,6 +1,6 @@
 """Fit the radial Wiener-style kernel filter from paired slices (no GPU, about a minute).
 
-    python -m train.fit_linear --config conf/train-linear.toml [--cases DIR] [--out PATH]
+    python -m ltdiff_train.fit_linear --config conf/train-linear.toml [--cases DIR] [--out PATH]
 
 Stored in the same checkpoint format as the networks; ``Standardizer`` runs it as variant
 "linear" (deterministic) or "linear+noise" (adds noise with the residual's radial NPS).

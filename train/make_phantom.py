@@ -1,6 +1,6 @@
 """Write the synthetic two-kernel phantom data set in the case layout of ``docs/data-layout.md``.
 
-    python -m train.make_phantom --out DIR --cases N --slices K --seed S [--size 512] [--thickness MM]
+    python -m ltdiff_train.make_phantom --out DIR --cases N --slices K --seed S [--size 512] [--thickness MM]
         [--pixel-mm 0.7] [--generator {scanner,fbp}] [--no-rescan] [--rescan-mode {independent,split}]
 
 Case ``i`` is generated with seed ``S * 1000 + i`` and written to ``DIR/case-{i:03d}`` as
@@ -31,7 +31,7 @@ def case_seed(seed: int, index: int) -> int:
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m train.make_phantom", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m ltdiff_train.make_phantom", description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, required=True, metavar="DIR", help="output folder (one sub-folder per case)")
     parser.add_argument("--cases", type=int, required=True, metavar="N", help="number of cases")
     parser.add_argument("--slices", type=int, required=True, metavar="K", help="slices per case")

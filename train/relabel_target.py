@@ -3,8 +3,8 @@
 Used to measure the autoencoder ceiling D(E(B)) against B with the normal evaluation command
 (the case loader refuses one series as both source and target):
 
-    python -m train.relabel_target --cases data/heldout --out out/ceiling-cases --label REF
-    python -m train.evaluate --cases out/ceiling-cases --source-kernel REF --target-kernel Bl64 \\
+    python -m ltdiff_train.relabel_target --cases data/heldout --out out/ceiling-cases --label REF
+    python -m ltdiff_train.evaluate --cases out/ceiling-cases --source-kernel REF --target-kernel Bl64 \\
         --methods identity,autoencoder --out out/ceiling
 """
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """How much of the target's noise level can any Br40-only method know? A per-case diagnostic.
 
-    python -m train.target_noise --cases data/train --cases data/val [--linear PATH] [--json OUT]
+    python -m ltdiff_train.target_noise --cases data/train --cases data/val [--linear PATH] [--json OUT]
 
 For every paired case it measures, in flat soft tissue (-200..200 HU, low local activity):
 

@@ -4,5 +4,5 @@ Everything is read from the shared database (and the spool/output directories) w
 for, never from counters in this process, so the endpoint of any role sees the whole node.
 Modules: ``metrics`` (the Prometheus collector), ``health`` (``/healthz`` checks), ``thumbs``
 (before/after PNG thumbnails), ``page`` (the HTML status page), ``server`` (the HTTP server
-started by :class:`dicom_node.service.NodeService` when ``[http] enabled``).
+started by :class:`dicom_node.app.service.NodeService` when ``[http] enabled``).
 """

@@ -15,10 +15,10 @@ from typing import Any
 
 from sqlalchemy import select, text
 
-from .. import db
-from ..config import NodeConfig
-from ..service import HEARTBEAT_S
-from ..status import heartbeat_fresh
+from dicom_node.store import db
+from dicom_node.config import NodeConfig
+from dicom_node.app.service import HEARTBEAT_S
+from dicom_node.admin.status import heartbeat_fresh
 
 
 def check_database(database: db.Database) -> tuple[bool, str]:

@@ -17,9 +17,9 @@ from prometheus_client.registry import Collector, CollectorRegistry
 from prometheus_client.utils import floatToGoString
 from sqlalchemy import func, select
 
-from .. import db
-from ..config import NodeConfig
-from ..status import pending_deliveries, state_counts
+from dicom_node.store import db
+from dicom_node.config import NodeConfig
+from dicom_node.admin.status import pending_deliveries, state_counts
 
 PREFIX = "dicom_node"
 #: Upper bounds (seconds) of the stage duration histogram: a slice batch takes well under a second

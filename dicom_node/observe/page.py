@@ -1,6 +1,6 @@
 """The read-only status page: the facts of ``dicom-node status`` as one server-side HTML page.
 
-It renders :func:`dicom_node.status.collect_status` (so the page and the command never disagree)
+It renders :func:`dicom_node.admin.status.collect_status` (so the page and the command never disagree)
 and adds a before/after thumbnail for each done series. No patient name, ID or birth date is
 part of that report, so none can appear here; every value is HTML-escaped, since UIDs, AE titles,
 descriptions and reasons come from the network. No scripts.
@@ -10,7 +10,7 @@ from __future__ import annotations
 from html import escape
 from typing import Any
 
-from ..qa_gate import summary as qa_summary
+from dicom_node.process.qa_gate import summary as qa_summary
 
 STYLE = """
 body{font:14px/1.4 system-ui,sans-serif;margin:1.5em;color:#222}
@@ -79,7 +79,7 @@ def _series_rows(st: dict[str, Any]) -> list[str]:
 
 
 def render_page(st: dict[str, Any]) -> str:
-    """The whole page for a :func:`~dicom_node.status.collect_status` report."""
+    """The whole page for a :func:`~dicom_node.admin.status.collect_status` report."""
     n = st["node"]
     up = "UP" if n["up"] else "DOWN"
     queue = ("<tr>" + "".join(f"<th>{e(k)}</th>" for k in st["queue"]) + "<th>pending deliveries</th></tr><tr>"

@@ -17,13 +17,13 @@ from typing import Any
 
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from .. import db
-from ..config import NodeConfig
-from ..logs import log_event
-from .health import health
-from .metrics import registry_for
-from .page import render_page
-from .thumbs import ThumbnailCache
+from dicom_node.store import db
+from dicom_node.config import NodeConfig
+from dicom_node.logs import log_event
+from dicom_node.observe.health import health
+from dicom_node.observe.metrics import registry_for
+from dicom_node.observe.page import render_page
+from dicom_node.observe.thumbs import ThumbnailCache
 
 log = logging.getLogger("dicom_node.observe")
 
@@ -100,7 +100,7 @@ class ObserveServer:
             code = 200 if report["ok"] else 503
             return code, "application/json", (json.dumps(report, indent=1) + "\n").encode()
         if path in ("/", "/index.html"):
-            from ..status import collect_status
+            from dicom_node.admin.status import collect_status
 
             page = render_page(collect_status(self.config, last=PAGE_SERIES))
             return 200, "text/html; charset=utf-8", page.encode()

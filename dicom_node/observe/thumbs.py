@@ -17,8 +17,8 @@ import numpy as np
 import pydicom
 from sqlalchemy import select
 
-from .. import db
-from ..config import NodeConfig
+from dicom_node.store import db
+from dicom_node.config import NodeConfig
 
 SIZE = 96
 WINDOW_CENTER, WINDOW_WIDTH = 40.0, 400.0  # soft tissue (HU)

@@ -1,0 +1,1 @@
+"""Admin: what operators run: status, retry/resend, retention, the conformance statement, offline standardize."""

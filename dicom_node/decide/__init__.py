@@ -1,0 +1,1 @@
+"""Decide: series completeness, routing rules and per-series anomalies."""
