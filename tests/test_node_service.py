@@ -83,3 +83,31 @@ def test_routed_series_wakes_process_and_send_without_waiting_for_their_polls(tm
         assert len(rig.pacs_files()) == 4
     finally:
         rig.stop()
+
+
+def test_sigterm_during_a_model_run_exits_after_the_batch(tmp_path: Path) -> None:
+    """SIGTERM while a batch of the latent diffusion model runs: the batch finishes, the node exits 0
+    a few seconds later (it used to hang: APScheduler's shutdown held its job-store lock while the
+    finishing process step woke the send step, which needs that lock), and after a restart the
+    output is sent once, whole."""
+    rig = make_rig(tmp_path, model="ltdiff", processing={"streaming": False})
+    try:
+        files = make_ct_series(tmp_path / "in", n=6, size=64)
+        uid = str(pydicom.dcmread(files[0]).SeriesInstanceUID)
+        assert storescu(files, rig.port, "LTDIFF").returncode == 0
+        rig.wait_state(uid, ("processing",), 60)
+        assert rig.node is not None
+        t0 = time.monotonic()
+        code = rig.node.stop(timeout=90)  # SIGTERM; SIGKILL only after 90 s
+        took = time.monotonic() - t0
+        assert code == 0, (code, took, rig.log()[-3000:])
+        assert "node_stopped" in rig.log()
+        with rig.database().session() as s:
+            job = s.scalars(select(db.Job)).one()
+            assert job.processing_finished_at is not None  # the batch ran to its end before the exit
+        rig.start()
+        series = rig.wait_state(uid, ("done", "failed"), 90)
+        assert series["state"] == "done", series
+        assert len(rig.pacs_files()) == 6  # every output slice once
+    finally:
+        rig.stop()

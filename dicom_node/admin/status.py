@@ -13,7 +13,7 @@ from sqlalchemy.orm import Session, object_session
 
 from dicom_node.store import db
 from dicom_node.config import ROLES, NodeConfig
-from dicom_node.app.service import HEARTBEAT_S, pid_alive
+from dicom_node.store.heartbeat import heartbeat_fresh, pid_alive
 from dicom_node.store.spool import disk_usage
 
 
@@ -140,11 +140,6 @@ def series_dict(s: db.Series, with_instances: bool = False) -> dict[str, Any]:
             for d in j["deliveries"]:
                 d.pop("instances")
     return out
-
-
-def heartbeat_fresh(hb: db.Heartbeat | None, now: datetime) -> bool:
-    """A running process's heartbeat (written every HEARTBEAT_S by its scheduler) is recent."""
-    return hb is not None and hb.stopped_at is None and (now - hb.heartbeat_at).total_seconds() < 3 * HEARTBEAT_S
 
 
 def state_counts(s: Session) -> dict[str, int]:

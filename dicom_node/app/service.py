@@ -15,14 +15,12 @@ from __future__ import annotations
 import logging
 import os
 import signal
-import socket
 import threading
 from collections.abc import Sequence
 from typing import Any
 
-from sqlalchemy import delete, select
-
-from dicom_node.store import db
+from dicom_node.store import db, heartbeat
+from dicom_node.store.heartbeat import pid_alive
 from dicom_node.config import ROLES, ConfigError, NodeConfig
 from dicom_node.logs import log_event
 from dicom_node.app.scheduler import build_scheduler
@@ -31,9 +29,6 @@ from dicom_node.store.spool import write_atomic
 from dicom_node.app.pipeline import Pipeline
 
 log = logging.getLogger("dicom_node.app.service")
-
-HEARTBEAT_S = 5.0
-
 
 def software_version() -> str:
     from dicom_node.version import SOFTWARE_VERSION
@@ -82,7 +77,7 @@ class NodeService:
         if c.http.enabled and "receive" in self.roles:
             # Before the DICOM listener: a port already taken stops the start here. One HTTP
             # endpoint per node: the receiver's process serves it (it reads the shared database).
-            from dicom_node.observe.server import ObserveServer  # imports status, which imports this module
+            from dicom_node.observe.server import ObserveServer  # only when [http] is enabled
 
             self.http = ObserveServer(c, self.db)
             self.http.start()
@@ -104,30 +99,11 @@ class NodeService:
     def heartbeat(self, started: bool = False, stopped: bool = False) -> None:
         """Liveness for ``dicom-node status`` (one row per host and PID): roles, AE and port of
         a receiver, model and device of a process worker."""
-        now = db.utcnow()
-        host, pid = socket.gethostname(), os.getpid()
         lm = self.pipeline.last_model
-        with self.db.session() as s:
-            if started:  # rows of earlier processes on this host that are gone
-                for old in s.scalars(select(db.Heartbeat).where(db.Heartbeat.hostname == host,
-                                                                 db.Heartbeat.pid != pid)):
-                    if not pid_alive(old.pid):
-                        s.delete(old)
-                s.execute(delete(db.Heartbeat).where(db.Heartbeat.hostname == host, db.Heartbeat.pid == pid))
-            row = s.scalars(select(db.Heartbeat).where(db.Heartbeat.hostname == host, db.Heartbeat.pid == pid)).first()
-            if row is None:
-                row = db.Heartbeat(hostname=host, pid=pid, started_at=now)
-                s.add(row)
-            row.roles = ",".join(self.roles)
-            row.ae_title = self.config.ae_title
-            row.port = int(self.port) if self.port else None
-            row.heartbeat_at = now
-            row.version = software_version()
-            if lm:
-                row.model = f"{lm.get('name') or lm.get('model')} {lm.get('version') or ''}".strip()
-                row.device = str(lm.get("device"))
-            if stopped:
-                row.stopped_at = now
+        model = f"{lm.get('name') or lm.get('model')} {lm.get('version') or ''}".strip() if lm else None
+        heartbeat.beat(self.db, roles=self.roles, ae_title=self.config.ae_title, port=self.port,
+                       version=software_version(), model=model, device=str(lm.get("device")) if lm else None,
+                       started=started, stopped=stopped)
 
     def request_stop(self, signum: int | None = None, _frame: Any = None) -> None:
         if not self.stop_event.is_set():
@@ -170,12 +146,3 @@ class NodeService:
             self.stop()
         return 0
 
-
-def pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True

@@ -17,8 +17,7 @@ from sqlalchemy import select, text
 
 from dicom_node.store import db
 from dicom_node.config import NodeConfig
-from dicom_node.app.service import HEARTBEAT_S
-from dicom_node.admin.status import heartbeat_fresh
+from dicom_node.store.heartbeat import HEARTBEAT_S, heartbeat_fresh
 
 
 def check_database(database: db.Database) -> tuple[bool, str]:

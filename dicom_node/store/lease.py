@@ -16,6 +16,7 @@ import threading
 from datetime import timedelta
 
 from dicom_node.store import db, track
+from dicom_node.store.heartbeat import pid_alive
 from dicom_node.logs import log_event
 
 log = logging.getLogger("dicom_node.store.lease")
@@ -29,7 +30,6 @@ def worker_id(role: str) -> str:
 def owner_gone(owner: str) -> bool:
     """Whether the worker ``owner`` ran on this host and its process is no longer running (its
     work can be claimed again without waiting for the lease to expire)."""
-    from dicom_node.app.service import pid_alive
 
     host, _, rest = owner.partition(":")
     pid = rest.partition(":")[0]
