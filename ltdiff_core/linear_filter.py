@@ -4,6 +4,11 @@
 (from the pixel spacing), so one fitted filter applies to any matrix and pixel size. Slices are
 reflect-padded before the FFT, identically in fitting and applying, so the body outline does
 not wrap around. The residual's radial NPS is kept for the optional "linear+noise" variant.
+
+Fitting weighs tissue (``window="body"``, the default): each pair's spectra are taken through a
+smooth window inside the body found from the source image (:mod:`ltdiff_core.body`), so air,
+a patient table, pixels at the storage clip and PixelPaddingValue outside the reconstruction
+circle, which look alike in both kernels, do not pull the fitted sharpening towards 1.
 """
 from __future__ import annotations
 
@@ -12,6 +17,8 @@ from typing import Any
 
 import numpy as np
 from scipy import fft as sfft
+
+from ltdiff_core.body import tissue_window, windowed
 
 PAD = 32
 DEFAULT_BIN_LPCM = 0.1
@@ -127,9 +134,13 @@ class LinearKernelFilter:
 class LinearFilterFitter:
     """Accumulates cross- and auto-spectra over paired slices, then solves per radial bin."""
 
-    def __init__(self, f_max_lpcm: float = 10.0, bin_lpcm: float = DEFAULT_BIN_LPCM, pad: int = PAD) -> None:
+    def __init__(self, f_max_lpcm: float = 10.0, bin_lpcm: float = DEFAULT_BIN_LPCM, pad: int = PAD,
+                 window: str | None = "body") -> None:
+        if window not in ("body", None):
+            raise ValueError(f"window must be 'body' or None, got {window!r}")
         self.edges = np.arange(0.0, f_max_lpcm + bin_lpcm, bin_lpcm)
         self.pad = pad
+        self.window = window
         n = len(self.edges) - 1
         self.cross = np.zeros(n, np.complex128)
         self.auto = np.zeros(n, np.float64)
@@ -138,9 +149,16 @@ class LinearFilterFitter:
     def _bins(self, f: np.ndarray) -> np.ndarray:
         return np.clip(np.digitize(f, self.edges) - 1, 0, len(self.edges) - 2)
 
+    def _window(self, a: np.ndarray, pixel_mm: tuple[float, float]) -> np.ndarray | None:
+        return tissue_window(a, pixel_mm) if self.window == "body" else None
+
     def add(self, a: np.ndarray, b: np.ndarray, pixel_mm: tuple[float, float]) -> None:
-        """Add one paired slice (HU, same grid)."""
-        xa, xb = _padded(a.astype(np.float64), self.pad), _padded(b.astype(np.float64), self.pad)
+        """Add one paired slice (HU, same grid); a slice with no body in it adds nothing."""
+        w = self._window(a, pixel_mm)
+        if w is not None and not w.any():
+            return
+        a64, b64 = (a.astype(np.float64), b.astype(np.float64)) if w is None else (windowed(a, w), windowed(b, w))
+        xa, xb = _padded(a64, self.pad), _padded(b64, self.pad)
         fa, fb = sfft.rfft2(xa, workers=-1), sfft.rfft2(xb, workers=-1)
         w = np.ones(fa.shape)
         w[:, 1:(xa.shape[1] + 1) // 2] = 2.0  # rfft half-plane: count conjugate partners
@@ -170,8 +188,14 @@ class LinearFilterFitter:
         cnt = np.zeros(len(centres))
         for a, b, px in self.slices:
             r = b.astype(np.float64) - filt.apply(a, px)
-            r -= r.mean()
-            spec = np.abs(np.fft.rfft2(r)) ** 2 * (px[0] * px[1]) / r.size
+            w = self._window(a, px)
+            if w is None:
+                r -= r.mean()
+                norm = r.size
+            else:  # the residual of the tissue, its power per unit of window energy
+                r = windowed(r, w)
+                norm = float((w ** 2).sum())
+            spec = np.abs(np.fft.rfft2(r)) ** 2 * (px[0] * px[1]) / norm
             idx = self._bins(radial_frequency(r.shape, px)).ravel()
             acc += np.bincount(idx, spec.ravel(), len(centres))
             cnt += np.bincount(idx, None, len(centres))

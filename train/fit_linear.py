@@ -22,7 +22,8 @@ from .data import load_split
 
 DEFAULTS: dict[str, dict[str, Any]] = {
     "data": {"cases": ["data/train"], "source_kernel": "Br40", "target_kernel": "Bl64", "val_cases": 1},
-    "filter": {"f_max_lpcm": 10.0, "bin_lpcm": 0.1, "pad": 32},
+    # window "body": spectra through a smooth window inside the body (ltdiff_core.body); "" for the whole slice
+    "filter": {"f_max_lpcm": 10.0, "bin_lpcm": 0.1, "pad": 32, "window": "body"},
     "output": {"path": "runs/linear.safetensors", "name": "linear-kernel-filter", "version": "0.1.0"},
 }
 
@@ -34,7 +35,7 @@ def main(argv: list[str] | None = None) -> None:
     out = Path(args.out or out_cfg["path"])
     t0 = time.time()
     train_vols, val_vols = load_split(args.cases or d["cases"], d["val_cases"], d["source_kernel"], d["target_kernel"])
-    fitter = LinearFilterFitter(fc["f_max_lpcm"], fc["bin_lpcm"], fc["pad"])
+    fitter = LinearFilterFitter(fc["f_max_lpcm"], fc["bin_lpcm"], fc["pad"], window=fc["window"] or None)
     for v in train_vols:
         for z in range(v.source.shape[0]):
             fitter.add(unit_to_hu(v.source[z]), unit_to_hu(v.target[z]), v.pixel_mm)
@@ -47,12 +48,15 @@ def main(argv: list[str] | None = None) -> None:
     metrics = {"val_rmse_hu_identity": float(np.mean(rm_id)), "val_rmse_hu_filter": float(np.mean(rm_f))}
     meta = {
         "name": out_cfg["name"], "version": out_cfg["version"], "method": "linear", "networks": {},
-        "normalization": NORMALIZATION, "filter": {"pad": fc["pad"], "bin_lpcm": fc["bin_lpcm"]},
+        "normalization": NORMALIZATION, "filter": {"pad": fc["pad"], "bin_lpcm": fc["bin_lpcm"], "window": fc["window"] or "whole slice"},
         "training": common.training_record(cfg, t0, train_vols, val_vols),
         "metrics": {"linear": metrics},
         "code_version": common.code_version(),
     }
     save_checkpoint(out, filt.to_tensors("linear"), meta)
+    n_slices = sum(v.source.shape[0] for v in train_vols)
+    print(f"fit_linear: {len(train_vols)} training volume(s), {n_slices} slice(s) used, "
+          f"{d['source_kernel']} -> {d['target_kernel']}, spectra through {fc['window'] or 'the whole slice'}")
     print(f"saved {out}: {metrics}")
 
 
