@@ -66,3 +66,5 @@ def setup_logging(level: str = "INFO", fmt: str = "kv", stream: Any = None) -> N
     # pynetdicom logs every PDU at INFO/DEBUG; keep its per-message chatter out of the service log.
     logging.getLogger("pynetdicom").setLevel(logging.WARNING)
     logging.getLogger("apscheduler").setLevel(logging.ERROR)  # "skipped: max instances" is expected
+    # Alembic announces every revision it checks at INFO; the node logs the upgrade's outcome itself.
+    logging.getLogger("alembic").setLevel(logging.WARNING)

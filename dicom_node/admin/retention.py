@@ -23,8 +23,9 @@ FINISHED_STATES = (db.DONE, db.FAILED, db.IGNORED, db.UNROUTED, db.REFUSED)
 
 
 def purge(config: NodeConfig, database: db.Database, older_than_days: float | None = None,
-          states: Sequence[str] | None = None) -> int:
-    """Delete finished series last received more than N days ago; returns how many."""
+          states: Sequence[str] | None = None, dry_run: bool = False) -> int:
+    """Delete finished series last received more than N days ago; returns how many
+    (``dry_run``: how many would go, nothing deleted)."""
     days = config.retention.days if older_than_days is None else older_than_days
     states = tuple(states or FINISHED_STATES)
     cutoff = db.utcnow() - timedelta(days=days)
@@ -32,6 +33,9 @@ def purge(config: NodeConfig, database: db.Database, older_than_days: float | No
     with database.session() as s:
         for series in s.scalars(select(db.Series).where(db.Series.state.in_(states),
                                                         db.Series.last_received_at <= cutoff)):
+            if dry_run:
+                n += 1
+                continue
             shutil.rmtree(config.spool_dir / safe_name(series.series_uid), ignore_errors=True)
             shutil.rmtree(config.quarantine_dir / safe_name(series.series_uid), ignore_errors=True)
             for job in series.jobs:
@@ -40,6 +44,8 @@ def purge(config: NodeConfig, database: db.Database, older_than_days: float | No
                     shutil.rmtree(staged, ignore_errors=True)
             s.delete(series)
             n += 1
+        if dry_run:
+            return n
         for r in s.scalars(select(db.Refusal).where(db.Refusal.received_at <= cutoff)):
             s.delete(r)
     if n:

@@ -1,13 +1,23 @@
 """``dicom-node``: a thin command line over the library (serve, status, admin tasks).
 
 Every subcommand reads the same configuration file, so ``status``/``jobs``/``retry``/``purge``
-see the database and data directory of the node that ``serve`` runs.
+see the database and data directory of the node that ``serve`` runs. Commands that only read
+(``status``, ``jobs``) never create a database: with no database where the configuration points
+they say so and exit 1.
+
+Exit status (docs/operations.md "Exit status"): 0 success; 1 the command ran but found nothing
+to act on, or failed (series not found, C-ECHO failed); 2 usage or configuration error; 3 the QA
+gate refused (``standardize``); 4 ``serve`` cannot start (a port in use, an unusable data_dir,
+another node on it). ``status --check`` answers like a monitoring plugin: 0 OK, 2 CRITICAL
+(down), 3 UNKNOWN (no database).
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
+import signal
+import socket
 import sys
 from collections.abc import Sequence
 
@@ -15,19 +25,45 @@ from dicom_node.config import ConfigError, NodeConfig, load_config
 
 CONFIG_ENV = "DICOM_NODE_CONFIG"
 LOG_LEVEL_ENV = "DICOM_NODE_LOG_LEVEL"
+EXIT_CANNOT_START = 4
+#: ``status --check``, as monitoring plugins answer.
+CHECK_OK, CHECK_CRITICAL, CHECK_UNKNOWN = 0, 2, 3
+
+
+class NoDatabase(Exception):
+    """A read-only command found no database where the configuration points."""
 
 
 def _config(args: argparse.Namespace) -> NodeConfig:
     return load_config(args.config or os.environ.get(CONFIG_ENV))
 
 
+def _existing_database(cfg: NodeConfig) -> str:
+    """The database URL of ``cfg`` if its SQLite file exists (a shared database always counts):
+    reading must never create state."""
+    url = cfg.db_url
+    if url.startswith("sqlite:///") and url != "sqlite:///:memory:":
+        path = url[len("sqlite:///"):]
+        if not os.path.isfile(path):
+            where = "--config FILE or $" + CONFIG_ENV if not cfg.source else str(cfg.source)
+            raise NoDatabase(f"no database at {path} (node.data_dir = {cfg.data_dir}; configuration: {where}): "
+                             "has a node run with this configuration?")
+    return url
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     from dicom_node.logs import setup_logging
     from dicom_node.app.service import NodeService
 
+    from dicom_node.app.service import StartError
+
     cfg = _config(args)
     setup_logging(args.log_level or os.environ.get(LOG_LEVEL_ENV) or cfg.logging.level, cfg.logging.format)
-    return NodeService(cfg, roles=args.roles).serve_forever()
+    try:
+        return NodeService(cfg, roles=args.roles).serve_forever()
+    except StartError as exc:
+        print(f"dicom-node: cannot start: {exc}", file=sys.stderr)
+        return EXIT_CANNOT_START
 
 
 def _roles(value: str) -> tuple[str, ...]:
@@ -63,9 +99,31 @@ def cmd_db(args: argparse.Namespace) -> int:
 def cmd_status(args: argparse.Namespace) -> int:
     from dicom_node.admin.status import collect_status, format_status, status_json
 
-    st = collect_status(_config(args), last=args.last, with_instances=args.instances)
+    cfg = _config(args)
+    try:
+        _existing_database(cfg)
+    except NoDatabase as exc:
+        if args.check:
+            print(f"UNKNOWN: dicom-node {cfg.ae_title}: {exc}")
+            return CHECK_UNKNOWN
+        raise
+    st = collect_status(cfg, last=args.last, with_instances=args.instances)
+    if args.check:
+        print(check_line(st))
+        return CHECK_OK if st["node"]["up"] else CHECK_CRITICAL
     print(status_json(st) if args.json else format_status(st))
-    return 0 if st["node"]["up"] or not args.check else 3
+    return 0
+
+
+def check_line(st: dict) -> str:
+    """One line for a monitoring plugin: OK/CRITICAL, the AE, the queue and the failures."""
+    node, queue = st["node"], st.get("queue", {})
+    waiting = sum(int(queue.get(k, 0) or 0) for k in ("received", "complete", "queued", "processing", "sending"))
+    failed = int(queue.get("failed", 0) or 0)
+    state = "OK" if node["up"] else "CRITICAL"
+    how = f"up (PID {node.get('pid')})" if node["up"] else "down" + (
+        f" since {node['stopped_at']}" if node.get("stopped_at") else "")
+    return f"{state}: dicom-node {node.get('ae_title') or ''} {how}; {waiting} series in progress, {failed} failed"
 
 
 def cmd_jobs(args: argparse.Namespace) -> int:
@@ -75,7 +133,7 @@ def cmd_jobs(args: argparse.Namespace) -> int:
     from dicom_node.admin.status import anomaly_summary, job_dict
 
     cfg = _config(args)
-    database = db.Database(cfg.db_url)
+    database = db.Database(_existing_database(cfg))
     database.create_all()
     with database.session() as s:
         q = select(db.Job).order_by(db.Job.id.desc()).limit(args.last)
@@ -119,11 +177,13 @@ def cmd_retry(args: argparse.Namespace) -> int:
     n = pipeline.retry(series_uid=args.series_uid, failed=args.failed, force=args.force)
     database.dispose()
     resent = len(pipeline.resent)
+    if not n and args.series_uid:
+        print(f"dicom-node: series {args.series_uid} not found, or still in progress", file=sys.stderr)
+        return 1
     print(f"{n - resent} series queued for reprocessing"
           + (" (QA gate: flag, forced)" if n - resent and args.force else "")
-          + f", {resent} re-sent from their existing output"
-          + ("" if n else " (not found, or still in progress)"))
-    return 0 if n or args.failed else 1
+          + f", {resent} re-sent from their existing output")
+    return 0
 
 
 def cmd_resend(args: argparse.Namespace) -> int:
@@ -147,14 +207,17 @@ def cmd_resend(args: argparse.Namespace) -> int:
 
 def cmd_purge(args: argparse.Namespace) -> int:
     from dicom_node.store import db
-    from dicom_node.app.pipeline import Pipeline
+
+    from dicom_node.admin.retention import purge
 
     cfg = _config(args)
-    database = db.Database(cfg.db_url)
+    database = db.Database(_existing_database(cfg))
     database.create_all()
-    n = Pipeline(cfg, database).purge(args.older_than, [args.state] if args.state else None)
-    database.dispose()
-    print(f"purged {n} series")
+    try:
+        n = purge(cfg, database, args.older_than, [args.state] if args.state else None, dry_run=args.dry_run)
+    finally:
+        database.dispose()
+    print(f"would purge {n} series (dry run)" if args.dry_run else f"purged {n} series")
     return 0
 
 
@@ -171,6 +234,7 @@ def cmd_echo(args: argparse.Namespace) -> int:
     from pynetdicom.sop_class import Verification
 
     cfg = _config(args)
+    calling = args.calling_ae or cfg.ae_title
     if args.destination:
         d = cfg.destination(args.destination)
         if d.type == "stow-rs":
@@ -180,22 +244,31 @@ def cmd_echo(args: argparse.Namespace) -> int:
             print(msg)
             return 0 if ok else 1
         host, port, called = d.host, d.port, d.ae_title
+        calling = args.calling_ae or cfg.ae_title
     else:
         host, port, called = "127.0.0.1", cfg.port, cfg.ae_title
-    ae = AE(ae_title=cfg.ae_title)
+    host, port, called = args.host or host, args.port or port, args.called_ae or called
+    where = f"C-ECHO {calling} -> {called}@{host}:{port}"
+    try:  # a plain TCP connect first, to tell "nothing listens" from what the peer said
+        socket.create_connection((host, port), timeout=10).close()
+    except OSError as exc:
+        print(f"{where}: cannot connect ({exc.strerror or exc})")
+        return 1
+    ae = AE(ae_title=calling)
     ae.add_requested_context(Verification)
     assoc = ae.associate(host, port, ae_title=called)
     if not assoc.is_established:
         from dicom_node.negotiation import rejection, rejection_text
 
         prim = rejection(assoc)
-        why = "association aborted, refused or timed out" if prim is None else rejection_text(prim)
-        print(f"C-ECHO {called}@{host}:{port}: {why}")
+        why = ("association aborted or timed out after the connection was accepted" if prim is None
+               else rejection_text(prim))
+        print(f"{where}: {why}")
         return 1
     rsp = assoc.send_c_echo()
     assoc.release()
     status = int(rsp.Status) if rsp is not None and "Status" in rsp else None
-    print(f"C-ECHO {called}@{host}:{port}: status {'none' if status is None else f'0x{status:04X}'}")
+    print(f"{where}: status {'none' if status is None else f'0x{status:04X}'}")
     return 0 if status == 0 else 1
 
 
@@ -205,9 +278,30 @@ def cmd_standardize(args: argparse.Namespace) -> int:
     return int(run_standardize(args))
 
 
+#: Job states ``jobs --state`` accepts (dicom_node.store.db job states).
+JOB_STATES = ("streaming", "queued", "processing", "sending", "done", "failed", "refused")
+
+
+def _version() -> str:
+    from dicom_node.version import SOFTWARE_VERSION
+
+    return str(SOFTWARE_VERSION)
+
+
+def _days(value: str) -> float:
+    try:
+        days = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"a number of days, got {value!r}") from None
+    if not days >= 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more days, got {value}")
+    return days
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="dicom-node", description="DICOM node that standardizes CT kernels (Br40 -> Bl64-like).")
     p.add_argument("-c", "--config", help=f"TOML configuration file (default: ${CONFIG_ENV}, else built-in defaults)")
+    p.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     sub = p.add_subparsers(dest="command", required=True)
     # `dicom-node serve --config FILE` works as well as `dicom-node --config FILE serve`.
     common = argparse.ArgumentParser(add_help=False)
@@ -228,12 +322,13 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--json", action="store_true", help="machine-readable output for monitoring")
     sp.add_argument("--last", type=int, default=10, metavar="N", help="show the last N series (default 10)")
     sp.add_argument("--instances", action="store_true", help="include per-instance send state (with --json)")
-    sp.add_argument("--check", action="store_true", help="exit status 3 when the node is down")
+    sp.add_argument("--check", action="store_true",
+                    help="one line and a monitoring exit status: 0 OK, 2 CRITICAL (down), 3 UNKNOWN (no database)")
     sp.set_defaults(func=cmd_status)
 
     sp = sub.add_parser("jobs", parents=[common], help="list processing jobs (with SERIES_UID: its jobs and QA measures)")
     sp.add_argument("series_uid", nargs="?", metavar="SERIES_UID", help="only this series, with its QA measures")
-    sp.add_argument("--state", help="only jobs in this state (queued, processing, sending, done, failed, refused)")
+    sp.add_argument("--state", choices=JOB_STATES, help="only jobs in this state")
     sp.add_argument("--last", type=int, default=20, metavar="N")
     sp.add_argument("--json", action="store_true")
     sp.set_defaults(func=cmd_jobs)
@@ -253,7 +348,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp.set_defaults(func=cmd_resend)
 
     sp = sub.add_parser("purge", parents=[common], help="delete finished series (files and records)")
-    sp.add_argument("--older-than", type=float, metavar="DAYS", help="default: retention.days")
+    sp.add_argument("--older-than", type=_days, metavar="DAYS", help="default: retention.days")
+    sp.add_argument("--dry-run", action="store_true", help="count what would be purged, delete nothing")
     sp.add_argument("--state", choices=["done", "failed", "ignored", "unrouted", "refused"])
     sp.set_defaults(func=cmd_purge)
 
@@ -262,7 +358,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     sp = sub.add_parser("echo", parents=[common],
                         help="C-ECHO the node itself or a configured destination (QIDO-RS for a STOW-RS one)")
-    sp.add_argument("--destination", metavar="NAME")
+    sp.add_argument("--destination", metavar="NAME", help="a configured destination (default: the node itself)")
+    sp.add_argument("-aet", "--calling-ae", metavar="AE", help="calling AE title (default: node.ae_title)")
+    sp.add_argument("-aec", "--called-ae", metavar="AE", help="called AE title (default: the destination's or the node's)")
+    sp.add_argument("--host", help="override the host")
+    sp.add_argument("--port", type=int, help="override the port")
     sp.set_defaults(func=cmd_echo)
 
     sp = sub.add_parser("standardize", help="standardize a series offline (files in, files out)")
@@ -276,10 +376,22 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+#: Commands whose output is often piped into ``head``: they end quietly when the reader goes away.
+PIPED = ("status", "jobs", "conformance")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command == "status" and args.instances and not args.json:
+        parser.error("status --instances needs --json (the table has no per-instance view)")
+    if args.command in PIPED and hasattr(signal, "SIGPIPE"):
+        signal.signal(signal.SIGPIPE, signal.SIG_DFL)  # `dicom-node status | head -3`: no traceback
     try:
         return int(args.func(args))
+    except NoDatabase as exc:
+        print(f"dicom-node: {exc}", file=sys.stderr)
+        return 1
     except ConfigError as exc:
         print(f"dicom-node: configuration error: {exc}", file=sys.stderr)
         return 2

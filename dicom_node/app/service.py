@@ -15,8 +15,11 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import socket
+import tempfile
 import threading
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 from dicom_node.store import db, heartbeat
@@ -29,6 +32,42 @@ from dicom_node.store.spool import write_atomic
 from dicom_node.app.pipeline import Pipeline
 
 log = logging.getLogger("dicom_node.app.service")
+
+class StartError(RuntimeError):
+    """The node cannot start because something the configuration names is unusable; the message
+    names the key and its value (``dicom-node serve`` prints it as one line and exits 4)."""
+
+    def __init__(self, key: str, value: object, why: str) -> None:
+        super().__init__(f"{key} = {value}: {why}")
+        self.key, self.value, self.why = key, value, why
+
+
+def _writable_dir(key: str, path: Path) -> None:
+    """Create ``path`` if missing; refuse a file, a read-only or an unwritable folder."""
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except FileExistsError:
+        raise StartError(key, path, "is a file, not a folder") from None
+    except OSError as exc:
+        raise StartError(key, path, f"cannot create the folder ({exc.strerror})") from None
+    if not path.is_dir():
+        raise StartError(key, path, "is a file, not a folder")
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".write-test-", dir=path)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        raise StartError(key, path, f"is not writable ({exc.strerror})") from None
+
+
+def _port_in_use(host: str, port: int) -> bool:
+    """``port`` on ``host`` cannot be bound now (another process listens there)."""
+    try:
+        with socket.create_server((host, port), reuse_port=False):
+            return False
+    except OSError:
+        return True
+
 
 def software_version() -> str:
     from dicom_node.version import SOFTWARE_VERSION
@@ -43,6 +82,7 @@ class NodeService:
         self.config = config
         self.roles = tuple(r for r in ROLES if r in (roles or config.node.roles))
         self.stop_event = threading.Event()
+        _writable_dir("node.data_dir", config.data_dir)  # before the database: SQLite lives there
         self.db = db.Database(config.db_url)
         self.pipeline = Pipeline(config, self.db, self.stop_event)
         self.scp: StorageSCP | None = None
@@ -58,13 +98,13 @@ class NodeService:
         except (OSError, ValueError):
             return
         if pid != os.getpid() and pid_alive(pid):
-            raise RuntimeError(f"another dicom-node (PID {pid}) is running on {self.config.data_dir}")
+            raise StartError("node.data_dir", self.config.data_dir, f"another dicom-node (PID {pid}) is running on it")
 
     def start(self) -> int:
         """Start everything; returns the DICOM port actually bound."""
         c = self.config
-        for d in (c.data_dir, c.spool_dir, c.output_dir):
-            d.mkdir(parents=True, exist_ok=True)
+        for d in (c.spool_dir, c.output_dir):
+            _writable_dir("node.data_dir", d)
         if not self.db.shared:
             if set(self.roles) != set(ROLES):
                 raise ConfigError(f"serve --roles {','.join(self.roles)}: the other roles must run in other processes, "
@@ -80,13 +120,23 @@ class NodeService:
             from dicom_node.observe.server import ObserveServer  # only when [http] is enabled
 
             self.http = ObserveServer(c, self.db)
-            self.http.start()
+            try:
+                self.http.start()
+            except OSError as exc:
+                self.http = None
+                raise StartError("http.port", c.http.port, f"cannot listen on {c.http.host} ({exc.strerror})") from None
         if not self.db.shared:
             write_atomic(c.pid_file, f"{os.getpid()}\n".encode())
         if "receive" in self.roles:
             self.scp = StorageSCP(c, self.db)
             self.pipeline.streamer.receive_saturated = self.scp.busy.saturated
-            self.port = self.scp.start()
+            try:
+                self.port = self.scp.start()
+            except OSError as exc:
+                self.scp = None
+                tls_busy = c.tls.enabled and _port_in_use(c.bind_address, c.tls.port)
+                key, port = ("tls.port", c.tls.port) if tls_busy or not c.tls.plain_tcp else ("node.port", c.port)
+                raise StartError(key, port, f"cannot listen on {c.bind_address} ({exc.strerror})") from None
         self.heartbeat(started=True)
         self.scheduler = build_scheduler(c, self.pipeline, self.heartbeat, self.roles)
         self.scheduler.start()
@@ -134,11 +184,30 @@ class NodeService:
         self.db.dispose()
         log_event(log, "node_stopped", ae_title=self.config.ae_title)
 
+    def _abandon_start(self) -> None:
+        """Undo what a failed start did: listeners closed, our pidfile removed, database closed."""
+        for part in (self.scp, self.http):
+            if part is not None:
+                try:
+                    part.stop()
+                except Exception:
+                    log.exception("could not stop %s after a failed start", type(part).__name__)
+        try:
+            if self.config.pid_file.read_text().strip() == str(os.getpid()):
+                self.config.pid_file.unlink()
+        except OSError:
+            pass
+        self.db.dispose()
+
     def serve_forever(self) -> int:
         """Run until SIGTERM/SIGINT; returns the process exit code (0 on a clean stop)."""
         signal.signal(signal.SIGTERM, self.request_stop)
         signal.signal(signal.SIGINT, self.request_stop)
-        self.start()
+        try:
+            self.start()
+        except BaseException:
+            self._abandon_start()
+            raise
         try:
             while not self.stop_event.wait(1.0):
                 pass
