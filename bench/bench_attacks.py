@@ -1,6 +1,6 @@
 """Measure what pre-login attacks do to ``dicom-node serve`` on this machine (loopback only).
 
-    python bench/bench_attacks.py [--stream-mib 200] [--hold-s 60] [--acse-timeout-s N]
+    python -m bench.bench_attacks [--stream-mib 200] [--hold-s 60] [--acse-timeout-s N]
 
 * PDU-length attack: one connection declares an A-ASSOCIATE-RQ of 0xFFFFFFF0 bytes and streams
   ``--stream-mib`` MiB of zeros; reported: MiB the node accepted before closing, and the growth of
@@ -18,13 +18,11 @@ from __future__ import annotations
 import argparse
 import socket
 import struct
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from nodetools import peers  # noqa: E402
+from nodetools import peers
 
 MiB = 1 << 20
 

@@ -1,6 +1,6 @@
 """Seconds taken by the evaluation's hierarchical bootstrap (CIs + paired differences); not a test.
 
-    python bench/bench_bootstrap.py [--cases 6] [--rois 97] [--methods 12] [--seeds 3] [--boot 1000]
+    python -m bench.bench_bootstrap [--cases 6] [--rois 97] [--methods 12] [--seeds 3] [--boot 1000]
 
 Synthetic feature tables with the evaluation's feature-class sizes (140 features: GOH 24, GLCM 24,
 GLRLM 16, ID 16, IH 25, NID 5, GLSZM 16, GLDM 14); timing depends on the sizes only. Prints one
@@ -12,15 +12,11 @@ import argparse
 import json
 import os
 import platform
-import sys
 import time
-from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from ltdiff_core.radiomics.bootstrap import bootstrap_comparison  # noqa: E402
+from ltdiff_core.radiomics.bootstrap import bootstrap_comparison
 
 CLASS_SIZES = {"goh": 24, "original_glcm": 24, "original_glrlm": 16, "original_firstorder": 16, "ih": 25,
                "original_ngtdm": 5, "original_glszm": 16, "original_gldm": 14}

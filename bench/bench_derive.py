@@ -2,7 +2,7 @@
 current one (elements with values that cannot change in place copied shallowly), on the same
 slices, interleaved; the encoded files must be byte-identical. Not a test.
 
-    python bench/bench_derive.py [--slices 300] [--size 512] [--repeats 3] [--series DIR]
+    python -m bench.bench_derive [--slices 300] [--size 512] [--repeats 3] [--series DIR]
 
 The slices are a synthetic disc series (a short header), or the DICOM files under ``--series``
 (e.g. the chest phantom's Br40 series, whose header is a scanner-like one).
@@ -24,17 +24,15 @@ from unittest import mock
 
 import numpy as np
 
+import pydicom
+from pydicom.dataset import Dataset
+
+from dicom_node.derive import series as derive
+from nodetools import peers
+
+from bench.bench_node import machine
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-import pydicom  # noqa: E402
-from pydicom.dataset import Dataset  # noqa: E402
-
-from dicom_node.derive import series as derive  # noqa: E402
-from nodetools import peers  # noqa: E402
-
-sys.path.insert(0, str(ROOT / "bench"))
-from bench_node import machine  # noqa: E402
 
 
 def previous_copy_header(source: Dataset) -> Dataset:

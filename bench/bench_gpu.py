@@ -1,6 +1,6 @@
 """GPU figures of the default model: slices/s at batch 1-64 (bf16, fp32), peak memory, series latency.
 
-    python bench/bench_gpu.py [--model NAME|PATH ...] [--new-default PATH|derive]
+    python -m bench.bench_gpu [--model NAME|PATH ...] [--new-default PATH|derive]
                               [--batches 1,2,4,8,16,32,64] [--seconds 2] [--series-slices 300]
                               [--series DIR] [--out FILE.json]
 
@@ -30,8 +30,6 @@ import tempfile
 import time
 from pathlib import Path
 from typing import Any
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 ROOT = Path(__file__).resolve().parents[1]
 SIZE = 512

@@ -1,6 +1,6 @@
 """CPU inference of the default model: time per stage, then each optimisation against the previous.
 
-    python bench/bench_inference.py [--model PATH] [--new-default PATH|derive] [--threads 2]
+    python -m bench.bench_inference [--model PATH] [--new-default PATH|derive] [--threads 2]
                                     [--repeats 5] [--size 512] [--skip-profile] [--modules] [--onnx] [--onnx-profile]
 
 Part 1 times every stage of one 512^2 slice (first guess G, padding, encoder A, encoder G, each
@@ -26,7 +26,6 @@ import argparse
 import json
 import platform
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -34,9 +33,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from bench.bench_standardize import synthetic_volume  # noqa: E402
+from bench.bench_standardize import synthetic_volume
 
 SPACING = (1.5, 0.7, 0.7)
 

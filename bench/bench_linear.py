@@ -2,7 +2,7 @@
 current one (single precision, transfer grid computed once per geometry, slices in small FFT
 stacks), side by side on the same slices, interleaved. Not a test.
 
-    python bench/bench_linear.py [--slices 64] [--size 512] [--repeats 5]
+    python -m bench.bench_linear [--slices 64] [--size 512] [--repeats 5]
 
 Prints one JSON object: seconds per slice of each path (median over repeats), the ratio
 new/previous, and the output difference in HU (RMS and max).
@@ -13,16 +13,12 @@ import argparse
 import json
 import os
 import platform
-import sys
 import time
-from pathlib import Path
 
 import numpy as np
 from scipy import fft as sfft
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from bench.bench_standardize import synthetic_volume  # noqa: E402
+from bench.bench_standardize import synthetic_volume
 
 
 def previous_apply(filt, hu: np.ndarray, pixel_mm: tuple[float, float]) -> np.ndarray:

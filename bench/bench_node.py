@@ -1,6 +1,6 @@
 """Measure the node on this machine: receive rate and series latency.
 
-    python bench/bench_node.py [--slices 100] [--size 512] [--model default|PATH] [--repeats 3]
+    python -m bench.bench_node [--slices 100] [--size 512] [--model default|PATH] [--repeats 3]
 
 * receive rate: DCMTK storescu (TCP_NODELAY=1, 128 KB PDU, one association) sends a phantom Br40
   series to ``dicom-node serve``; images/s = slices / storescu wall time (every image is on disk,
@@ -21,9 +21,9 @@ import sys
 import time
 from pathlib import Path
 
+from nodetools import peers
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-from nodetools import peers  # noqa: E402
 
 
 def machine() -> str:

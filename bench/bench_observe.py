@@ -5,7 +5,7 @@ a fresh SQLite database with ``--series`` done series of ``--instances`` instanc
 delivery each (what ``retention.days`` of traffic leaves behind), then times each answer in-process
 (median of ``--repeat``). Prints one JSON line.
 
-    python bench/bench_observe.py [--series 3000] [--instances 300] [--repeat 5]
+    python -m bench.bench_observe [--series 3000] [--instances 300] [--repeat 5]
 """
 from __future__ import annotations
 

@@ -2,7 +2,7 @@
 staged write (plain writes into the private staging directory, the files' fsyncs from a few
 threads, one directory fsync), interleaved on the same data volume. Not a test.
 
-    python bench/bench_output.py [--slices 300] [--size 512] [--repeats 3] [--dir out/bench-output]
+    python -m bench.bench_output [--slices 300] [--size 512] [--repeats 3] [--dir out/bench-output]
 
 Prints one JSON object: seconds per series for each path (median), the ratio current/previous,
 and the machine. ``--dir`` must be on the disk the node's data_dir uses for the figure to mean
@@ -15,14 +15,12 @@ import json
 import os
 import platform
 import shutil
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
 
 def previous(datasets, staging: Path) -> None:

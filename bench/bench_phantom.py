@@ -1,6 +1,6 @@
 """Speed and fidelity of the two phantom generators (not a test).
 
-    python bench/bench_phantom.py [--views 240 360 720] [--reference-views 1440] [--seed 5] [--skip-aliasing]
+    python -m bench.bench_phantom [--views 240 360 720] [--reference-views 1440] [--seed 5] [--skip-aliasing]
 
 Prints JSON lines:
 
@@ -15,13 +15,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
-from pathlib import Path
 
 import numpy as np
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
 def _timed(fn, *args, **kwargs):

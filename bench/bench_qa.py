@@ -1,6 +1,6 @@
 """Time the physics QA gate adds per series, against the linear filter's processing time (not a test).
 
-    python bench/bench_qa.py [--slices 100] [--size 512] [--repeat 5] [--threads 0]
+    python -m bench.bench_qa [--slices 100] [--size 512] [--repeat 5] [--threads 0]
 
 The series is a phantom Br40 acquisition (``--phantom-slices`` distinct slices, repeated to
 ``--slices``; QA samples ``ltdiff_core.qa.MAX_SLICES`` of them, the filter processes all).
@@ -18,13 +18,9 @@ import json
 import os
 import platform
 import statistics
-import sys
 import time
-from pathlib import Path
 
 import numpy as np
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
 def main() -> None:

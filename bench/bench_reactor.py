@@ -1,6 +1,6 @@
 """CPU a receiver spends on associations that are open and idle, node against a baseline tree.
 
-    python bench/bench_reactor.py [--associations 0,1,4,8] [--seconds 5] [--repeats 2]
+    python -m bench.bench_reactor [--associations 0,1,4,8] [--seconds 5] [--repeats 2]
                                   [--targets node,baseline,raw] [--baseline-tree DIR]
 
 Each target is started fresh; this process opens N associations to it (pynetdicom, Verification
@@ -19,11 +19,10 @@ import sys
 import time
 from pathlib import Path
 
+from bench.bench_node import machine
+from bench.bench_receive import cpu_seconds, start_baseline, start_node, start_raw
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "bench"))
-from bench_node import machine  # noqa: E402
-from bench_receive import cpu_seconds, start_baseline, start_node, start_raw  # noqa: E402
 
 
 def idle_cpu(port: int, pid: int, n: int, seconds: float) -> float:

@@ -1,6 +1,6 @@
 """Receive rate of ``dicom-node serve`` against DCMTK ``storescp``, interleaved in one run.
 
-    python bench/bench_receive.py [--slices 100] [--size 512] [--repeats 3] [--rss 2000]
+    python -m bench.bench_receive [--slices 100] [--size 512] [--repeats 3] [--rss 2000]
                                   [--targets storescp,node,node-nostream,node-off,raw[,baseline]]
                                   [--baseline-tree DIR] [--node KEY=VALUE ...]
 
@@ -56,12 +56,11 @@ import time
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "bench"))
-from bench_node import machine, phantom_series  # noqa: E402
+from nodetools import peers
 
-from nodetools import peers  # noqa: E402
+from bench.bench_node import machine, phantom_series
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def send(files: list[Path], port: int, called: str, associations: int) -> float:
@@ -126,7 +125,8 @@ def serve_raw(port: int, out_dir: Path) -> None:
 def start_raw(out: Path) -> peers.Peer:
     shutil.rmtree(out / "raw-received", ignore_errors=True)
     port = peers.free_port()
-    proc = subprocess.Popen([sys.executable, __file__, "--serve-raw", str(port), str(out / "raw-received")],
+    proc = subprocess.Popen([sys.executable, "-m", "bench.bench_receive", "--serve-raw", str(port),
+                             str(out / "raw-received")], cwd=ROOT,  # -m: the root on sys.path, as for this run
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     peer = peers.Peer(proc, port)
     try:

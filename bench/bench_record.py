@@ -3,7 +3,7 @@ lookup, its jobs, two objects flushed) against the fast path of a series still b
 (``track.record_received``: one guarded UPDATE and one INSERT, statements built once), one
 instance per transaction as one association gives them, interleaved. Not a test.
 
-    python bench/bench_record.py [--instances 300] [--repeats 3] [--dir out/bench-record]
+    python -m bench.bench_record [--instances 300] [--repeats 3] [--dir out/bench-record]
 
 Prints the median milliseconds per instance of each path: the statements alone, and with the
 commit (SQLite in WAL with synchronous=FULL, as the node; ``--dir`` should be on the node's disk).
@@ -18,16 +18,14 @@ import time
 from pathlib import Path
 from typing import Any
 
+from pydicom.dataset import Dataset
+
+from dicom_node.store import db, track
+from dicom_node.audit import AuditLog
+
+from bench.bench_node import machine
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from pydicom.dataset import Dataset  # noqa: E402
-
-from dicom_node.store import db, track  # noqa: E402
-from dicom_node.audit import AuditLog  # noqa: E402
-
-sys.path.insert(0, str(ROOT / "bench"))
-from bench_node import machine  # noqa: E402
 
 
 def record(path: str, n: int) -> dict[str, Any]:

@@ -1,6 +1,6 @@
 """Throughput of 1 vs 2 process workers on one PostgreSQL queue, same series, same machine.
 
-    python bench/bench_roles.py [--series 6] [--slices 32] [--size 256] [--model linear|default|PATH]
+    python -m bench.bench_roles [--series 6] [--slices 32] [--size 256] [--model linear|default|PATH]
 
 A throw-away PostgreSQL server (nodetools/postgres.py), DCMTK storescp as PACS, one
 ``serve --roles receive,decide,dispatch`` and N ``serve --roles process`` processes. Per N: a
@@ -20,17 +20,16 @@ import tempfile
 from collections import Counter
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from sqlalchemy import func, select
 
-from sqlalchemy import func, select  # noqa: E402
-
-from dicom_node.store import db  # noqa: E402
-from nodetools.peers import (  # noqa: E402
+from dicom_node.store import db
+from nodetools.peers import (
     LOOPBACK, SCRATCH_DISK, Peer, free_port, make_ct_series, node_cmd, peer_env, start_storescp, storescu,
     resume_and_stop, wait_for, wait_port, write_node_config,
 )
-from nodetools.postgres import start_postgres  # noqa: E402
+from nodetools.postgres import start_postgres
+
+ROOT = Path(__file__).resolve().parents[1]
 
 LINEAR = ROOT / "ltdiff_core" / "weights" / "linear.safetensors"
 

@@ -2,7 +2,7 @@
 against the current one (a file whose transfer syntax the PACS accepted is sent as stored, in
 PDU-sized chunks), and 1, 2 and 4 associations at once. Not a test.
 
-    python bench/bench_send.py [--slices 300] [--size 512] [--repeats 3] [--associations 1,2,4]
+    python -m bench.bench_send [--slices 300] [--size 512] [--repeats 3] [--associations 1,2,4]
 
 The PACS is Orthanc (a fresh one per run: no instance is a duplicate) on the same machine, and
 the sender is ``dicom_node.dispatch.scu.send_files`` as the dispatch step calls it, without the database
@@ -20,17 +20,15 @@ import sys
 import time
 from pathlib import Path
 
+from pynetdicom import _config
+
+from dicom_node.config import Destination
+from dicom_node.dispatch.scu import send_files
+from nodetools import peers
+
+from bench.bench_node import machine
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from pynetdicom import _config  # noqa: E402
-
-from dicom_node.config import Destination  # noqa: E402
-from dicom_node.dispatch.scu import send_files  # noqa: E402
-from nodetools import peers  # noqa: E402
-
-sys.path.insert(0, str(ROOT / "bench"))
-from bench_node import machine  # noqa: E402
 
 
 def one_run(name: str, files: list[Path], work: Path) -> float:

@@ -1,6 +1,6 @@
 """Seconds per slice and peak memory of ``Standardizer.standardize`` (not a test).
 
-    python bench/bench_standardize.py [--model PATH] [--variant V] [--device cpu|cuda|auto]
+    python -m bench.bench_standardize [--model PATH] [--variant V] [--device cpu|cuda|auto]
                                       [--slices 8] [--size 512] [--steps N] [--threads N]
 
 Prints one JSON object per run (machine, model, timing, memory) so results can be pasted into
@@ -14,13 +14,9 @@ import json
 import os
 import platform
 import resource
-import sys
 import time
-from pathlib import Path
 
 import numpy as np
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
 def synthetic_volume(n: int, size: int, seed: int = 0) -> np.ndarray:

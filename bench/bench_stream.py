@@ -1,7 +1,7 @@
 """Streaming: latency from the last instance received to the last standardized instance stored
 at the PACS, with ``processing.streaming`` on and off.
 
-    python bench/bench_stream.py [--slices 300] [--size 512] [--rate 20] [--model linear|default|PATH]
+    python -m bench.bench_stream [--slices 300] [--size 512] [--rate 20] [--model linear|default|PATH]
                                  [--modes on,off[,on:4,...]] [--min-slices 16] [--settle 2.0]
 
 A Br40 series (synthetic disc, or the chest phantom with ``--phantom``) is sent by pynetdicom over one association, paced at ``--rate`` images/s
@@ -27,17 +27,15 @@ import sys
 import time
 from pathlib import Path
 
+import pydicom
+from pydicom.uid import generate_uid
+from pynetdicom import AE
+
+from nodetools import peers
+
+from bench.bench_node import machine
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-import pydicom  # noqa: E402
-from pydicom.uid import generate_uid  # noqa: E402
-from pynetdicom import AE  # noqa: E402
-
-from nodetools import peers  # noqa: E402
-
-sys.path.insert(0, str(ROOT / "bench"))
-from bench_node import machine  # noqa: E402
 
 CT = "1.2.840.10008.5.1.4.1.1.2"
 

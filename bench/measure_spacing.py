@@ -1,6 +1,6 @@
 """How far a model's output noise moves toward the sharp kernel, per pixel spacing and slice thickness.
 
-    python bench/measure_spacing.py [--model default|linear|direct|PATH] [--size 192] [--slices 2]
+    python -m bench.measure_spacing [--model default|linear|direct|PATH] [--size 192] [--slices 2]
                                     [--seed 4242] [--pixel-mm 0.7 0.9] [--thickness 1.5]
                                     [--no-resample]
 
@@ -16,13 +16,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
-from pathlib import Path
 
 import numpy as np
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 BAND_LPCM = (4.0, 8.0)
 

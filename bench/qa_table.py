@@ -1,6 +1,6 @@
 """Measured QA values and gate verdicts for the reference inputs (a table for the docs; not a test).
 
-    python bench/qa_table.py [--checkpoint PATH] [--size 256]
+    python -m bench.qa_table [--checkpoint PATH] [--size 256]
 
 Inputs: phantom Br40 and Bl64 series (the Bl64 one is what a Bl64 series tagged ``Br40`` looks
 like to the gate: the gate reads pixels, not the tag), a 5 mm phantom Br40 series, pydicom's
@@ -10,12 +10,9 @@ with each measure and the verdict against the checkpoint's envelope (default: sh
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
 import numpy as np
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 COLUMNS = ("pixel_spacing_mm", "slice_thickness_mm", "hu_air", "hu_soft_tissue", "body_diameter_mm",
            "sharpness", "nps_peak_lpcm", "nps_mean_lpcm", "noise_hu")

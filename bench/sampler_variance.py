@@ -1,6 +1,6 @@
 """Variance a sampler keeps, with the *exact* denoiser of a unit-variance Gaussian residual.
 
-    python bench/sampler_variance.py
+    python -m bench.sampler_variance
 
 The first-guess diffusion draws a residual scaled to unit variance. For x0 ~ N(0, 1) the exact
 denoiser is known in closed form (E[x0 | x_t] = sqrt(alpha_bar) x_t), so any variance a sampler

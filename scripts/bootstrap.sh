@@ -36,7 +36,9 @@ if [ ! -f "$stamp" ]; then
   echo "[bootstrap] creating/updating virtual environment in .venv"
   [ -x "$VENV/bin/python" ] || "$PY" -m venv "$VENV"
   "$VENV/bin/python" -m pip install -q --upgrade pip setuptools wheel
-  "$VENV/bin/python" -m pip install -q -e "$ROOT[test,onnx]"  # [onnx]: so CI tests the ONNX Runtime path
+  # the service plus [test], [onnx] (so CI tests the ONNX Runtime path) and [research] (phantom,
+  # radiomics evaluation, plots: the training and evaluation commands and their tests)
+  "$VENV/bin/python" -m pip install -q -e "$ROOT[test,onnx,research]"
   rm -f "$VENV"/.installed-*
   touch "$stamp"
 fi

@@ -4,6 +4,10 @@ free of the service."""
 from __future__ import annotations
 
 import ast
+import os
+import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -105,3 +109,37 @@ def test_benchmarks_import_only_what_exists() -> None:
                     if alias.name.split(".")[0] in ours and importlib.util.find_spec(alias.name) is None:
                         missing.append(f"{path.name}: {alias.name}")
     assert missing == []
+
+
+def test_benchmarks_run_as_modules_without_editing_sys_path() -> None:
+    """bench/ is a package run from the repository root as ``python -m bench.NAME``: the root is then
+    on ``sys.path`` and the scripts import the installed packages. No script touches ``sys.path``
+    (an edit would import another tree than the installed one), sibling scripts are imported as
+    ``bench.NAME``, and the documentation shows that command form."""
+    assert (ROOT / "bench" / "__init__.py").is_file()
+    siblings = {p.stem for p in (ROOT / "bench").glob("*.py")}
+    found = []
+    for path in sorted((ROOT / "bench").glob("*.py")):
+        source = path.read_text(encoding="utf-8")
+        for node in ast.walk(ast.parse(source)):
+            if isinstance(node, ast.Attribute) and node.attr == "path" and isinstance(node.value, ast.Name) \
+                    and node.value.id == "sys":
+                found.append(f"{path.name}:{node.lineno}: sys.path")
+            elif isinstance(node, ast.Attribute) and node.attr == "addsitedir":
+                found.append(f"{path.name}:{node.lineno}: site.addsitedir")
+        found += [f"{path.name}: import {m}" for m in sorted(imported_modules(source)) if m.split(".")[0] in siblings]
+        found += [f"{path.name}: {m.group(0)}" for m in re.finditer(r"python3? bench/\S+", source)]
+    for doc in [ROOT / "README.md", ROOT / "DEVELOPERS.md", *sorted((ROOT / "docs").glob("*.md"))]:
+        text = doc.read_text(encoding="utf-8")
+        found += [f"{doc.relative_to(ROOT)}: {m.group(0)}" for m in re.finditer(r"python3? bench/\S+", text)]
+    assert found == []
+
+
+def test_a_benchmark_runs_as_a_module_from_the_repository_root() -> None:
+    """``python -m bench.bench_reactor --help`` imports its siblings (bench.bench_node, bench.bench_receive)
+    and nodetools with nothing added to the path."""
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    proc = subprocess.run([sys.executable, "-m", "bench.bench_reactor", "--help"], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert "--associations" in proc.stdout
