@@ -143,3 +143,99 @@ def test_a_benchmark_runs_as_a_module_from_the_repository_root() -> None:
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert "--associations" in proc.stdout
+
+
+# --------------------------------------------------------------------------- stages as packages
+STAGES = ("receive", "store", "decide", "process", "derive", "dispatch", "admin", "observe", "app")
+
+
+def service_import_graph() -> dict[str, set[str]]:
+    """Module -> the service modules it imports (at any depth, lazy imports included; imports
+    under ``if TYPE_CHECKING:`` left out: they never run)."""
+    base = ROOT / "dicom_node"
+    names = {}
+    for path in base.rglob("*.py"):
+        if "migrations" in path.parts:
+            continue
+        parts = path.relative_to(ROOT).with_suffix("").parts
+        names[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = path
+    graph: dict[str, set[str]] = {}
+    for name, path in names.items():
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+        typing_only = {id(n) for block in ast.walk(tree) if isinstance(block, ast.If)
+                       and "TYPE_CHECKING" in ast.unparse(block.test) for n in ast.walk(block)}
+        deps: set[str] = set()
+        for node in ast.walk(tree):
+            if id(node) in typing_only:
+                continue
+            if isinstance(node, ast.ImportFrom) and node.module and node.level == 0 \
+                    and is_within(node.module, "dicom_node"):
+                for alias in node.names:
+                    full = f"{node.module}.{alias.name}"
+                    deps.add(full if full in names else node.module)
+            elif isinstance(node, ast.Import):
+                deps.update(a.name for a in node.names if a.name in names)
+        graph[name] = {d for d in deps if d in names and d != name}
+    return graph
+
+
+def cycles(graph: dict[str, set[str]]) -> list[set[str]]:
+    """Strongly connected components with more than one node (Tarjan)."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    out: list[set[str]] = []
+
+    def visit(v: str) -> None:
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        for w in graph.get(v, ()):
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in stack:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            comp = set()
+            while True:
+                w = stack.pop()
+                comp.add(w)
+                if w == v:
+                    break
+            if len(comp) > 1:
+                out.append(comp)
+
+    for v in sorted(graph):
+        if v not in index:
+            visit(v)
+    return out
+
+
+def stage_of(module: str) -> str:
+    parts = module.split(".")
+    if module == "dicom_node.__main__":
+        return "app"  # ``python -m dicom_node`` is the command line
+    return parts[1] if len(parts) > 2 and parts[1] in STAGES else "leaves"
+
+
+def test_each_stage_is_a_package_and_the_top_level_holds_only_shared_leaves() -> None:
+    for stage in STAGES:
+        assert (ROOT / "dicom_node" / stage / "__init__.py").is_file(), stage
+    top = sorted(p.stem for p in (ROOT / "dicom_node").glob("*.py") if p.stem not in ("__init__", "__main__"))
+    assert top == ["attributes", "audit", "config", "logs", "negotiation", "tls", "version"]
+
+
+def test_no_import_circle_between_modules_or_stages() -> None:
+    graph = service_import_graph()
+    assert cycles(graph) == []
+    stages: dict[str, set[str]] = {}
+    for module, deps in graph.items():
+        for d in deps:
+            if stage_of(d) != stage_of(module):
+                stages.setdefault(stage_of(module), set()).add(stage_of(d))
+    assert cycles(stages) == [], stages
+    assert "leaves" not in {s for s in stages if stages[s] - {"leaves"}}, stages["leaves"]  # leaves import no stage
+
+
+def test_cycle_finder_sees_a_circle() -> None:
+    assert cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [{"a", "b", "c"}]
