@@ -61,7 +61,7 @@ def main() -> None:
     if cuda:
         torch.cuda.synchronize()
     dt = time.perf_counter() - t0
-    info = s.info
+    info = s.info.as_dict()
     res = {
         "model": info["name"], "variant": info["variant"], "method": info["method"],
         "steps": args.steps or info["default_steps"], "strength": info["strength"],

@@ -2,11 +2,13 @@
 
 The SOP classes and transfer syntaxes here are used by the SCP (:mod:`dicom_node.receive.scp`), the
 SCU (:mod:`dicom_node.dispatch.scu`) and the conformance statement (:mod:`dicom_node.admin.conformance`), so
-what the statement says is, by construction, what the node negotiates. Status categories and
-rejection reasons come from pynetdicom (``code_to_category``, ``reason_str``), not hand tables.
+what the statement says is, by construction, what the node negotiates. Status categories
+(:mod:`dicom_node.dispatch.outcome`), rejection and abort reasons come from pynetdicom
+(``code_to_category``, ``reason_str``, ``source_str``), not hand tables.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 from pydicom.uid import (
@@ -29,9 +31,6 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]
     LegacyConvertedEnhancedCTImageStorage,
     Verification,
 )
-from pynetdicom.status import STATUS_SUCCESS as _SUCCESS
-from pynetdicom.status import STATUS_WARNING as _WARNING
-from pynetdicom.status import code_to_category
 
 TRANSIENT = "transient"
 PERMANENT = "permanent"
@@ -82,11 +81,6 @@ C_STORE_SCP_STATUSES: tuple[tuple[int, str, str], ...] = (
 )
 
 
-def is_success(status: int) -> bool:
-    """Success or warning (0xB000, 0xB006, 0xB007, 0x0001): the destination kept the instance."""
-    return code_to_category(int(status)) in (_SUCCESS, _WARNING)
-
-
 def classify_status(status: int) -> str:
     """0xA7xx "out of resources" is worth retrying; every other failure status is permanent."""
     return TRANSIENT if (int(status) & 0xFF00) == 0xA700 else PERMANENT
@@ -122,6 +116,46 @@ def rejection_text(primitive: Any) -> str:
     ``dicom-node echo`` prints it."""
     kind = "permanent" if int(primitive.result) == 1 else "transient"
     return f"association rejected ({kind}): {reject_reason(primitive)}"
+
+
+@dataclass(frozen=True)
+class Abort:
+    """An A-ABORT PDU the peer sent (PS3.8 9.3.8): Source 0 is the peer's application (the DICOM UL
+    service-user), 2 its upper layer (the service-provider, which then gives a Reason/Diag.); the
+    words are pynetdicom's."""
+
+    source: int
+    reason: int
+    source_str: str
+    reason_str: str
+
+    @classmethod
+    def from_pdu(cls, pdu: Any) -> Abort:
+        """From pynetdicom's received ``A_ABORT_RQ`` PDU (``evt.EVT_PDU_RECV``)."""
+        return cls(int(pdu.source or 0), int(pdu.reason_diagnostic or 0), str(pdu.source_str), str(pdu.reason_str))
+
+    def __str__(self) -> str:
+        """``A-ABORT source 0 DUL service-user, reason 0``; for a service-provider abort the
+        reason in words too (for a service-user abort the reason is not significant, PS3.8
+        Table 9-26)."""
+        text = f"A-ABORT source {self.source} {self.source_str}, reason {self.reason}"
+        return text + f" {_sentence(self.reason_str)}" if self.source == 2 else text
+
+
+def classify_abort(abort: Abort | None, *, established: bool, answered: int) -> str:
+    """Whether an attempt the destination aborted is worth retrying (the one place this is decided).
+
+    Permanent only when the destination's application (A-ABORT source 0, service-user) aborted an
+    established association before answering any request on it: it accepted the association and
+    then refused to serve it, which the next attempt, with the same calling AE and the same
+    instances, meets again. Orthanc 1.10 does this for a C-STORE from a calling AE that is not in
+    its ``DicomModalities``. Transient: an abort after it answered some requests (it stopped
+    mid-series: restart, overload), an abort by its upper layer (source 2, a protocol-level
+    event such as a timer), an abort during negotiation, and a connection closed without an
+    A-ABORT (``abort`` is ``None``)."""
+    if abort is not None and abort.source == 0 and established and answered == 0:
+        return PERMANENT
+    return TRANSIENT
 
 
 def context_result(context: Any) -> str:

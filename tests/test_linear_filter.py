@@ -126,5 +126,5 @@ def test_standardizer_runs_the_linear_filter_on_a_torch_device():
     vol = (np.random.default_rng(1).standard_normal((6, 40, 48)) * 50).astype(np.float32)
     ref = Standardizer.from_checkpoint("linear", device="cpu")
     dev = Standardizer.from_checkpoint("linear", device="cpu:0")
-    assert (ref.device, dev.device) == ("cpu", "cpu:0") and dev.info["device"] == "cpu:0"
+    assert (ref.device, dev.device) == ("cpu", "cpu:0") and dev.info.device == "cpu:0"
     assert float(np.abs(dev.standardize(vol, (1.0, 0.7, 0.7)) - ref.standardize(vol, (1.0, 0.7, 0.7))).max()) < 1e-3

@@ -167,6 +167,7 @@ def test_a_series_that_fails_the_model_does_not_fail_the_series_batched_with_it(
     """Two queued series in one batch; the model raises on one of them (an input it cannot take).
     Before, the whole batch failed; now only that series does."""
     from ltdiff_core import Standardizer
+    from ltdiff_core.kernel_model import KernelModel
 
     # qa = "off": the 32² test volumes are outside the shipped envelope; this test is about the model.
     cfg = parse_config({"node": {"data_dir": str(tmp_path / "data")},
@@ -185,27 +186,95 @@ def test_a_series_that_fails_the_model_does_not_fail_the_series_batched_with_it(
     real = Standardizer.from_checkpoint(Path(__file__).resolve().parents[1] / "ltdiff_core/weights/linear.safetensors")
 
     class PicksOne:
-        """The real linear model, raising for the volume whose first voxel is the marked one."""
-        info, ckpt = real.info, real.ckpt
+        """The real linear model behind the model seam (KernelModel), raising for the volume whose
+        first voxel is the marked one."""
+        device, max_batch_pixels, info = real.device, real.max_batch_pixels, real.info
 
-        def standardize(self, hu, spacing, steps=None, seed=0, slice_keys=None):  # noqa: ANN001, ANN201
+        def qa_envelope(self):  # noqa: ANN201
+            return real.qa_envelope()
+
+        def supported_geometry(self):  # noqa: ANN201
+            return real.supported_geometry()
+
+        def standardize(self, hu, spacing, steps=None, seed=0, progress=None, slice_keys=None):  # noqa: ANN001, ANN201
             if abs(float(hu[0, 0, 0]) - marked) < 1e-3:
                 raise ValueError("cannot take this volume")
             return real.standardize(hu, spacing, steps=steps, seed=seed, slice_keys=slice_keys)
 
-        def standardize_batch(self, vols, spacings, steps=None, seed=0, slice_keys=None):  # noqa: ANN001, ANN201
+        def standardize_batch(self, vols, spacings, steps=None, seed=0, progress=None,  # noqa: ANN001, ANN201
+                              slice_keys=None):
             keys = slice_keys or [None] * len(vols)
-            return [self.standardize(v, sp, steps, seed, k) for v, sp, k in zip(vols, spacings, keys)]
+            return [self.standardize(v, sp, steps, seed, slice_keys=k) for v, sp, k in zip(vols, spacings, keys)]
 
     from ltdiff_core.dicomio.reader import read_series
     marked = float(read_series(sorted((cfg.spool_dir / "1.2.4.1").glob("*.dcm"))).hu[0, 0, 0])
-    worker.models._models["default"] = PicksOne()
+    fake = PicksOne()
+    assert isinstance(fake, KernelModel)
+    worker.models.put("default", fake)
     worker.scan()
     assert worker.process() == 2
     with database.session() as s:
         states = {x.series_uid: (x.state, x.error) for x in s.query(db.Series)}
     assert states["1.2.4.1"][0] == db.FAILED and "cannot take this volume" in states["1.2.4.1"][1]
     assert states["1.2.4.2"][0] == db.DONE, states
+
+
+def _edited(node: Node, raw: dict[str, Any], tmp: Path, steps: int) -> Pipeline:
+    """A process started on the same database after the rule's steps were edited in the file."""
+    import copy
+
+    edited = copy.deepcopy(raw)
+    edited["rules"][0]["steps"] = steps
+    return Pipeline(parse_config(edited, tmp), node.db)
+
+
+def test_a_job_runs_with_the_steps_of_the_rule_it_was_routed_by(tmp_path: Path) -> None:
+    """Editing a rule's steps changes the series routed after the edit, not a job already queued
+    (as its model, seed and destinations); a job routed before the steps were kept on jobs (NULL)
+    takes the live rule's, as before."""
+    raw: dict[str, Any] = {"completeness": {"stable_age_s": 0}, "processing": {"streaming": False},
+                           "rules": [{"name": "br40", "match": {"ConvolutionKernel": "Br40*"}, "steps": 2,
+                                      "qa": "off"}]}
+    node = Node(tmp_path, raw)
+    try:
+        for name in ("routed", "legacy"):
+            files = make_ct_series(tmp_path / name, n=2, size=32, kernel="Br40", description=name)
+            assert storescu(files, node.port, "LTDIFF").returncode == 0
+        node.worker.scan()
+        with node.db.session() as s:
+            jobs = {j.series.series_description: j for j in s.scalars(select(db.Job))}
+            assert {n: j.state for n, j in jobs.items()} == {"routed": db.QUEUED, "legacy": db.QUEUED}
+            jobs["legacy"].rule_settings = None  # as a job queued by the previous release
+        assert _edited(node, raw, tmp_path, steps=5).process() == 2
+        with node.db.session() as s:
+            sampler = {j.series.series_description: j.sampler for j in s.scalars(select(db.Job))}
+        assert sampler["routed"]["steps"] == 2 and sampler["legacy"]["steps"] == 5, sampler
+    finally:
+        node.scp.stop(5)
+        node.db.dispose()
+
+
+def test_a_streaming_job_runs_with_the_steps_of_the_rule_it_was_routed_by(tmp_path: Path) -> None:
+    """Slices standardized while the series arrives use the steps frozen when its streaming job
+    started, not the ones of a rule edited since (the cached outputs name them)."""
+    raw: dict[str, Any] = {"completeness": {"stable_age_s": 600},
+                           "processing": {"stream_min_slices": 1, "stream_settle_s": 0},
+                           "rules": [{"name": "br40", "match": {"ConvolutionKernel": "Br40*"}, "steps": 2,
+                                      "qa": "off"}]}
+    node = Node(tmp_path, raw)
+    try:
+        files = make_ct_series(tmp_path / "s", n=2, size=32, kernel="Br40", description="s")
+        assert storescu(files, node.port, "LTDIFF").returncode == 0
+        node.worker.scan()
+        with node.db.session() as s:
+            assert [j.state for j in s.scalars(select(db.Job))] == [db.STREAMING]
+        assert _edited(node, raw, tmp_path, steps=5).process() == 0  # nothing queued: streams instead
+        with node.db.session() as s:
+            prints = [r.fingerprint for r in s.scalars(select(db.StreamSlice))]
+        assert len(prints) == 2 and all(p.endswith("|2|0") for p in prints), prints
+    finally:
+        node.scp.stop(5)
+        node.db.dispose()
 
 
 def _failed_series_with_output(cfg: Any, database: db.Database, uid: str, later_job_without_output: bool) -> None:

@@ -49,7 +49,7 @@ def test_onnx_output_matches_torch(name, variant, cache, monkeypatch):
     vol = _volume((2, 48, 80))  # batch of 2, non-square, not a multiple of the network stride
     ref = Standardizer.from_checkpoint(default_checkpoint(name), device="cpu", variant=variant, runtime="torch")
     got = Standardizer.from_checkpoint(default_checkpoint(name), device="cpu", variant=variant, runtime="onnx")
-    assert got.info["runtime"] == "onnx" and ref.info["runtime"] == "torch"
+    assert got.info.runtime == "onnx" and ref.info.runtime == "torch"
     a = ref.standardize(vol, SPACING, seed=5)
     b = got.standardize(vol, SPACING, seed=5)
     assert b.shape == a.shape and b.dtype == np.float32
@@ -123,7 +123,7 @@ def test_runtime_selection(monkeypatch):
     with pytest.raises(ValueError, match=onnx_runtime.RUNTIME_ENV):
         Standardizer.from_checkpoint("ltdiff", device="cpu")
     lin = Standardizer.from_checkpoint(default_checkpoint("linear"), device="cpu", runtime="onnx")
-    assert lin.info["runtime"] == "torch"  # the linear filter has no network to export
+    assert lin.info.runtime == "torch"  # the linear filter has no network to export
 
 
 def test_default_cache_location(monkeypatch, tmp_path):

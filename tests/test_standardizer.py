@@ -92,8 +92,8 @@ def test_steps_parameter_changes_output(latent_ckpt):
 def test_info_and_bad_variant(latent_ckpt):
     s = Standardizer.from_checkpoint(latent_ckpt, device="cpu")
     info = s.info
-    assert info["method"] == "latent_diffusion" and info["variant"] == "diffusion" and info["default_steps"] == 2
-    assert len(info["sha256"]) == 64
+    assert info.method == "latent_diffusion" and info.variant == "diffusion" and info.default_steps == 2
+    assert len(info.sha256) == 64
     with pytest.raises(ValueError, match="variant .linear. not available"):
         Standardizer.from_checkpoint(latent_ckpt, device="cpu", variant="linear")
 
@@ -104,7 +104,7 @@ def test_direct_and_linear_methods(tmp_path):
     lin = Standardizer.from_checkpoint(_linear_ckpt(tmp_path / "l.safetensors"))
     vol = _volume((2, 70, 90))
     out = lin.standardize(vol, (1, .7, .7))
-    assert out.shape == vol.shape and lin.info["variant"] == "linear"
+    assert out.shape == vol.shape and lin.info.variant == "linear"
     noisy = Standardizer.from_checkpoint(tmp_path / "l.safetensors", variant="linear+noise")
     n1, n2 = noisy.standardize(vol, (1, .7, .7), seed=1), noisy.standardize(vol, (1, .7, .7), seed=2)
     np.testing.assert_array_equal(n1, noisy.standardize(vol, (1, .7, .7), seed=1))
@@ -177,11 +177,30 @@ def test_default_resolves_to_the_declared_default_checkpoint():
 
 
 @pytest.mark.parametrize("name", ["ltdiff", "linear", "direct"])
+def test_each_method_is_a_registered_class_behind_the_model_seam(name):
+    """A checkpoint loads as the class registered for its method, which implements KernelModel;
+    its ModelInfo carries the training facts the node checks (pixel spacing, kernel pair)."""
+    from ltdiff_core.kernel_model import KernelModel
+    from ltdiff_core.standardizer import METHODS, model_class
+
+    ckpt = load_checkpoint(default_checkpoint(name))
+    s = Standardizer(ckpt, device="cpu")  # the base class builds the method's class, as from_checkpoint does
+    assert type(s) is METHODS[ckpt.metadata["method"]] and isinstance(s, KernelModel)
+    assert s.info.training_pixel_mm == 0.7 and s.info.kernels == (("Br40", "Bl64"),)
+    assert s.qa_envelope() is not None and s.supported_geometry()["pixel_spacing_mm"]["lo"] == pytest.approx(0.49)
+    other = next(cls for method, cls in METHODS.items() if method != ckpt.metadata["method"])
+    with pytest.raises(CheckpointError, match="is not run by"):
+        other(ckpt, device="cpu")
+    with pytest.raises(CheckpointError, match="no model class"):
+        model_class("not-a-method")
+
+
+@pytest.mark.parametrize("name", ["ltdiff", "linear", "direct"])
 def test_shipped_default_weights_load_and_run(name):
     s = Standardizer.from_checkpoint(name, device="cpu")  # a shipped name resolves like its path
     assert s.ckpt.path.resolve() == default_checkpoint(name).resolve()
     info = s.info
-    assert info["method"] == {"ltdiff": "latent_diffusion", "linear": "linear", "direct": "direct"}[name]
+    assert info.method == {"ltdiff": "latent_diffusion", "linear": "linear", "direct": "direct"}[name]
     assert s.ckpt.metadata["training"]["command"].startswith("python -m train.fit_")
     vol = _volume((1, 40, 56))
     out = s.standardize(vol, (1.5, 0.7, 0.7))
@@ -273,7 +292,7 @@ def test_strength_override_changes_output(latent_ckpt):
     vol = _volume((1, 32, 32))
     a = Standardizer.from_checkpoint(latent_ckpt, device="cpu").standardize(vol, (1, .7, .7))
     s = Standardizer.from_checkpoint(latent_ckpt, device="cpu", strength=0.2)
-    assert s.info["strength"] == 0.2
+    assert s.info.strength == 0.2
     assert np.abs(a - s.standardize(vol, (1, .7, .7))).max() > 1e-4
 
 

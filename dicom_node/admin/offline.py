@@ -1,7 +1,8 @@
 """``dicom-node standardize``: one series from a folder in, one standardized series out.
 
 For admins and researchers without a network round trip. It reads, runs the model and derives
-with the same code the service uses (``ltdiff_core`` reader and Standardizer,
+with the same code the service uses (``ltdiff_core`` reader and Standardizer, the slice keys,
+sampler record and derivation of :mod:`dicom_node.process.model`,
 :func:`dicom_node.derive.series.derive_series`), so an offline result and a PACS result of the same
 input, model, steps and seed differ only in their new UIDs and creation times.
 """
@@ -13,26 +14,11 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from dicom_node.derive.series import DerivationInfo, derive_series, write_series
+from dicom_node.derive.series import derive_series, write_series
+from dicom_node.process.model import derivation_info, sampler_parameters, series_slice_keys
 from dicom_node.process.qa_gate import annotate
 
 Progress = Callable[[int, int], None]
-
-
-def sampler_parameters(info: dict[str, Any], steps: int | None, seed: int) -> dict[str, Any]:
-    """The sampler settings recorded in the output: effective steps, seed and model defaults."""
-    params: dict[str, Any] = {"steps": steps if steps is not None else info.get("default_steps"), "seed": seed}
-    for key in ("strength", "variant", "eta", "scheduler"):
-        params.setdefault(key, info.get(key))
-    return {k: v for k, v in params.items() if v is not None}
-
-
-def series_slice_keys(series: Any, seed: int) -> list[int]:
-    """One random-stream key per slice from its SOPInstanceUID (``ltdiff_core.standardizer``): the
-    same as the node uses, so a slice's output does not depend on which other slices are present."""
-    from ltdiff_core.standardizer import uid_slice_key
-
-    return [uid_slice_key(seed, str(ds.SOPInstanceUID)) for ds in series.datasets]
 
 
 def standardize_series_dir(
@@ -74,13 +60,8 @@ def standardize_series_dir(
     if qa_report is not None:
         qa_report.clear()
         qa_report.update(gate.record())
-    info = dict(std.info)
-    derivation = DerivationInfo.from_model_info(
-        info,
-        sampler=sampler_parameters(info, steps, seed),
-        device=str(info.get("device") or device),
-        uid_root=uid_root,
-    )
+    info = std.info
+    derivation = derivation_info(info, sampler=sampler_parameters(info, steps, seed), uid_root=uid_root)
     derived = derive_series(series.datasets, hu, derivation)
     annotate(derived, gate.note())
     return write_series(derived, out_dir)

@@ -55,19 +55,7 @@ def queue_resend(s: Session, config: NodeConfig, series: db.Series, *, destinati
     deliveries = [d for d in job.deliveries if destination is None or d.destination == destination]
     if not deliveries:
         raise ResendError(f"job {job.id} has no delivery to {destination!r}")
-    n = 0
-    for d in deliveries:
-        d.state, d.attempts, d.error, d.finished_at = db.PENDING, 0, None, None
-        d.started_at, d.next_attempt_at = None, now
-        for x in d.sends:
-            if only_unsent and x.state == db.SENT:
-                continue
-            x.state, x.error = db.PENDING, None
-            n += 1
-    track.resend(job, now)
-    audit_for(config).series("resend", series.series_uid, series.study_uid, instances=n,
-                             output_series_uid=job.output_series_uid,
-                             destination=",".join(d.destination for d in deliveries))
+    n = track.resend(job, deliveries, audit_for(config), now, only_unsent=only_unsent)
     log_event(log, "resend_queued", series_uid=series.series_uid, job=job.id, instances=n,
               destinations=",".join(d.destination for d in deliveries), only_unsent=only_unsent)
     return ResendResult(series.series_uid, job.id, job.output_series_uid, len(deliveries), n)

@@ -26,9 +26,11 @@ from dicom_node.decide.rules import Decider
 from dicom_node.dispatch.dispatcher import Dispatcher
 from dicom_node.store.lease import owner_gone
 from dicom_node.logs import log_event
-from dicom_node.process.processor import ModelCache, Processor
+from dicom_node.process.model import ModelCache
+from dicom_node.process.processor import Processor
 from dicom_node.admin.resend import retry
-from dicom_node.process.stream import Streamer, sweep
+from dicom_node.process.stream import Streamer
+from dicom_node.store.stream_cache import sweep
 
 
 class Pipeline:

@@ -19,6 +19,10 @@ Streaming (``processing.streaming``): rules match attributes that are fixed per 
 (:mod:`dicom_node.process.stream` standardizes its settled slices while the rest arrives). Completion is
 decided exactly as without streaming: the series checks then run on the whole series, and a
 series that is refused, ignored or unrouted at that point loses its streaming job and cache.
+
+A job takes everything the processing uses from its rule when it is routed (model, destinations,
+seed, sampler steps, QA mode: :func:`frozen_settings`), so editing a rule later changes only the
+series routed after the edit.
 """
 from __future__ import annotations
 
@@ -36,6 +40,7 @@ from dicom_node.store import db, track
 from dicom_node.decide.anomalies import SeriesCheck, check_series
 from dicom_node.attributes import series_attributes
 from dicom_node.logs import log_event
+from dicom_node.store.stream_cache import remove_caches
 
 if TYPE_CHECKING:
     from dicom_node.config import Completeness, NodeConfig, Rule
@@ -86,6 +91,14 @@ def match_rule(rules: Sequence[Rule], attrs: Mapping[str, str | None]) -> Rule |
     return None
 
 
+def frozen_settings(rule: Rule, config: NodeConfig) -> dict[str, Any]:
+    """The keyword arguments of :func:`dicom_node.store.track.queue` / ``start_stream`` for a
+    standardize rule: what the job keeps from the rule and the processing defaults."""
+    return {"rule_name": rule.name, "model": rule.model, "destinations": rule.destinations,
+            "seed": rule.seed if rule.seed else config.processing.seed,
+            "steps": rule.steps if rule.steps else config.processing.steps}
+
+
 class Decider:
     """The scheduled decide step: ``received -> complete -> queued | ignored | unrouted | refused``."""
 
@@ -131,8 +144,7 @@ class Decider:
                 rule = match_rule(self.config.rules, series_attributes(series))
                 if rule is None or rule.action == "ignore":
                     continue
-                track.start_stream(s, series, rule_name=rule.name, model=rule.model, destinations=rule.destinations,
-                                   seed=rule.seed if rule.seed else self.config.processing.seed, now=now)
+                track.start_stream(s, series, **frozen_settings(rule, self.config), now=now)
                 started += 1
         return started
 
@@ -161,17 +173,13 @@ class Decider:
                 elif rule.action == "ignore":
                     track.ignore(series, rule.name)
                 else:
-                    track.queue(s, series, rule_name=rule.name, model=rule.model, destinations=rule.destinations,
-                                seed=rule.seed if rule.seed else self.config.processing.seed, qa_mode=rule.qa,
-                                now=now)
+                    track.queue(s, series, **frozen_settings(rule, self.config), qa_mode=rule.qa, now=now)
                 if series.state != db.QUEUED:
                     dropped += track.drop_stream(s, series, series.state)
                 log_event(log, "series_complete", series_uid=series.series_uid, instances=series.instance_count,
                           reason=series.complete_reason, rule=series.rule_name, state=series.state,
                           grown_after_processing=series.grown_after_processing)
         if dropped:
-            from dicom_node.process.stream import remove_caches
-
             remove_caches(self.config, dropped)
         return decided
 

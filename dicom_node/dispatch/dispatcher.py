@@ -5,10 +5,13 @@ A delivery is one job's output series to one destination; each attempt is one as
 (:mod:`dicom_node.dispatch.stow`); :func:`dicom_node.dispatch.senders.sender_for` picks the sender. Per-instance
 send state is committed as each C-STORE (or STOW-RS batch) response arrives, so a crash never
 sends an acknowledged instance twice. Failures are classified by the
-sender: permanent ones (rejected association, no accepted context, 0xA9xx/0xCxxx) end the
-delivery at once; transient ones are retried with capped exponential backoff until
+sender: permanent ones (rejected association, no accepted context, 0xA9xx/0xCxxx, an abort by
+the destination's application before it answered anything) end the delivery at once; transient ones are retried with capped exponential backoff until
 ``max_retries`` or the time budget ``retry_for_s`` is spent (the last attempt is made at the end
-of the budget). When every delivery of a job is final, :func:`dicom_node.store.track.finish` closes it.
+of the budget). When every delivery of a job is final, :func:`dicom_node.store.track.close_if_delivered`
+closes it. This module owns that policy only: it decides from the outcome's typed fields
+(:mod:`dicom_node.dispatch.outcome`) and every row it changes is changed by a function of
+:mod:`dicom_node.store.track`.
 
 Several dispatchers may share one queue: each attempt claims its delivery with a lease
 (:func:`dicom_node.store.track.claim_delivery`, renewed while sending), so one dispatcher sends a
@@ -20,15 +23,17 @@ from __future__ import annotations
 
 import logging
 import threading
+from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
 
 from dicom_node.store import db, track
 from dicom_node.audit import audit_for
-from dicom_node.config import NodeConfig
+from dicom_node.config import Destination, NodeConfig
 from dicom_node.store.lease import LeaseKeeper, worker_id
 from dicom_node.logs import log_event
 from dicom_node.negotiation import PERMANENT
+from dicom_node.dispatch.outcome import InstanceResult, SendOutcome
 from dicom_node.dispatch.senders import sender_for
 
 log = logging.getLogger("dicom_node.dispatch.dispatcher")
@@ -37,6 +42,36 @@ log = logging.getLogger("dicom_node.dispatch.dispatcher")
 def retry_delay(dest: Any, attempts: int) -> float:
     """Capped exponential backoff: ``backoff_base_s * 2^(attempts-1)``, at most ``backoff_max_s``."""
     return float(min(dest.backoff_base_s * 2 ** min(attempts - 1, 30), dest.backoff_max_s))
+
+
+@dataclass(frozen=True)
+class NextStep:
+    """What the retry policy makes of an attempt: ``state`` sent, failed or pending (due again
+    after ``delay_s``), with the delivery's error text."""
+
+    state: str
+    error: str | None = None
+    delay_s: float = 0.0
+
+
+def next_step(dest: Destination | None, outcome: SendOutcome, attempts: int, elapsed: float,
+              all_sent: bool) -> NextStep:
+    """The retry policy. ``attempts`` counts this one, ``elapsed`` is the time since the first
+    attempt, ``all_sent`` whether every instance is acknowledged now. Permanent failures end the
+    delivery; transient ones are retried until ``max_retries`` or ``retry_for_s``, and the last
+    attempt is made at the end of the budget, not skipped because the backoff would overshoot it."""
+    if outcome.failure is None and all_sent:
+        return NextStep(db.SENT)
+    if outcome.failure == PERMANENT or dest is None:
+        return NextStep(db.FAILED, f"permanent: {outcome.error}")
+    budget, retries = dest.retry_for_s, dest.max_retries
+    delay = min(retry_delay(dest, attempts), max(budget - elapsed, 0.0))
+    if (retries is not None and attempts > retries) or elapsed >= budget:
+        limit = f"{retries} retries" if retries is not None and attempts > retries else f"retry budget {budget:.0f} s"
+        return NextStep(db.FAILED, f"gave up after {attempts} attempts in {elapsed:.0f} s ({limit}): {outcome.error}")
+    of = f"/{retries}" if retries is not None else ""
+    return NextStep(db.PENDING, f"retry {attempts}{of} in {delay:g} s ({budget - elapsed:.0f} s of the retry budget "
+                                f"left): {outcome.error}", delay)
 
 
 class Dispatcher:
@@ -76,7 +111,7 @@ class Dispatcher:
             dest = None
         attempt_at = db.utcnow()
 
-        def commit_one(k: int, res: Any) -> None:
+        def commit_one(k: int, res: InstanceResult) -> None:
             """Commit one instance's C-STORE result as its response arrives: a crash after this
             point never sends the instance again."""
             if not res.ok:
@@ -85,62 +120,25 @@ class Dispatcher:
                 track.instance_sent(s, todo[k][0], res.status, db.utcnow())
 
         if dest is None:
-            outcome_error, failure, results = f"destination {name!r} is no longer configured", PERMANENT, []
+            outcome = SendOutcome(failure=PERMANENT, error=f"destination {name!r} is no longer configured")
         else:
             outcome = sender_for(dest)(dest, [self.config.output_dir / p for _, p in todo], self.config.ae_title,
                                        self.config.max_pdu, on_result=commit_one)
-            outcome_error, failure, results = outcome.error, outcome.failure, outcome.results
         now = db.utcnow()
         with self.db.session() as s:
-            d = s.get(db.Delivery, delivery_id, with_for_update=True)
-            if d is None or d.claimed_by != self.owner:
-                # The lease expired while this attempt ran and another dispatcher holds the
-                # delivery now: its attempt records the outcome (acknowledged instances are committed).
-                log_event(log, "delivery_lease_lost", level=logging.WARNING, delivery=delivery_id,
-                          claimed_by=d.claimed_by if d is not None else None)
+            d = track.owned_delivery(s, delivery_id, self.owner)
+            if d is None:
                 return
-            track.release_delivery(d)
-            d.attempts += 1
-            by_id = {x.id: x for x in d.sends}
-            for (send_id, _), res in zip(todo, results):
-                row = by_id[send_id]
-                if res.ok:
-                    continue  # committed by commit_one
-                if res.status is None and res.error and ("not established" in res.error
-                                                         or "no presentation context" in res.error):
-                    pass  # never reached the destination: not an attempt for this instance
-                else:
-                    row.attempts += 1
-                row.status = res.status
-                row.error = res.error
-                if failure == PERMANENT and res.status is not None:
-                    row.state = db.FAILED
-            if failure is None and all(x.state == db.SENT for x in d.sends):
-                d.state, d.finished_at, d.error = db.SENT, now, None
-            elif failure == PERMANENT:
-                d.state, d.finished_at, d.error = db.FAILED, now, f"permanent: {outcome_error}"
+            track.record_attempt(d, [(send_id, res) for (send_id, _), res in zip(todo, outcome.results)],
+                                 permanent=outcome.failure == PERMANENT)
+            step = next_step(dest, outcome, d.attempts, (now - (d.started_at or attempt_at)).total_seconds(),
+                             all(x.state == db.SENT for x in d.sends))
+            if step.state == db.SENT:
+                track.delivery_sent(d, now)
+            elif step.state == db.FAILED:
+                track.delivery_failed(d, now, step.error or "")
             else:
-                first = d.started_at or attempt_at
-                elapsed = (now - first).total_seconds()
-                budget = dest.retry_for_s if dest else 0.0
-                retries = dest.max_retries if dest else 0
-                # The last attempt is made at the end of the budget, not skipped because the
-                # backoff would overshoot it.
-                delay = min(retry_delay(dest, d.attempts), max(budget - elapsed, 0.0)) if dest else 0.0
-                if (retries is not None and d.attempts > retries) or elapsed >= budget:
-                    d.state, d.finished_at = db.FAILED, now
-                    limit = (f"{retries} retries" if retries is not None and d.attempts > retries
-                             else f"retry budget {budget:.0f} s")
-                    d.error = f"gave up after {d.attempts} attempts in {elapsed:.0f} s ({limit}): {outcome_error}"
-                else:
-                    d.next_attempt_at = now + timedelta(seconds=delay)
-                    of = f"/{retries}" if retries is not None else ""
-                    d.error = (f"retry {d.attempts}{of} in {delay:g} s ({budget - elapsed:.0f} s of the retry budget "
-                               f"left): {outcome_error}")
-                    log_event(log, "delivery_retry", level=logging.WARNING, destination=name, job=d.job_id,
-                              attempt=d.attempts, delay_s=delay, error=outcome_error)
-            job = d.job
-            states = [x.state for x in job.deliveries]
-            if all(st in (db.SENT, db.FAILED) for st in states):
-                errors = [f"{x.destination}: {x.error}" for x in job.deliveries if x.state == db.FAILED]
-                track.finish(job, self.audit, now, "; ".join(errors) if errors else None)
+                track.delivery_retry(d, now + timedelta(seconds=step.delay_s), step.error or "")
+                log_event(log, "delivery_retry", level=logging.WARNING, destination=name, job=d.job_id,
+                          attempt=d.attempts, delay_s=step.delay_s, error=outcome.error)
+            track.close_if_delivered(d.job, self.audit, now)

@@ -1,10 +1,13 @@
 """Send: C-STORE a derived series to one destination (one association, or a few in parallel).
 
-The outcome is classified so the caller can retry only what may succeed later:
-transient (connection refused, timeout, abort, association rejected-transient, status 0xA7xx
-"out of resources") versus permanent (association rejected-permanent such as "calling AE not
-recognised", no accepted presentation context / SOP class not supported, status 0xA9xx/0xCxxx
-and other failures). Retrying a permanent rejection forever is the failure mode to avoid.
+The outcome (:mod:`dicom_node.dispatch.outcome`) is classified so the caller can retry only what
+may succeed later: transient (connection refused, timeout, association rejected-transient, status
+0xA7xx "out of resources", most aborts) versus permanent (association rejected-permanent such as
+"calling AE not recognised", no accepted presentation context / SOP class not supported, status
+0xA9xx/0xCxxx and other failures, an established association that the destination's application
+aborts before answering anything: :func:`dicom_node.negotiation.classify_abort`). An abort the
+destination sends is recorded with its Source and Reason/Diag. Retrying a permanent rejection
+forever is the failure mode to avoid.
 """
 from __future__ import annotations
 
@@ -12,51 +15,26 @@ import logging
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from pydicom import dcmread
 from pydicom.filereader import read_file_meta_info
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
-from pynetdicom import AE, _config
+from pynetdicom import AE, _config, evt
+from pynetdicom.pdu import A_ABORT_RQ
 from pynetdicom.presentation import build_context
 
 from dicom_node.config import Destination
-from dicom_node.negotiation import (PERMANENT, TRANSIENT, classify_status, context_result, is_success, rejection,
-                          rejection_text)
+from dicom_node.dispatch.outcome import InstanceResult, SendOutcome
+from dicom_node.negotiation import (PERMANENT, TRANSIENT, Abort, classify_abort, classify_status, context_result,
+                                    rejection, rejection_text)
 from dicom_node.logs import log_event
 from dicom_node.tls import client_context
 from dicom_node.receive.transport import no_delay
 from dicom_node.version import IMPLEMENTATION_VERSION_NAME
 
 log = logging.getLogger("dicom_node.dispatch.scu")
-
-@dataclass
-class InstanceResult:
-    path: Path
-    sop_instance_uid: str
-    status: int | None  # None: no response (not sent, or the association broke)
-    error: str | None = None
-
-    @property
-    def ok(self) -> bool:
-        return self.status is not None and is_success(self.status)
-
-
-@dataclass
-class SendOutcome:
-    """Result of one association: per-instance results and, when not all succeeded, why."""
-
-    results: list[InstanceResult] = field(default_factory=list)
-    failure: str | None = None  # TRANSIENT | PERMANENT | None (all sent)
-    error: str | None = None
-    seconds: float = 0.0
-
-    @property
-    def sent(self) -> int:
-        return sum(r.ok for r in self.results)
-
 
 # A file whose own transfer syntax the destination accepted is sent from the file as stored, in
 # PDU-sized chunks, without decoding it and encoding it again (pynetdicom reads this flag when
@@ -140,13 +118,44 @@ def send_files(dest: Destination, files: Sequence[Path], calling_ae: str, max_pd
 
     with ThreadPoolExecutor(n, thread_name_prefix="c-store") as pool:
         parts = list(pool.map(share, range(n)))
-    out = SendOutcome(results=[r for part in parts for r in part.results], seconds=time.monotonic() - t0)
+    out = SendOutcome(results=[r for part in parts for r in part.results], seconds=time.monotonic() - t0,
+                      reached=any(part.reached for part in parts))
     for kind in (PERMANENT, TRANSIENT):
         failed = [part for part in parts if part.failure == kind]
         if failed:
             out.failure, out.error = kind, failed[0].error
             break
     return out
+
+
+class _AbortWatch:
+    """The A-ABORT PDU the destination sent on one association, if any.
+
+    pynetdicom turns a received A-ABORT into a primitive that keeps the Source only for a
+    service-user abort and drops the Reason/Diag., and its reactor takes that primitive off the
+    queue; the PDU itself is seen by ``evt.EVT_PDU_RECV``, which runs in the DUL thread as the PDU
+    is decoded, before the waiting sender is woken."""
+
+    def __init__(self) -> None:
+        self.abort: Abort | None = None
+
+    def __call__(self, event: Any) -> None:
+        if self.abort is None and isinstance(event.pdu, A_ABORT_RQ):
+            self.abort = Abort.from_pdu(event.pdu)
+
+
+def _abort_error(watch: _AbortWatch, k: int, total: int, answered: int, calling_ae: str) -> tuple[str, str]:
+    """(TRANSIENT | PERMANENT, reason) for an established association that ended at C-STORE
+    ``k`` (0-based) after ``answered`` responses; the class is :func:`dicom_node.negotiation.classify_abort`'s."""
+    abort = watch.abort
+    kind = classify_abort(abort, established=True, answered=answered)
+    if abort is None:
+        return kind, "no C-STORE response (timeout or association aborted)"
+    msg = f"association aborted by the destination at C-STORE {k + 1} of {total} ({abort})"
+    if kind == PERMANENT:
+        msg += (f"; it accepted the association and aborted at the first request (often: the calling AE title "
+                f"{calling_ae} is not configured there)")
+    return kind, msg
 
 
 def _send_over_one(dest: Destination, files: Sequence[Path], calling_ae: str, max_pdu: int,
@@ -166,7 +175,16 @@ def _send_over_one(dest: Destination, files: Sequence[Path], calling_ae: str, ma
     ae.connection_timeout = dest.timeout_s
     ae.maximum_pdu_size = max_pdu
     tls_args = (client_context(dest.tls), dest.tls.server_name) if dest.tls is not None else None
-    assoc = ae.associate(dest.host, dest.port, ae_title=dest.ae_title, tls_args=tls_args)
+    watch = _AbortWatch()
+    assoc = ae.associate(dest.host, dest.port, ae_title=dest.ae_title, tls_args=tls_args,
+                         evt_handlers=[(evt.EVT_PDU_RECV, watch)])
+
+    def give_up(k: int, kind: str, msg: str) -> None:
+        """Instances ``k`` and after are not sent on this association."""
+        out.results += [InstanceResult(p, u, None, msg, reached=out.reached, failure=kind) for p, u, _, _ in info[k:]]
+        out.failure = out.failure or kind
+        out.error = out.error or msg
+
     try:
         if not assoc.is_established:
             if (prim := rejection(assoc)) is not None:
@@ -176,39 +194,46 @@ def _send_over_one(dest: Destination, files: Sequence[Path], calling_ae: str, ma
                 # Negotiated, then aborted by pynetdicom because nothing we propose is accepted:
                 # a configuration mismatch that no retry can fix.
                 out.failure, out.error = PERMANENT, refusal
+            elif watch.abort is not None:
+                out.failure = classify_abort(watch.abort, established=False, answered=0)
+                out.error = (f"association with {dest.host}:{dest.port} not established: aborted by the "
+                             f"destination during negotiation ({watch.abort})")
             else:
                 out.failure = TRANSIENT
                 out.error = f"association with {dest.host}:{dest.port} not established (refused, timed out or aborted)"
-            out.results = [InstanceResult(p, uid, None, out.error) for p, uid, _, _ in info]
+            give_up(0, out.failure, out.error)
             return out
+        out.reached = True
         no_delay(assoc)
         keep_responses(assoc)
         accepted = {cx.abstract_syntax for cx in assoc.accepted_contexts}
         as_stored = {(cx.abstract_syntax, cx.transfer_syntax[0]) for cx in assoc.accepted_contexts}
+        answered = 0
         for k, (path, uid, sop_class, ts) in enumerate(info):
             if sop_class not in accepted:
-                out.results.append(InstanceResult(path, uid, None, f"SOP class {sop_class} not accepted"))
+                out.results.append(InstanceResult(path, uid, None, f"SOP class {sop_class} not accepted",
+                                                  reached=True, failure=PERMANENT))
                 out.failure, out.error = PERMANENT, f"no accepted presentation context for SOP class {sop_class}"
                 continue
             try:
                 rsp = assoc.send_c_store(path if (sop_class, ts) in as_stored else dcmread(path))
             except (ValueError, RuntimeError, OSError) as exc:
-                out.results.append(InstanceResult(path, uid, None, str(exc)))
+                if not assoc.is_established:  # the destination ended the association since the last response
+                    give_up(k, *_abort_error(watch, k, len(info), answered, calling_ae))
+                    break
+                out.results.append(InstanceResult(path, uid, None, str(exc), reached=True, failure=PERMANENT))
                 out.failure = out.failure or PERMANENT
                 out.error = out.error or f"cannot send {path.name}: {exc}"
                 continue
             status = int(rsp.Status) if rsp is not None and "Status" in rsp else None
             if status is None:
                 # No response: DIMSE timeout or the association broke; the rest can't be sent now.
-                msg = "no C-STORE response (timeout or association aborted)"
-                out.results.append(InstanceResult(path, uid, None, msg))
-                out.results += [InstanceResult(p, u, None, msg) for p, u, _, _ in info[k + 1:]]
-                out.failure = out.failure or TRANSIENT
-                out.error = out.error or msg
+                give_up(k, *_abort_error(watch, k, len(info), answered, calling_ae))
                 break
-            res = InstanceResult(path, uid, status)
+            answered += 1
+            kind = classify_status(status)
+            res = InstanceResult.answered(path, uid, status, failure=kind)
             if not res.ok:
-                kind = classify_status(status)
                 res.error = f"C-STORE status 0x{status:04X}"
                 if out.failure != PERMANENT:
                     out.failure = kind
@@ -216,11 +241,9 @@ def _send_over_one(dest: Destination, files: Sequence[Path], calling_ae: str, ma
             out.results.append(res)
             if on_result is not None:
                 on_result(k, res)
-            if not assoc.is_established:
-                msg = "association aborted by the destination"
-                out.results += [InstanceResult(p, u, None, msg) for p, u, _, _ in info[k + 1:]]
-                out.failure = out.failure or TRANSIENT
-                out.error = out.error or msg
+            if not assoc.is_established and k + 1 < len(info):
+                kind, msg = _abort_error(watch, k + 1, len(info), answered, calling_ae)
+                give_up(k + 1, kind, msg if watch.abort is not None else "association aborted by the destination")
                 break
     finally:
         if assoc.is_established:

@@ -1,8 +1,9 @@
 """Which sender delivers to a destination: C-STORE (``type = "dimse"``) or STOW-RS (``"stow-rs"``).
 
 Both take ``(dest, files, calling_ae, max_pdu, on_result=...)`` and return a
-:class:`~dicom_node.dispatch.scu.SendOutcome` with the same transient/permanent classification, so the
-delivery loop (retries, per-instance commits) does not depend on the protocol.
+:class:`~dicom_node.dispatch.outcome.SendOutcome` with the same typed fields (reached, status category,
+transient/permanent), so the delivery loop (retries, per-instance commits) does not depend on the
+protocol.
 """
 from __future__ import annotations
 
@@ -11,7 +12,8 @@ from pathlib import Path
 from typing import Protocol
 
 from dicom_node.config import Destination
-from dicom_node.dispatch.scu import InstanceResult, SendOutcome, send_files
+from dicom_node.dispatch.outcome import InstanceResult, SendOutcome
+from dicom_node.dispatch.scu import send_files
 
 
 class Sender(Protocol):

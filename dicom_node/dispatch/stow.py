@@ -1,8 +1,10 @@
 """Send: STOW-RS a derived series to a DICOMweb destination (PS3.18 §10.5).
 
 Same contract as the C-STORE sender (:func:`dicom_node.dispatch.scu.send_files`): one
-:class:`~dicom_node.dispatch.scu.SendOutcome` with an :class:`~dicom_node.dispatch.scu.InstanceResult` per file, and
-the failure classified so the caller retries only what may succeed later. Transient: connection
+:class:`~dicom_node.dispatch.outcome.SendOutcome` with an :class:`~dicom_node.dispatch.outcome.InstanceResult` per
+file, and the failure classified so the caller retries only what may succeed later. An attempt
+reached the server when a request's connection was made (it may have stored something even
+without an answer); a refused or unverified connection did not. Transient: connection
 refused or reset, timeouts, HTTP 408/429/5xx, per-instance FailureReason 0xA7xx (out of resources).
 Permanent: other HTTP 4xx (the status and reason are recorded), redirects (not followed) and other
 FailureReasons.
@@ -32,7 +34,7 @@ from urllib3.exceptions import SSLError as URLLibSSLError
 from dicom_node.config import Destination
 from dicom_node.logs import log_event
 from dicom_node.negotiation import PERMANENT, TRANSIENT, classify_status
-from dicom_node.dispatch.scu import InstanceResult, SendOutcome
+from dicom_node.dispatch.outcome import InstanceResult, SendOutcome
 
 log = logging.getLogger("dicom_node.dispatch.stow")
 # dicomweb-client wraps each POST in the `retrying` package, which logs every failed try with a
@@ -212,9 +214,14 @@ def _uids(files: Sequence[Path]) -> list[str | None]:
     return out
 
 
+def _reached(exc: requests.RequestException) -> bool:
+    """Whether a request that failed as a whole got to the server (answered, timed out waiting
+    for the answer, or broke after connecting): only then can the server have acted on it."""
+    return not (isinstance(exc, requests.ConnectionError) and _never_connected(exc))
+
+
 def _request_failure(exc: requests.RequestException, dest: Destination) -> tuple[str, str]:
-    """(TRANSIENT | PERMANENT, reason) for a POST that failed as a whole. "not established" marks
-    a request that never reached the server (the caller does not count it as an instance attempt)."""
+    """(TRANSIENT | PERMANENT, reason) for a POST that failed as a whole."""
     if isinstance(exc, requests.TooManyRedirects) and exc.response is not None:
         where = exc.response.headers.get("Location", "?")
         return PERMANENT, (f"STOW-RS HTTP {exc.response.status_code} {exc.response.reason or ''}".rstrip()
@@ -250,9 +257,9 @@ def send_files_stow(dest: Destination, files: Sequence[Path], calling_ae: str = 
         if out.failure != PERMANENT:  # a permanent failure is the one to report
             out.failure, out.error = kind, msg
 
-    def fail(ks: Sequence[int], msg: str) -> None:
+    def fail(ks: Sequence[int], msg: str, kind: str, reached: bool) -> None:
         for k in ks:
-            results[k] = InstanceResult(files[k], uids[k] or "", None, msg)
+            results[k] = InstanceResult(files[k], uids[k] or "", None, msg, reached=reached, failure=kind)
 
     uids = _uids(files)
     seen: list[requests.Response] = []
@@ -261,7 +268,7 @@ def send_files_stow(dest: Destination, files: Sequence[Path], calling_ae: str = 
     except SecretError as exc:
         client = None
         note(PERMANENT, f"STOW-RS to {dest.url}: {exc}")
-        fail(range(len(files)), out.error or str(exc))
+        fail(range(len(files)), out.error or str(exc), PERMANENT, reached=False)
     sizes = [p.stat().st_size if uids[k] else 0 for k, p in enumerate(files)]
     for batch in batches(sizes, dest.max_instances_per_request, dest.max_request_mb * 2**20) if client else ():
         index, datasets = [], []
@@ -273,23 +280,30 @@ def send_files_stow(dest: Destination, files: Sequence[Path], calling_ae: str = 
                 index.append(k)
             except (OSError, ValueError, pydicom.errors.InvalidDicomError) as exc:
                 note(PERMANENT, f"cannot send {files[k].name}: {exc}")
-                fail([k], f"cannot send {files[k].name}: {exc}")
+                fail([k], f"cannot send {files[k].name}: {exc}", PERMANENT, reached=False)
         if not datasets:
             continue
         posts += 1
         try:
             http_status, response = _post(client, datasets, seen)
         except (requests.RequestException, ValueError) as exc:
-            kind, msg = (_request_failure(exc, dest) if isinstance(exc, requests.RequestException)
-                         else (TRANSIENT, f"STOW-RS request to {dest.url} failed: {exc}"))
+            if isinstance(exc, requests.RequestException):
+                (kind, msg), reached = _request_failure(exc, dest), _reached(exc)
+            else:
+                kind, msg, reached = TRANSIENT, f"STOW-RS request to {dest.url} failed: {exc}", True
             note(kind, msg)
+            out.reached = out.reached or reached
             # The rest is not sent now: the next attempt sends whatever is not committed.
-            fail([k for k in range(batch.start, len(files)) if results[k] is None], msg)
+            fail([k for k in range(batch.start, len(files)) if results[k] is None], msg, kind, reached)
             break
+        out.reached = True
         for k, (status, error) in zip(index, instance_statuses(response, [uids[k] for k in index], http_status)):
-            res = InstanceResult(files[k], uids[k] or "", status, error)
+            if status is None:  # answered, but not about this instance: its fate is unknown
+                res = InstanceResult(files[k], uids[k] or "", None, error, reached=True, failure=TRANSIENT)
+            else:
+                res = InstanceResult.answered(files[k], uids[k] or "", status, error, failure=classify_status(status))
             if not res.ok:
-                kind = TRANSIENT if status is None else classify_status(status)
+                kind = res.failure or TRANSIENT
                 note(kind, f"{error} ({kind}; HTTP {http_status})")
             results[k] = res
             if on_result is not None:

@@ -2,8 +2,10 @@
 
 Several queued series that use the same model are claimed together (up to
 ``processing.max_batch_slices``) so one model call fills the device. Per series: read the spool,
-check the geometry against the checkpoint's training spacing, run the QA gate on the input
-(:mod:`dicom_node.process.qa_gate`), standardize, measure the output, derive the new DERIVED series
+check the geometry against the model's training spacing, run the QA gate on the input
+(:mod:`dicom_node.process.qa_gate`), standardize with the settings frozen on the job when it was
+routed (:mod:`dicom_node.process.run`; the model is a :class:`~ltdiff_core.kernel_model.KernelModel`
+from :mod:`dicom_node.process.model`), measure the output, derive the new DERIVED series
 (:mod:`dicom_node.derive.series`) and write it atomically under ``output_dir/job-N/``. Every state change
 goes through :mod:`dicom_node.store.track`; a crash at any point leaves the job ``processing``, which a
 restart queues again and rebuilds (the partial output directory is discarded).
@@ -19,15 +21,15 @@ from __future__ import annotations
 import errno
 import logging
 import shutil
-import threading
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import select
 
 from ltdiff_core.atomic import fsync_dir, make_durable
+from ltdiff_core.kernel_model import KernelModel, ModelInfo
 
 from dicom_node.store import db, track
 from dicom_node.decide.anomalies import spacing_refusal
@@ -35,49 +37,17 @@ from dicom_node.audit import audit_for
 from dicom_node.config import NodeConfig
 from dicom_node.store.lease import LeaseKeeper, worker_id
 from dicom_node.logs import log_event
+from dicom_node.process.model import ModelCache, derivation_info, sampler_parameters
+from dicom_node.process.run import Loaded, Settings, run_with_cache, settings_of
 from dicom_node.store.spool import safe_name
 from dicom_node.store.watermark import Watermark
 
+if TYPE_CHECKING:
+    from dicom_node.process.qa_gate import GateResult
+
+__all__ = ["Processor"]
+
 log = logging.getLogger("dicom_node.process.processor")
-
-
-class ModelCache:
-    """Standardizers loaded once per worker process, keyed by (checkpoint, device): loading the
-    weights (and moving them to the GPU) costs far more than one series."""
-
-    def __init__(self, device: str) -> None:
-        self.device = device
-        self._models: dict[str, Any] = {}
-        self._lock = threading.Lock()
-
-    def get(self, model: str) -> Any:
-        with self._lock:
-            if model not in self._models:
-                from ltdiff_core import Standardizer  # heavy (torch): imported on first use only
-
-                t0 = time.monotonic()
-                std = Standardizer.from_checkpoint(model, device=self.device)  # "default", a shipped name or a path
-                self._models[model] = std
-                info = dict(getattr(std, "info", {}) or {})
-                log_event(log, "model_loaded", model=model, name=info.get("name"), version=info.get("version"),
-                          sha256=str(info.get("sha256", ""))[:16], device=device_of(std, self.device),
-                          seconds=round(time.monotonic() - t0, 2))
-            return self._models[model]
-
-    def loaded(self) -> list[str]:
-        return list(self._models)
-
-
-def device_of(std: Any, fallback: str) -> str:
-    dev = getattr(std, "device", None)
-    return str(dev) if dev is not None else fallback
-
-
-def derivation_info(std_info: dict[str, Any], *, sampler: dict[str, Any], uid_root: str, device: str) -> Any:
-    """``DerivationInfo`` for the output series, from the model's ``info`` and the run's settings."""
-    from dicom_node.derive.series import DerivationInfo
-
-    return DerivationInfo.from_model_info(std_info, sampler=sampler, device=device, uid_root=uid_root)
 
 
 class Processor:
@@ -158,13 +128,10 @@ class Processor:
             for job_id, _, _ in batch:
                 self._fail(job_id, f"model {model_key!r} could not be loaded: {type(exc).__name__}: {exc}")
             return len(batch)
-        info = dict(getattr(std, "info", {}) or {})
-        device = device_of(std, self.config.processing.device)
-        self.last_model = {"model": model_key, "name": info.get("name"), "version": info.get("version"),
-                           "device": device}
+        info = std.info
+        self.last_model = {"model": model_key, "name": info.name, "version": info.version, "device": info.device}
 
-        trained = (getattr(getattr(std, "ckpt", None), "metadata", None) or {}).get("training", {}).get("pixel_mm")
-        loaded: list[tuple[int, Any, float]] = []
+        loaded: list[Loaded] = []
         for job_id, _, paths in batch:
             t0 = time.monotonic()
             try:
@@ -175,7 +142,7 @@ class Processor:
             except Exception as exc:  # a malformed header must fail its job, not leave it `processing`
                 self._fail(job_id, f"series could not be read: {type(exc).__name__}: {exc}")
                 continue
-            why = spacing_refusal(float(min(sr.spacing[1:])), trained)
+            why = spacing_refusal(float(min(sr.spacing[1:])), info.training_pixel_mm)
             if why is not None:
                 self._with_job(job_id, lambda job: track.refuse_job(job, self.audit, why))
                 continue
@@ -184,7 +151,7 @@ class Processor:
         if not loaded:
             return len(batch)
 
-        steps_by_job = self._settings([j for j, _, _ in loaded])
+        steps_by_job = settings_of(self.db, self.config, [j for j, _, _ in loaded])
         t0 = time.monotonic()
         try:
             outputs = self._run_model(std, loaded, steps_by_job)
@@ -215,7 +182,7 @@ class Processor:
             steps, seed = steps_by_job[job_id]
             try:
                 note = self._qa_output(job_id, gates.get(job_id), out_hu, sr.spacing)
-                self._derive_and_store(job_id, sr, out_hu, std, info, device, steps, seed, read_s, share, note)
+                self._derive_and_store(job_id, sr, out_hu, info, steps, seed, read_s, share, note)
             except OSError as exc:
                 if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
                     log.exception("derive failed")
@@ -231,7 +198,7 @@ class Processor:
                 self._fail(job_id, f"derive failed: {type(exc).__name__}: {exc}")
         return len(batch)
 
-    def _qa_inputs(self, std: Any, loaded: list[tuple[int, Any, float]]) -> tuple[list[tuple[int, Any, float]], dict[int, Any]]:
+    def _qa_inputs(self, std: KernelModel, loaded: list[Loaded]) -> tuple[list[Loaded], dict[int, GateResult]]:
         """Run each job's QA gate on its input: refused jobs fail with the measured reason (nothing
         is written or sent); the others continue with their gate result."""
         from dicom_node.process.qa_gate import check_input
@@ -262,7 +229,7 @@ class Processor:
             gates[job_id] = res
         return kept, gates
 
-    def _qa_output(self, job_id: int, res: Any, out_hu: Any, spacing: Any) -> str | None:
+    def _qa_output(self, job_id: int, res: GateResult | None, out_hu: Any, spacing: Any) -> str | None:
         """Output measures against the target envelope; returns the DerivationDescription note."""
         if res is None:
             return None
@@ -277,42 +244,26 @@ class Processor:
                       warnings="; ".join(res.verdict.output_warnings))
         return res.note()
 
-    def _store_qa(self, job_id: int, res: Any) -> None:
+    def _store_qa(self, job_id: int, res: GateResult) -> None:
         self._with_job(job_id, lambda job: setattr(job, "qa", {**res.record(), **res.extra}))
 
-    def _settings(self, job_ids: Sequence[int]) -> dict[int, tuple[int | None, int]]:
-        """(steps, seed) per job: the rule's values, else the processing defaults."""
-        rules = {r.name: r for r in self.config.rules}
-        out = {}
-        with self.db.session() as s:
-            for job in s.scalars(select(db.Job).where(db.Job.id.in_(job_ids))):
-                rule = rules.get(job.rule_name)
-                steps = (rule.steps if rule and rule.steps else None) or self.config.processing.steps
-                out[job.id] = (steps, job.seed or 0)
-        return out
-
-    def _run_model(self, std: Any, loaded: list[tuple[int, Any, float]],
-                   steps_by_job: dict[int, tuple[int | None, int]]) -> list[Any]:
+    def _run_model(self, std: KernelModel, loaded: list[Loaded], steps_by_job: dict[int, Settings]) -> list[Any]:
         """Outputs of the batch: slices standardized while the series arrived come from the stream
         cache, the others go through the model in one call per sampler setting (which fills the
-        device). Every slice's random stream is keyed by its SOPInstanceUID (dicom_node.process.stream)."""
-        from dicom_node.process.stream import run_with_cache
-
+        device). Every slice's random stream is keyed by its SOPInstanceUID (dicom_node.process.run)."""
         outs, used, cache_s = run_with_cache(self.config, self.db, std, loaded, steps_by_job)
         self._streamed.update(used)
         self._cache_s.update(cache_s)
         return outs
 
-    def _derive_and_store(self, job_id: int, sr: Any, out_hu: Any, std: Any, info: dict[str, Any], device: str,
-                          steps: int | None, seed: int, read_s: float, model_s: float,
-                          qa_note: str | None = None) -> None:
+    def _derive_and_store(self, job_id: int, sr: Any, out_hu: Any, info: ModelInfo, steps: int | None, seed: int,
+                          read_s: float, model_s: float, qa_note: str | None = None) -> None:
         from dicom_node.derive.series import derive_series
-        from dicom_node.admin.offline import sampler_parameters
         from dicom_node.process.qa_gate import annotate
 
         t0 = time.monotonic()
         sampler = sampler_parameters(info, steps, seed)
-        dinfo = derivation_info(info, sampler=sampler, uid_root=self.config.uid_root, device=device)
+        dinfo = derivation_info(info, sampler=sampler, uid_root=self.config.uid_root)
         derived = derive_series(sr.datasets, out_hu, dinfo)
         annotate(derived, qa_note)
         out_dir = self.config.output_dir / f"job-{job_id}"
@@ -335,14 +286,14 @@ class Processor:
         streamed = self._streamed.get(job_id)
         try:
             self._commit_output(job_id, staging, out_dir, lambda job: self._record(
-                job, info, sampler, seed, device, read_s, model_s, derive_s, out_uid, rels))
+                job, info, sampler, seed, read_s, model_s, derive_s, out_uid, rels))
         except track.LeaseLost as exc:
             shutil.rmtree(staging, ignore_errors=True)
             log_event(log, "job_lease_lost", level=logging.WARNING, job=job_id, reason=str(exc))
             return
         log_event(log, "series_processed", series_uid=sr.series_uid, job=job_id, slices=len(derived),
                   output_series_uid=out_uid, worker=self.owner,
-                  model=info.get("name"), device=device, read_s=round(read_s, 2), model_s=round(model_s, 2),
+                  model=info.name, device=info.device, read_s=round(read_s, 2), model_s=round(model_s, 2),
                   derive_s=round(derive_s, 2), streamed_slices=streamed)
 
     def _staging(self, job_id: int) -> Path:
@@ -363,17 +314,16 @@ class Processor:
             fsync_dir(out_dir.parent)  # the rename is durable before the commit that points at it
             record(job)
 
-    def _record(self, job: db.Job, info: dict[str, Any], sampler: dict[str, Any], seed: int, device: str,
-                read_s: float, model_s: float, derive_s: float, out_uid: str | None,
-                rels: Sequence[tuple[str, str]]) -> None:
+    def _record(self, job: db.Job, info: ModelInfo, sampler: dict[str, Any], seed: int, read_s: float,
+                model_s: float, derive_s: float, out_uid: str | None, rels: Sequence[tuple[str, str]]) -> None:
         """Provenance of the run and ``processing -> sending | done`` (fenced by the owner)."""
-        job.model_name = info.get("name")
-        job.model_version = str(info.get("version")) if info.get("version") is not None else None
-        job.model_sha256 = info.get("sha256")
-        job.method = info.get("method")
+        job.model_name = info.name
+        job.model_version = info.version
+        job.model_sha256 = info.sha256
+        job.method = info.method
         job.sampler = sampler
         job.seed = seed
-        job.device = device
+        job.device = info.device
         job.read_s, job.model_s, job.derive_s = round(read_s, 3), round(model_s, 3), round(derive_s, 3)
         job.streamed_slices = self._streamed.pop(job.id, None)
         track.processed(job, self.audit, out_uid, rels, db.utcnow(), owner=self.owner)

@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:  # ltdiff_core.qa pulls in scipy: imported where measured, not by every CLI call
     from ltdiff_core import qa
+    from ltdiff_core.kernel_model import KernelModel
 
 PASS, REFUSED, FLAGGED, UNCHECKED, OFF = "pass", "refused", "flagged", "unchecked", "off"
 
@@ -100,26 +101,16 @@ class GateResult:
         return out
 
 
-def envelope_for(std: Any) -> dict[str, Any] | None:
-    """The training envelope of a loaded Standardizer's checkpoint, if it has one."""
-    from ltdiff_core import qa
-
-    ckpt = getattr(std, "ckpt", None)
-    return qa.envelope_of(ckpt.metadata) if ckpt is not None else None
-
-
-def check_input(std: Any, series: Any, mode: str, forced: bool = False) -> GateResult:
-    """Measure an input ``ltdiff_core.dicomio.Series`` against ``std``'s envelope."""
+def check_input(model: KernelModel, series: Any, mode: str, forced: bool = False) -> GateResult:
+    """Measure an input ``ltdiff_core.dicomio.Series`` against the model's training envelope and
+    the geometry it handles."""
     from ltdiff_core import qa
 
     if mode == "off":
         return GateResult(mode, forced)
-    from ltdiff_core.resample import supported_geometry
-
-    env = envelope_for(std)
-    ckpt = getattr(std, "ckpt", None)
-    geometry = supported_geometry(ckpt.metadata) if ckpt is not None else None
-    verdict = qa.assess_input(series.hu, series.spacing, env, qa.series_thickness(series.datasets), geometry)
+    env = model.qa_envelope()
+    verdict = qa.assess_input(series.hu, series.spacing, env, qa.series_thickness(series.datasets),
+                              model.supported_geometry())
     return GateResult(mode, forced, verdict, env)
 
 

@@ -13,156 +13,69 @@ Flow (``processing.streaming``):
 * :meth:`Streamer.stream` (run by the process step when no queued job waits) takes slices of a
   streaming job that have been on disk for ``stream_settle_s`` and have no cached output yet, in
   runs of ``stream_min_slices``, runs the model and caches each slice's float32 output as
-  ``output_dir/stream-<job>/<SOPInstanceUID>.npy`` (written atomically) with a
-  :class:`dicom_node.store.db.StreamSlice` row naming the settings it was made with;
+  ``output_dir/stream-<job>/<SOPInstanceUID>.npy`` (written atomically,
+  :mod:`dicom_node.store.stream_cache`) with a :class:`dicom_node.store.db.StreamSlice` row
+  naming the settings it was made with (the job's, frozen when it was routed);
 * at completion the job is queued as usual; the process step reads the whole series, runs the QA
-  gate on it, runs the model only on slices without a valid cached output (:func:`run_with_cache`),
-  then derives and writes as always;
+  gate on it, runs the model only on slices without a valid cached output
+  (:func:`dicom_node.process.run.run_with_cache`), then derives and writes as always;
 * a series refused, ignored or unrouted at completion loses the job and its cache; the cache of a
-  processed job is removed by the next :func:`sweep`. A crash loses at most the run in progress.
+  processed job is removed by the next :func:`~dicom_node.store.stream_cache.sweep`. A crash loses
+  at most the run in progress.
 """
 from __future__ import annotations
 
 import io
 import logging
-import shutil
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from datetime import timedelta
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
-from sqlalchemy import delete, select
+from sqlalchemy import select
 
-from dicom_node.store import db, track
+from ltdiff_core.kernel_model import FIXED_BATCH_PIXELS
+
 from dicom_node.logs import log_event
-from dicom_node.store.spool import make_durable, safe_name, write_atomic
-
-FIXED_BATCH_PIXELS = 512 * 512  # as ltdiff_core.standardizer.FIXED_BATCH_PIXELS (imported lazily: torch)
+from dicom_node.process.model import ModelCache, series_slice_keys
+from dicom_node.process.run import fingerprint, job_settings
+from dicom_node.store import db, track
+from dicom_node.store.spool import make_durable, write_atomic
+from dicom_node.store.stream_cache import cache_rel, sweep
 
 if TYPE_CHECKING:
     from dicom_node.config import NodeConfig
-    from dicom_node.process.processor import Processor
+    from dicom_node.store.watermark import Watermark
+
+__all__ = ["ProcessStep", "Streamer"]
 
 log = logging.getLogger("dicom_node.process.stream")
 
-CACHE_PREFIX = "stream-"
-# Jobs whose cached slices may still be used.
-CACHE_STATES = (db.STREAMING, db.QUEUED, db.PROCESSING)
 
+class ProcessStep(Protocol):
+    """What streaming shares with the process step of its process: the loaded models (one copy
+    on the device) and the disk watermark (cached outputs count against the same room)."""
 
-def cache_rel(job_id: int, sop_uid: str) -> str:
-    return f"{CACHE_PREFIX}{job_id}/{safe_name(sop_uid)}.npy"
-
-
-def remove_caches(config: NodeConfig, job_ids: Iterable[int]) -> None:
-    for job_id in job_ids:
-        shutil.rmtree(config.output_dir / f"{CACHE_PREFIX}{int(job_id)}", ignore_errors=True)
-
-
-def fingerprint(std: Any, steps: int | None, seed: int) -> str:
-    """What a cached output depends on besides the slice: the checkpoint file, variant, steps, seed."""
-    info = dict(getattr(std, "info", {}) or {})
-    return f"{info.get('sha256', '')}|{info.get('variant', '')}|{steps}|{int(seed)}"
-
-
-def slice_keys(series: Any, seed: int) -> list[int]:
-    from ltdiff_core.standardizer import uid_slice_key
-
-    return [uid_slice_key(seed, str(ds.SOPInstanceUID)) for ds in series.datasets]
-
-
-def _load(config: NodeConfig, rel: str, shape: tuple[int, ...]) -> np.ndarray | None:
-    """A cached output, or ``None`` when it is missing, unreadable or not the slice's shape."""
-    try:
-        arr = np.load(config.output_dir / rel, allow_pickle=False)
-    except Exception:
-        return None
-    return arr if arr.dtype == np.float32 and arr.shape == shape else None
-
-
-def sweep(config: NodeConfig, database: db.Database) -> int:
-    """Remove caches (directories and rows) of jobs that no longer need them: processed, failed,
-    refused or deleted. Returns how many directories were removed."""
-    root = config.output_dir
-    ids = []
-    if root.is_dir():
-        for p in root.iterdir():
-            if p.is_dir() and p.name.startswith(CACHE_PREFIX) and p.name[len(CACHE_PREFIX):].isdigit():
-                ids.append(int(p.name[len(CACHE_PREFIX):]))
-    with database.session() as s:
-        live = set(s.scalars(select(db.Job.id).where(db.Job.state.in_(CACHE_STATES))))
-        stale_rows = select(db.StreamSlice.job_id).join(db.Job).where(db.Job.state.not_in(CACHE_STATES))
-        stale = set(s.scalars(stale_rows.distinct()))
-        if stale:
-            s.execute(delete(db.StreamSlice).where(db.StreamSlice.job_id.in_(stale)))
-    gone = [i for i in ids if i not in live]
-    remove_caches(config, gone)
-    return len(gone)
-
-
-def run_with_cache(config: NodeConfig, database: db.Database, std: Any, loaded: Sequence[tuple[int, Any, float]],
-                   settings: dict[int, tuple[int | None, int]]
-                   ) -> tuple[list[np.ndarray], dict[int, int], dict[int, float]]:
-    """Outputs for whole series (``(job_id, Series, read_s)``): cached slices of each job are used
-    when made with the same settings, the others go through the model in one call per sampler
-    setting (slices keyed by SOPInstanceUID). Returns the outputs and, per job, how many slices
-    came from the cache and the seconds spent reading them (not model time)."""
-    with database.session() as s:
-        rows = s.scalars(select(db.StreamSlice).where(
-            db.StreamSlice.job_id.in_([job_id for job_id, _, _ in loaded]))).all()
-        cached = {(r.job_id, r.sop_instance_uid): (r.path, r.fingerprint) for r in rows}
-    outs: list[np.ndarray] = []
-    used: dict[int, int] = {}
-    cache_s: dict[int, float] = {}
-    todo: dict[int | None, list[tuple[int, np.ndarray, Any, list[int]]]] = {}
-    for i, (job_id, sr, _) in enumerate(loaded):
-        steps, seed = settings[job_id]
-        fp = fingerprint(std, steps, seed)
-        t0 = time.monotonic()
-        out = np.empty(sr.hu.shape, np.float32)
-        missing = []
-        for z, ds in enumerate(sr.datasets):
-            rel, have = cached.get((job_id, str(ds.SOPInstanceUID)), (None, None))
-            arr = _load(config, rel, sr.hu.shape[1:]) if rel is not None and have == fp else None
-            if arr is None:
-                missing.append(z)
-            else:
-                out[z] = arr
-        used[job_id] = len(sr.datasets) - len(missing)
-        cache_s[job_id] = time.monotonic() - t0
-        outs.append(out)
-        if missing:
-            keys = slice_keys(sr, seed)
-            todo.setdefault(steps, []).append((i, np.asarray(missing), sr, [keys[z] for z in missing]))
-    for steps, items in todo.items():
-        vols = [sr.hu[missing] for _, missing, sr, _ in items]
-        spacings = [sr.spacing for _, _, sr, _ in items]
-        keys = [k for _, _, _, k in items]
-        batch_fn = getattr(std, "standardize_batch", None)
-        if batch_fn is not None:
-            res = batch_fn(vols, spacings, steps=steps, slice_keys=keys)
-        else:
-            res = [std.standardize(v, sp, steps=steps, slice_keys=k) for v, sp, k in zip(vols, spacings, keys)]
-        for (i, missing, _, _), r in zip(items, res):
-            outs[i][missing] = r
-    return outs, used, cache_s
+    models: ModelCache
+    watermark: Watermark
 
 
 class Streamer:
-    """The streaming step; shares the processor's model cache and settings."""
+    """The streaming step; shares the process step's models and watermark (:class:`ProcessStep`)."""
 
-    def __init__(self, config: NodeConfig, database: db.Database, processor: Processor) -> None:
+    def __init__(self, config: NodeConfig, database: db.Database, processor: ProcessStep) -> None:
         self.config = config
         self.db = database
-        self.processor = processor
+        self.models = processor.models
+        self.watermark = processor.watermark
         self._stalled: dict[int, str] = {}  # job id -> why its slices are left to the process step
         # Receive first: set by the service when the receiver runs in this process (busy.py).
         self.receive_saturated: Callable[[], bool] = lambda: False
 
-    def _pending(self) -> tuple[int, str, int, list[tuple[str, str]]] | None:
-        """(job id, model, seed, [(SOPInstanceUID, spool path)]) of the first streaming job with at
-        least ``stream_min_slices`` settled slices without a cached output, up to one run."""
+    def _pending(self) -> tuple[int, str, int | None, int, list[tuple[str, str]]] | None:
+        """(job id, model, steps, seed, [(SOPInstanceUID, spool path)]) of the first streaming job
+        with at least ``stream_min_slices`` settled slices without a cached output, up to one run."""
         cfg = self.config.processing
         settled = db.utcnow() - timedelta(seconds=cfg.stream_settle_s)
         with self.db.session() as s:
@@ -176,7 +89,8 @@ class Streamer:
                     .order_by(db.Instance.id)).all()
                 ready = [(u, p) for u, p in ready if u not in done]
                 if len(ready) >= cfg.stream_min_slices:
-                    return job.id, job.model, int(job.seed or 0), ready[:cfg.stream_min_slices]
+                    steps, seed = job_settings(job, self.config)
+                    return job.id, job.model, steps, seed, ready[:cfg.stream_min_slices]
         return None
 
     def queued_work(self) -> bool:
@@ -204,7 +118,7 @@ class Streamer:
         log_event(log, "stream_stalled", level=logging.WARNING, job=job_id, reason=why)
         return 0
 
-    def _run(self, job_id: int, model: str, seed: int, items: list[tuple[str, str]]) -> int:
+    def _run(self, job_id: int, model: str, steps: int | None, seed: int, items: list[tuple[str, str]]) -> int:
         """One run: read the slices, standardize them, cache each output, record the rows."""
         from ltdiff_core.dicomio.reader import read_series
 
@@ -212,23 +126,22 @@ class Streamer:
 
         t0 = time.monotonic()
         try:
-            std = self.processor.models.get(model)
+            std = self.models.get(model)
             sr = read_series([self.config.spool_dir / p for _, p in items])
         except Exception as exc:  # left to the process step, which refuses or fails with the reason
             return self._stall(job_id, f"{type(exc).__name__}: {exc}"[:300])
-        trained = (getattr(getattr(std, "ckpt", None), "metadata", None) or {}).get("training", {}).get("pixel_mm")
-        why = spacing_refusal(float(min(sr.spacing[1:])), trained)
+        info = std.info
+        why = spacing_refusal(float(min(sr.spacing[1:])), info.training_pixel_mm)
         if why is not None:
             return self._stall(job_id, why)
         need = int(sr.hu.nbytes)
-        if not self.processor.watermark.room_for_output(2 * need):
+        if not self.watermark.room_for_output(2 * need):
             return 0  # no room for the cache now: the process step does these slices later
-        steps, _ = self.processor._settings([job_id]).get(job_id, (self.config.processing.steps, seed))
-        keys = slice_keys(sr, seed)
-        fp = fingerprint(std, steps, seed)
+        keys = series_slice_keys(sr, seed)
+        fp = fingerprint(info, steps, seed)
         # One model call at a time, each committed: a series completed meanwhile waits at most one
         # call, not the whole run (the remaining slices are done by the process step).
-        step = max(1, int(getattr(std, "max_batch_pixels", 0) or 0) // FIXED_BATCH_PIXELS)
+        step = max(1, std.max_batch_pixels // FIXED_BATCH_PIXELS)
         done = 0
         model_s = 0.0
         for k in range(0, len(sr.datasets), step):

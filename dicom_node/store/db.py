@@ -194,6 +194,9 @@ class Job(Base):
     lease_expires_at: Mapped[datetime | None] = mapped_column(DateTime)  # renewed while it runs
     streamed: Mapped[bool | None] = mapped_column(Boolean, default=False)  # created while receiving
     streamed_slices: Mapped[int | None] = mapped_column(Integer)  # cached outputs used at processing
+    # What the processing takes from the rule, frozen at routing: {"steps": N or null (the model's
+    # default)}. NULL: routed before it was kept; the live rule's steps apply (dicom_node.process.run).
+    rule_settings: Mapped[dict[str, Any] | None] = mapped_column(JSON)
 
     series: Mapped[Series] = relationship(back_populates="jobs")
     deliveries: Mapped[list[Delivery]] = relationship(back_populates="job", cascade="all, delete-orphan")

@@ -1,4 +1,4 @@
-"""Track: the only module that changes the state of a series or a job.
+"""Track: the only module that changes the state of a series, a job or a delivery.
 
 Every transition of the state machine in ``docs/architecture.md`` is one function here, called
 inside the caller's transaction (``with database.session() as s``), so a transition and the work
@@ -13,14 +13,16 @@ settled slices are standardized ahead (:mod:`dicom_node.process.stream`); at com
 that job over, any other outcome drops it (``drop_stream``) with its cached outputs.
 
 Instance and refusal rows are written here as well: recording an instance is the transition
-that creates a series, reopens it, or marks it grown after processing.
+that creates a series, reopens it, or marks it grown after processing. So are deliveries and
+their per-instance send rows (claim, each acknowledged instance, the attempt's outcome, sent /
+failed / due again, release, re-send); the dispatcher decides which of them applies.
 """
 from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Sequence
 from datetime import datetime, timedelta
-from typing import Any
+from typing import Any, Protocol
 
 from pydicom.dataset import Dataset
 from sqlalchemy import bindparam, exists, insert, or_, select, update
@@ -231,9 +233,10 @@ def unroute(series: db.Series) -> None:
 
 
 def queue(s: Session, series: db.Series, *, rule_name: str, model: str, destinations: Sequence[str], seed: int,
-          qa_mode: str, now: datetime) -> db.Job:
+          qa_mode: str, now: datetime, steps: int | None = None) -> db.Job:
     """``complete -> queued``: a new job version for the series, or the job that was streaming it
-    (settings taken from the decision made now; cached outputs made with others are not used)."""
+    (settings taken from the decision made now; cached outputs made with others are not used).
+    ``steps``: the sampler steps the job runs with (None: the model's default), kept on the job."""
     series.rule_name = rule_name
     series.set_state(db.QUEUED)
     qa = "forced" if series.qa_force else qa_mode
@@ -242,10 +245,12 @@ def queue(s: Session, series: db.Series, *, rule_name: str, model: str, destinat
         job.state, job.rule_name, job.model, job.destinations, job.seed = db.QUEUED, rule_name, model, \
             list(destinations), seed
         job.qa_mode = qa
+        job.rule_settings = {"steps": steps}
         job.created_at = now  # queued from now on (streaming started at the job's stream_started event)
     else:
         job = db.Job(series_id=series.id, version=len(series.jobs) + 1, state=db.QUEUED, rule_name=rule_name,
-                     model=model, destinations=list(destinations), seed=seed, created_at=now, qa_mode=qa)
+                     model=model, destinations=list(destinations), seed=seed, created_at=now, qa_mode=qa,
+                     rule_settings={"steps": steps})
         s.add(job)
     series.qa_force = False
     return job
@@ -258,11 +263,13 @@ def streaming_job(series: db.Series) -> db.Job | None:
 
 
 def start_stream(s: Session, series: db.Series, *, rule_name: str, model: str, destinations: Sequence[str],
-                 seed: int, now: datetime) -> db.Job:
+                 seed: int, now: datetime, steps: int | None = None) -> db.Job:
     """A ``streaming`` job for a ``received`` series whose first instances matched a rule (the
-    rule's attributes are fixed per series); the series stays ``received``."""
+    rule's attributes are fixed per series); the series stays ``received``. Its settings are
+    those of :func:`queue` (``queue`` replaces them with the decision made at completion)."""
     job = db.Job(series_id=series.id, version=len(series.jobs) + 1, state=db.STREAMING, rule_name=rule_name,
-                 model=model, destinations=list(destinations), seed=seed, created_at=now, streamed=True)
+                 model=model, destinations=list(destinations), seed=seed, created_at=now, streamed=True,
+                 rule_settings={"steps": steps})
     s.add(job)
     s.flush()
     log_event(log, "stream_started", job=job.id, series_uid=series.series_uid, rule=rule_name)
@@ -431,11 +438,26 @@ def finish(job: db.Job, audit: AuditLog, now: datetime, error: str | None = None
 
 
 # ---------------------------------------------------------------------- dispatch / admin
-def resend(job: db.Job, now: datetime) -> None:
-    """``done | failed -> sending`` for an output that exists on disk (no new model run)."""
+def resend(job: db.Job, deliveries: Sequence[db.Delivery], audit: AuditLog, now: datetime, *,
+           only_unsent: bool = False) -> int:
+    """``done | failed -> sending`` for an output that exists on disk (no new model run): the
+    given deliveries of the job are pending again with a fresh retry budget, with all their
+    instances or only those not acknowledged yet. Returns the number of instances to send."""
+    n = 0
+    for d in deliveries:
+        d.state, d.attempts, d.error, d.finished_at = db.PENDING, 0, None, None
+        d.started_at, d.next_attempt_at = None, now
+        for x in d.sends:
+            if only_unsent and x.state == db.SENT:
+                continue
+            x.state, x.error = db.PENDING, None
+            n += 1
     job.state, job.error, job.finished_at = db.SENDING, None, None
     job.sending_started_at = now
     job.series.set_state(db.SENDING)
+    audit.series("resend", job.series.series_uid, job.series.study_uid, instances=n,
+                 output_series_uid=job.output_series_uid, destination=",".join(d.destination for d in deliveries))
+    return n
 
 
 def reopen_for_retry(series: db.Series, *, force: bool, stable_age_s: float) -> None:
@@ -513,3 +535,72 @@ def instance_sent(s: Session, send_id: int, status: int, now: datetime) -> None:
 def release_delivery(d: db.Delivery) -> None:
     """The attempt is recorded: the delivery is free for the next due attempt (any dispatcher)."""
     d.claimed_by = d.lease_expires_at = None
+
+
+# ---------------------------------------------------------------------- dispatch outcomes
+class SendResult(Protocol):
+    """What recording an attempt reads of one instance's result
+    (:class:`dicom_node.dispatch.outcome.InstanceResult`)."""
+
+    status: int | None
+    error: str | None
+    reached: bool
+
+    @property
+    def ok(self) -> bool: ...
+
+
+def owned_delivery(s: Session, delivery_id: int, owner: str) -> db.Delivery | None:
+    """The delivery, locked for this transaction, while ``owner`` still holds it; ``None`` when
+    its lease expired during the attempt and another dispatcher holds it now: that one records
+    its own outcome (the instances acknowledged meanwhile are committed already)."""
+    d = s.get(db.Delivery, delivery_id, with_for_update=True)
+    if d is None or d.claimed_by != owner:
+        log_event(log, "delivery_lease_lost", level=logging.WARNING, delivery=delivery_id,
+                  claimed_by=d.claimed_by if d is not None else None)
+        return None
+    return d
+
+
+def record_attempt(d: db.Delivery, results: Sequence[tuple[int, SendResult]], *, permanent: bool) -> None:
+    """One attempt is over: the lease is released and the attempt counted; each instance not
+    acknowledged (``(send_id, result)``; acknowledged ones were committed by :func:`instance_sent`)
+    keeps the destination's status and error, counts an attempt only if the attempt reached the
+    destination, and is ``failed`` when the outcome is permanent and the destination answered it."""
+    release_delivery(d)
+    d.attempts += 1
+    by_id = {x.id: x for x in d.sends}
+    for send_id, res in results:
+        if res.ok:
+            continue
+        row = by_id[send_id]
+        if res.reached:
+            row.attempts += 1
+        row.status, row.error = res.status, res.error
+        if permanent and res.status is not None:
+            row.state = db.FAILED
+
+
+def delivery_sent(d: db.Delivery, now: datetime) -> None:
+    """``pending -> sent``: every instance acknowledged."""
+    d.state, d.finished_at, d.error = db.SENT, now, None
+
+
+def delivery_failed(d: db.Delivery, now: datetime, error: str) -> None:
+    """``pending -> failed`` (permanent failure or retry budget spent), with the reason."""
+    d.state, d.finished_at, d.error = db.FAILED, now, error
+
+
+def delivery_retry(d: db.Delivery, at: datetime, error: str) -> None:
+    """Stays ``pending``, due again at ``at``; the error says why and when."""
+    d.next_attempt_at, d.error = at, error
+
+
+def close_if_delivered(job: db.Job, audit: AuditLog, now: datetime) -> bool:
+    """``sending -> done | failed`` once every delivery of the job is final (failed if any
+    delivery failed, with each one's reason); returns whether the job was closed."""
+    if not all(x.state in (db.SENT, db.FAILED) for x in job.deliveries):
+        return False
+    errors = [f"{x.destination}: {x.error}" for x in job.deliveries if x.state == db.FAILED]
+    finish(job, audit, now, "; ".join(errors) if errors else None)
+    return True

@@ -146,7 +146,7 @@ class MethodRunner:
             self._models[key] = Standardizer.from_checkpoint(spec.checkpoint, device=self.device, **kwargs)
         model = self._models[key]
         self.info[spec.name] = {"checkpoint": str(spec.checkpoint), "variant": spec.variant,
-                                "steps": spec.steps, **dict(getattr(model, "info", {}) or {})}
+                                "steps": spec.steps, **model.info.as_dict()}
         return model
 
     def run(self, spec: MethodSpec, source: np.ndarray, spacing: tuple[float, float, float], *,
