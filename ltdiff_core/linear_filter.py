@@ -171,11 +171,15 @@ class LinearFilterFitter:
     def fit(self, with_residual: bool = True) -> LinearKernelFilter:
         """Solve H per bin (empty bins interpolated) and measure the residual's radial NPS."""
         centres = 0.5 * (self.edges[1:] + self.edges[:-1])
-        ok = self.auto > 0
+        ok = self.auto > 1e-9 * self.auto.max()  # a bin with no power (DC after the windowed mean is removed) is empty
         if not ok.any():
             raise ValueError("no paired slices were added")
         h = np.zeros_like(self.cross)
         h[ok] = self.cross[ok] / self.auto[ok]
+        if self.window is not None:
+            # The windowed spectra hold no mean (it is removed before windowing), and both kernels
+            # keep a region's mean HU (water stays 0 HU): the transfer at 0 lp/cm is 1.
+            h[0], ok[0] = 1.0, True
         hr = np.interp(centres, centres[ok], h[ok].real)
         hi = np.interp(centres, centres[ok], h[ok].imag)
         filt = LinearKernelFilter(centres, hr, hi, np.zeros(len(centres)), self.pad)
