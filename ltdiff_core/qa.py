@@ -72,6 +72,7 @@ LUNG_HU = (-950.0, -500.0)        # fallback region for noise when soft tissue i
 MIN_PATCHES = 4
 STRUCTURE_SIGMA_MM = 2.0
 STRUCTURE_MAX_HU = 10.0
+RELAXED_STRUCTURE = (2.0, 4.0)    # fallback criteria (x STRUCTURE_MAX_HU) when too few patches pass
 BODY_HU = -500.0
 PADDING_BELOW_HU = -1100.0       # stored values below this are padding outside the reconstruction
 TRUNCATED_BORDER_FRACTION = 0.02
@@ -104,6 +105,12 @@ OUTPUT_MEASURES: dict[str, tuple[str, str]] = {
 }
 # Without these the kernel cannot be verified, so a missing value fails the check.
 REQUIRED = ("pixel_spacing_mm", "slice_thickness_mm", "sharpness", "noise_hu")
+#: Checks whose failure means a different kind of input: geometry resampling does not handle, air
+#: that is not calibrated as CT air, and a kernel on the other side of the smooth/sharp boundary.
+#: Only these refuse; every other measure outside its training range (dose: noise; patient size:
+#: body diameter; NPS shape; a kernel smoother than the training data) flags: the series is
+#: standardized and the measured reason recorded.
+REFUSE_CHECKS = ("pixel_spacing_mm", "slice_thickness_mm", "hu_air", "sharpness")
 #: Header geometry: checked against what the Standardizer handles when the gate is given it.
 GEOMETRY = ("pixel_spacing_mm", "slice_thickness_mm")
 
@@ -192,7 +199,8 @@ def _body(img: np.ndarray) -> np.ndarray:
 
 
 def _slice_patches(img: np.ndarray, binned: np.ndarray, pixel_mm: float, p: int,
-                   hu_range: tuple[float, float] = SOFT_TISSUE_HU) -> list[tuple[int, int, float]]:
+                   hu_range: tuple[float, float] = SOFT_TISSUE_HU,
+                   max_structure: float = STRUCTURE_MAX_HU) -> list[tuple[int, int, float]]:
     """(y, x, score) of this slice's homogeneous soft-tissue blocks, least structured first.
 
     Candidates overlap by half a patch (a small field of view still offers enough of them); the
@@ -213,7 +221,7 @@ def _slice_patches(img: np.ndarray, binned: np.ndarray, pixel_mm: float, p: int,
     smooth = ndimage.gaussian_filter(binned, STRUCTURE_SIGMA_MM / (2 * pixel_mm), truncate=3.0)
     swin = np.lib.stride_tricks.sliding_window_view(smooth, (h, h))
     scores = _detrended_std(swin[ys // 2, xs // 2].reshape(len(cand), h * h), _plane_basis(h))
-    keep = [(int(c), float(s)) for c, s in zip(cand, scores) if s <= STRUCTURE_MAX_HU]
+    keep = [(int(c), float(s)) for c, s in zip(cand, scores) if s <= max_structure]
     keep.sort(key=lambda t: t[1])
     chosen: list[tuple[int, int, float]] = []
     for c, s in keep:  # least structured first, no two patches overlapping
@@ -293,6 +301,19 @@ def measure_series(hu: np.ndarray, spacing: Sequence[float], slice_thickness_mm:
         if lung:
             region = "soft tissue + lung" if patches.corners else "lung"
             patches.corners += lung
+    for factor in RELAXED_STRUCTURE:
+        if len(patches.corners) >= MIN_PATCHES:
+            break
+        # Still too few (a short upper-chest series of thin muscle and fat bands): the least
+        # structured blocks of a looser criterion. Structure adds low-frequency power, so the
+        # kernel still shows (sharpness is a ratio of high to low band) though noise reads high.
+        limit = STRUCTURE_MAX_HU * factor
+        found = [(z, y, x) for z in sorted(binned_by_z) for hu_range in (SOFT_TISSUE_HU, LUNG_HU)
+                 for y, x, _ in _slice_patches(vol[z].astype(np.float32), binned_by_z[z], pixel_mm, p, hu_range,
+                                               limit)]
+        if found:
+            patches.corners = found
+            region = f"soft tissue + lung, structure up to {limit:g} HU"
     why: dict[str, str] = {}
     air_all = np.concatenate(air) if air else np.zeros(0)
     hu_air = float(np.median(air_all[:: max(1, air_all.size // 20000)])) if air_all.size >= MIN_AIR_PIXELS else None
@@ -469,23 +490,29 @@ def check(values: Mapping[str, float | None], why_not: Mapping[str, str], side: 
 class Verdict:
     """The gate's view of one series: input findings, output findings, and the measures."""
 
-    status: str                       # "pass" | "fail" | "unchecked" (no envelope)
+    status: str                       # "pass" | "flag" | "fail" | "unchecked" (no envelope)
     inputs: Measures
-    findings: list[Finding]
+    findings: list[Finding]           # refusing: a different kind of input (REFUSE_CHECKS)
     source_kernel: str = "?"
     target_kernel: str = "?"
     outputs: Measures | None = None
     output_findings: list[Finding] = field(default_factory=list)
+    flags: list[Finding] = field(default_factory=list)  # outside the training range: standardized, flagged
 
     @property
     def reason(self) -> str:
         """One line: the first failed check with its value against the envelope."""
         if self.status == "unchecked":
             return "checkpoint carries no QA training envelope"
-        if not self.findings:
+        first = self.findings or self.flags
+        if not first:
             return "within the training envelope"
-        more = f" (+{len(self.findings) - 1} more)" if len(self.findings) > 1 else ""
-        return self.findings[0].text(self.source_kernel) + more
+        more = len(self.findings) + len(self.flags) - 1
+        return first[0].text(self.source_kernel) + (f" (+{more} more)" if more else "")
+
+    @property
+    def input_flags(self) -> list[str]:
+        return [f.text(self.source_kernel) for f in self.flags]
 
     @property
     def output_warnings(self) -> list[str]:
@@ -495,6 +522,7 @@ class Verdict:
         out: dict[str, Any] = {
             "verdict": self.status, "reason": self.reason, "source_kernel": self.source_kernel,
             "input": self.inputs.to_json(), "input_findings": [f.to_json() for f in self.findings],
+            "input_flags": [f.to_json() for f in self.flags],
         }
         if self.outputs is not None:
             out["output"] = self.outputs.to_json()
@@ -504,20 +532,54 @@ class Verdict:
         return out
 
 
+def kernel_boundary(envelope: Mapping[str, Any]) -> tuple[float, str] | None:
+    """The sharpness between the envelope's source and target kernels, and on which side of it the
+    target lies (``"above"`` for a smooth source and a sharp target): the geometric mean of the
+    nearer ends of their training ranges. None when the envelope lacks either side."""
+    src = (envelope.get("source") or {}).get("measures", {}).get("sharpness")
+    tgt = (envelope.get("target") or {}).get("measures", {}).get("sharpness")
+    if not src or not tgt:
+        return None
+    if tgt["median"] >= src["median"]:
+        return math.sqrt(src["p_hi"] * max(tgt["p_lo"], src["p_hi"])), "above"
+    return math.sqrt(src["p_lo"] * min(tgt["p_hi"], src["p_lo"])), "below"
+
+
+def _refusing_side(side: Mapping[str, Any], envelope: Mapping[str, Any]) -> dict[str, Any]:
+    """The envelope's source side reduced to :data:`REFUSE_CHECKS`, the sharpness range opened
+    up to the kernel boundary on the target's side and without limit on the other."""
+    measures = {k: v for k, v in side.get("measures", {}).items() if k in REFUSE_CHECKS}
+    boundary = kernel_boundary(envelope)
+    if boundary is not None and "sharpness" in measures:
+        value, where = boundary
+        measures["sharpness"] = {**measures["sharpness"], "lo": 0.0 if where == "above" else value,
+                                 "hi": value if where == "above" else math.inf}
+    return {**side, "measures": measures}
+
+
 def assess_input(hu: np.ndarray, spacing: Sequence[float], envelope: Mapping[str, Any] | None,
                  slice_thickness_mm: float | None = None,
                  geometry: Mapping[str, Mapping[str, float]] | None = None) -> Verdict:
     """Measure an input series and check it against the envelope's source side; ``geometry``
-    replaces the envelope's geometry ranges with what the model handles (resampling)."""
+    replaces the envelope's geometry ranges with what the model handles (resampling).
+
+    Findings (refusing) come from :data:`REFUSE_CHECKS`; every other measure outside its training
+    range, and a sharpness outside the training range but on the source's side of the kernel
+    boundary, is a flag."""
     m = measure_series(hu, spacing, slice_thickness_mm)
     if envelope is None:
         return Verdict("unchecked", m, [])
     src = envelope["source"]
     if geometry:
         src = {**src, "measures": {**src.get("measures", {}), **geometry}}
-    findings = check(m.values, m.why_not, src, INPUT_MEASURES, REQUIRED)
-    return Verdict("fail" if findings else "pass", m, findings, str(src.get("kernel", "?")),
-                   str(envelope["target"].get("kernel", "?")))
+    refusing = {k: INPUT_MEASURES[k] for k in REFUSE_CHECKS}
+    findings = check(m.values, m.why_not, _refusing_side(src, envelope), refusing,
+                     [k for k in REQUIRED if k in REFUSE_CHECKS])
+    refused = {f.check for f in findings}
+    flags = [f for f in check(m.values, m.why_not, src, INPUT_MEASURES, REQUIRED) if f.check not in refused]
+    status = "fail" if findings else ("flag" if flags else "pass")
+    return Verdict(status, m, findings, str(src.get("kernel", "?")),
+                   str(envelope["target"].get("kernel", "?")), flags=flags)
 
 
 def assess_output(verdict: Verdict, hu_out: np.ndarray, spacing: Sequence[float],

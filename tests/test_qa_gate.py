@@ -115,13 +115,20 @@ def test_force_and_flag_write_a_valid_derived_series_naming_the_warning(
     assert dciodvfy(files[0]) == []
 
 
-def test_pydicom_ct_small_is_refused_with_a_reason(tmp_path: Path) -> None:
-    """128x128, GE STANDARD, 5 mm: the thickness is one the model handles, but a 128^2 image of
-    0.66 mm pixels (8 cm) holds no soft-tissue patch to verify the kernel from: refused."""
+def test_pydicom_ct_small_is_standardized_and_flagged(tmp_path: Path) -> None:
+    """128x128, GE STANDARD, 5 mm: a smooth kernel in a geometry the model handles, but a 128^2
+    image of 0.66 mm pixels (8 cm) holds no patch flat enough for the strict criterion. The kernel
+    is measured on the least structured blocks of a looser one (the record says so); nothing in
+    it is a different kind of input, so it is standardized and flagged, never refused."""
     series = _single_file_series("CT_small.dcm", tmp_path / "in")
     proc = _cli("standardize", str(series), str(tmp_path / "out"), "--model", str(LINEAR), "--quiet")
-    assert proc.returncode == 3, (proc.stdout, proc.stderr)
-    assert "QA refused: " in proc.stderr and "slice thickness" not in proc.stderr, proc.stderr
+    assert proc.returncode == 0 and "QA flagged" in proc.stdout + proc.stderr, (proc.stdout, proc.stderr)
+    from ltdiff_core.dicomio.reader import read_series
+
+    s = read_series(series)
+    v = qa.assess_input(s.hu, s.spacing, _envelope(), qa.series_thickness(s.datasets))
+    assert v.inputs.values["sharpness"] is not None and "structure up to" in v.inputs.region, v.inputs.region
+    assert not {f.check for f in v.findings} - {"pixel_spacing_mm", "slice_thickness_mm"}  # geometry only
 
 
 def test_pydicom_512_head_ct_is_refused_with_a_reason(tmp_path: Path) -> None:
@@ -135,15 +142,19 @@ def test_pydicom_512_head_ct_is_refused_with_a_reason(tmp_path: Path) -> None:
     s = read_series(series)
     v = qa.assess_input(s.hu, s.spacing, _envelope(), qa.series_thickness(s.datasets))
     failed = {f.check for f in v.findings}
-    # not a chest/body CT: small body, and its smooth head kernel is outside the Br40 envelope too
-    assert {"pixel_spacing_mm", "slice_thickness_mm", "body_diameter_mm", "sharpness"} <= failed, failed
+    flagged = {f.check for f in v.flags}
+    # refused for its geometry; not a chest/body CT (small body) and a head kernel smoother than
+    # Br40 are flags: neither is another kind of input for a kernel conversion
+    assert {"pixel_spacing_mm", "slice_thickness_mm"} <= failed, failed
+    assert {"body_diameter_mm", "sharpness"} <= flagged, flagged
     # with the geometry the Standardizer handles (resampling), the pixel spacing still fails: 0.43 mm
     # is beyond 0.7 x the training spacing; the physics findings stay
     from ltdiff_core.resample import supported_geometry
 
     g = qa.assess_input(s.hu, s.spacing, _envelope(), qa.series_thickness(s.datasets),
                         supported_geometry(load_checkpoint(LINEAR).metadata))
-    assert {"pixel_spacing_mm", "body_diameter_mm", "sharpness"} <= {f.check for f in g.findings}
+    assert "pixel_spacing_mm" in {f.check for f in g.findings}
+    assert {"body_diameter_mm", "sharpness"} <= {f.check for f in g.flags}
 
 
 def test_geometry_is_checked_against_what_the_model_handles(tmp_path: Path) -> None:

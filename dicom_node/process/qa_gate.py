@@ -9,11 +9,14 @@ verdict     meaning
 ==========  ==========================================================================
 pass        input inside the checkpoint's training envelope (and output inside the
             target envelope)
-refused     input outside the envelope and the mode is ``refuse``: the series is
-            ``failed`` with the measured reason, nothing is written or sent
-flagged     input outside the envelope under ``flag`` (or ``--force``), or the output
-            outside the target envelope: standardized, the warning is recorded and
-            appended to the output's DerivationDescription
+refused     a different kind of input (a kernel on the far side of the smooth/sharp
+            boundary, geometry resampling does not handle, air that is not CT air:
+            ``ltdiff_core.qa.REFUSE_CHECKS``) and the mode is ``refuse``: the series
+            ends ``refused`` with the measured reason, nothing is written or sent
+flagged     any other measure outside its training range (noise, NPS, body size, a
+            smoother kernel), a refusing finding under ``flag`` (or ``--force``), or the
+            output outside the target envelope: standardized, the warning is recorded
+            and appended to the output's DerivationDescription
 unchecked   the checkpoint carries no envelope: standardized, said so in the output
 off         the rule switched the gate off: nothing measured
 ==========  ==========================================================================
@@ -64,7 +67,7 @@ class GateResult:
             return UNCHECKED
         if self.verdict.status == "fail":
             return REFUSED if self.mode == "refuse" and not self.forced else FLAGGED
-        return FLAGGED if self.verdict.output_findings else PASS
+        return FLAGGED if self.verdict.flags or self.verdict.output_findings else PASS
 
     @property
     def reason(self) -> str:
@@ -75,6 +78,7 @@ class GateResult:
         if self.verdict is None:
             return []
         out = [f"input {self.reason}"] if self.verdict.status == "fail" else []
+        out += [f"input {w}" for w in self.verdict.input_flags] if self.verdict.status == "flag" else []
         out += [f"output {w}" for w in self.verdict.output_warnings]
         return out
 
@@ -150,7 +154,7 @@ def measures_lines(record: dict[str, Any] | None) -> list[str]:
         return ["  qa: not recorded"]
     lines = [f"  qa: {summary(record)} (mode {record.get('mode')}{', forced' if record.get('forced') else ''})"]
     inp, outp = record.get("input") or {}, record.get("output") or {}
-    bad_in = {f["check"] for f in record.get("input_findings", [])}
+    bad_in = {f["check"] for f in record.get("input_findings", []) + record.get("input_flags", [])}
     bad_out = {f["check"] for f in record.get("output_findings", [])}
     names = list(qa.INPUT_MEASURES) + ["body_fraction"]
     for name in names:
