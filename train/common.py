@@ -97,7 +97,20 @@ def base_parser(description: str, default_config: str) -> argparse.ArgumentParse
     p.add_argument("--out", default=None, help="output checkpoint (.safetensors); overrides output.path")
     p.add_argument("--resume", action="store_true", help="continue from OUT.train.pt if present")
     p.add_argument("--steps", type=int, default=None, help="override train.steps")
+    p.add_argument("--source-kernel", default=None, metavar="KERNEL",
+                   help="ConvolutionKernel of the input series of each case; overrides data.source_kernel")
+    p.add_argument("--target-kernel", default=None, metavar="KERNEL",
+                   help="ConvolutionKernel of the target series of each case; overrides data.target_kernel")
     return p
+
+
+def apply_arguments(cfg: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
+    """Command-line overrides of the data section (kernels) over the validated config."""
+    for key in ("source_kernel", "target_kernel"):
+        value = getattr(args, key, None)
+        if value:
+            cfg.setdefault("data", {})[key] = value
+    return cfg
 
 
 # --- distribution -----------------------------------------------------------------------
@@ -363,7 +376,7 @@ class Run:
 
 def start_run(args: argparse.Namespace, defaults: dict[str, Any]) -> Run:
     """Validated config, output folder, distributed context, threads and seeds, in that order."""
-    cfg = load_config(args.config, defaults)
+    cfg = apply_arguments(load_config(args.config, defaults), args)
     tr = cfg["train"]
     out = Path(args.out or cfg["output"]["path"])
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -384,6 +397,30 @@ def mean_losses(batches: Iterable[dict[str, Any]]) -> dict[str, float]:
     return {k: v / max(n, 1) for k, v in acc.items()}
 
 
+#: Fewer series than this give an envelope that flags much of what a site sees (a warning says so).
+FEW_SERIES = 5
+
+
+def data_summary(train_vols: Sequence[Any], val_vols: Sequence[Any], envelope: dict[str, Any]) -> str:
+    """One line: what a fit used and the envelope it wrote."""
+    vols = list(train_vols) + list(val_vols)
+    slices = sum(int(v.source.shape[0]) for v in vols)
+    px = sorted({round(float(v.spacing[2]), 2) for v in vols})
+    src, tgt = envelope["source"], envelope["target"]
+    m = src.get("measures", {})
+
+    def rng(name: str, unit: str) -> str:
+        r = m.get(name)
+        return f"{name} {r['lo']:.3g}-{r['hi']:.3g}{unit}" if r else f"{name} -"
+    from ltdiff_core.qa import kernel_boundary
+
+    kb = kernel_boundary(envelope)
+    return (f"{Path(sys.argv[0]).stem}: {len(train_vols)} training + {len(val_vols)} validation series, {slices} slices, "
+            f"pixel {', '.join(f'{p:g}' for p in px)} mm, {src['kernel']} -> {tgt['kernel']}; envelope: "
+            f"{rng('noise_hu', ' HU')}, {rng('sharpness', '')}"
+            + (f", kernel boundary sharpness {kb[0]:.3g}" if kb else ""))
+
+
 def training_record(cfg: dict[str, Any], t_start: float, train_vols: Sequence[Any], val_vols: Sequence[Any],
                     result: dict[str, Any] | None = None, pixel_mm: float | None = None, **extra: Any) -> dict[str, Any]:
     """The ``training`` block every checkpoint carries: data, spacing, QA envelope, command, config, loop result.
@@ -401,6 +438,12 @@ def training_record(cfg: dict[str, Any], t_start: float, train_vols: Sequence[An
     # QA envelope of the data the model saw (train + validation cases), read by the node's QA gate
     envelope = envelope_from_volumes(list(train_vols) + list(val_vols), str(data_cfg.get("source_kernel", "Br40")),
                                      str(data_cfg.get("target_kernel", "Bl64")))
+    print(data_summary(train_vols, val_vols, envelope), flush=True)
+    if len(train_vols) + len(val_vols) < FEW_SERIES:
+        print(f"warning: the QA envelope comes from {len(train_vols) + len(val_vols)} series (fewer than "
+              f"{FEW_SERIES}): inputs outside its noise, NPS and size ranges will be standardized but flagged; "
+              "fit on more cases (other doses, patient sizes, fields of view) for a trustworthy envelope",
+              file=sys.stderr, flush=True)
     return {"data": {"train": describe(train_vols), "val": describe(val_vols)}, "pixel_mm": pixel_mm,
             "qa_envelope": envelope, "command": command_line(), "config": cfg, **extra,
             **{k: v for k, v in (result or {}).items() if k != "final_val"},

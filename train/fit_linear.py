@@ -30,7 +30,7 @@ DEFAULTS: dict[str, dict[str, Any]] = {
 
 def main(argv: list[str] | None = None) -> None:
     args = common.base_parser(__doc__.splitlines()[0], "conf/train-linear.toml").parse_args(argv)
-    cfg = common.load_config(args.config, DEFAULTS)
+    cfg = common.apply_arguments(common.load_config(args.config, DEFAULTS), args)
     d, fc, out_cfg = cfg["data"], cfg["filter"], cfg["output"]
     out = Path(args.out or out_cfg["path"])
     t0 = time.time()
@@ -54,9 +54,7 @@ def main(argv: list[str] | None = None) -> None:
         "code_version": common.code_version(),
     }
     save_checkpoint(out, filt.to_tensors("linear"), meta)
-    n_slices = sum(v.source.shape[0] for v in train_vols)
-    print(f"fit_linear: {len(train_vols)} training volume(s), {n_slices} slice(s) used, "
-          f"{d['source_kernel']} -> {d['target_kernel']}, spectra through {fc['window'] or 'the whole slice'}")
+    print(f"fit_linear: spectra through {'the body window' if fc['window'] else 'the whole slice'}")
     print(f"saved {out}: {metrics}")
 
 

@@ -8,6 +8,7 @@ hands its PACS team the statement of the node they actually run.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any, Protocol
 
 import pynetdicom
@@ -59,6 +60,8 @@ class ConformanceConfig(Protocol):
     def destinations(self) -> Sequence[DestinationLike]: ...
     @property
     def accept_enhanced_ct(self) -> bool: ...
+    @property
+    def rules(self) -> Sequence[Any]: ...  # name, match, action, model (dicom_node.config.Rule)
 
 
 def _name(uid: UID) -> str:
@@ -238,13 +241,33 @@ def _security_section(c: ConformanceConfig) -> list[str]:
     return lines + [""]
 
 
+def _model_text(model: str) -> str:
+    """A rule's model as the statement names it: the default's method, a shipped name, a file."""
+    from ltdiff_core.weights import DEFAULT
+
+    if model == "default":
+        return f"default (shipped `{DEFAULT}`)"
+    return f"`{model}`" if "/" not in model else f"`{Path(model).name}` (site checkpoint)"
+
+
+def _rules_section(config: ConformanceConfig) -> list[str]:
+    lines = ["## 1.1 Routing rules of this configuration", "",
+             "The first rule whose attributes match a complete series decides what happens to it; "
+             "a series no rule matches is kept and shown as unrouted.", ""]
+    rows = [[r.name, "; ".join(f"{k} = {' or '.join(v)}" for k, v in r.match.items()) or "(any)",
+             r.action if r.action != "standardize" else f"standardize with {_model_text(r.model)}"]
+            for r in getattr(config, "rules", ())]
+    return lines + _table(["Rule", "Matches", "Action"], rows) + [""] if rows else []
+
+
 def conformance_statement(config: ConformanceConfig) -> str:
     """The statement as Markdown text, for the configuration the node runs with."""
     lines = [
         f"# DICOM Conformance Statement: {SOFTWARE_NAME} {SOFTWARE_VERSION}",
         "",
         "A DICOM node that receives CT series, standardizes the reconstruction kernel (Siemens Br40 to "
-        "Bl64-like) with a latent diffusion model, and sends the result as a new DERIVED series. "
+        "Bl64-like) with the model its routing rule names (section 1.1), and sends the result as a new "
+        "DERIVED series. "
         "Research use; the output is not intended for diagnosis.",
         "",
         "## 1 Overview",
@@ -257,6 +280,7 @@ def conformance_statement(config: ConformanceConfig) -> str:
         + [[_name(u), u, "no", "stored" if config.accept_enhanced_ct else "refused"] for u in ENHANCED_CT_SOP_CLASSES],
     )
     lines.append("")
+    lines += _rules_section(config)
     lines += _network_section(config) + _scp_section(config) + _scu_section(config)
     lines += _created_objects_section(config)
     lines += [
