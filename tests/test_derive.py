@@ -164,7 +164,8 @@ def test_output_marks_and_references(tmp_path: Path) -> None:
         assert d.SeriesNumber == src.SeriesNumber + info.series_number_offset == 1003
         assert d.SeriesDescription.startswith("Thorax 1.5 Br40") and "RESEARCH USE" in d.SeriesDescription
         assert len(d.SeriesDescription) <= 64
-        assert list(d.ConvolutionKernel) == ["Bl64-LIKE", "STD-FROM-Br40d"]
+        assert list(d.ConvolutionKernel) == ["Bl64-LIKE", "STANDARDIZED"]
+        assert "Br40d -> Bl64-like" in d.DerivationDescription  # the source kernel, uncut
         assert len(d.InstanceCreationDate) == 8 and d.InstanceCreationTime
         # Patient, study, geometry and acquisition are those of the source.
         for kw in ("PatientName", "PatientID", "PatientBirthDate", "StudyInstanceUID", "StudyDate",

@@ -188,7 +188,7 @@ def _scu_section(c: ConformanceConfig) -> list[str]:
 def _created_objects_section(c: ConformanceConfig) -> list[str]:
     d = DerivationInfo(model_name="", uid_root=getattr(c, "uid_root", None))
     uid_text = f"under the UID root {d.uid_root}" if uid_prefix(d.uid_root) else "as UUID-derived 2.25 UIDs"
-    kernel = "\\".join(output_kernel(Dataset(), d)).replace(d.source_kernel, "<source kernel>")
+    kernel = "\\".join(output_kernel(Dataset(), d))
 
     def code(c: Code) -> str:
         return f'({c.value}, {c.scheme_designator}, "{c.meaning}")'

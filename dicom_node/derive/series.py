@@ -7,11 +7,12 @@ both call :func:`derive_series`, so every standardized series in a PACS carries 
   configured UID root, else UUID-derived ``2.25.`` UIDs), ImageType ``DERIVED\\SECONDARY\\AXIAL``.
 * SeriesNumber = source SeriesNumber + ``series_number_offset`` (default 1000) and a
   SeriesDescription suffix saying research use, so the series sorts and reads apart from the scan.
-* ConvolutionKernel ``["Bl64-LIKE", "STD-FROM-Br40"]``: two values because a PACS shows the whole
-  multi-valued string (``Bl64-LIKE\\STD-FROM-Br40``) and viewers that show only the first value
+* ConvolutionKernel ``["Bl64-LIKE", "STANDARDIZED"]``: two values because a PACS shows the whole
+  multi-valued string (``Bl64-LIKE\\STANDARDIZED``) and viewers that show only the first value
   still read "Bl64-like"; neither value is a real scanner kernel name, so a query or a routing
   rule for ``Br40*`` or ``Bl64`` never mistakes the output for a scan (and the node never
-  re-standardizes its own output).
+  re-standardizes its own output). Both fit the 16 characters of SH whatever the source kernel
+  (``STD-FROM-STANDARD`` would not); the source kernel is named in DerivationDescription.
 * SourceImageSequence (DCM 121322) per instance, ReferencedSeriesSequence (Common Instance
   Reference), DerivationCodeSequence (CID 7203, default DCM 113086 "Edge enhancement": a smooth
   to sharp kernel conversion raises high-frequency content; CID 7203 has no generic "kernel
@@ -129,9 +130,9 @@ def _first(value: Any) -> str | None:
 
 
 def output_kernel(source: Dataset, info: DerivationInfo) -> list[str]:
-    """ConvolutionKernel of the output: target label and where it came from (SH: 16 chars)."""
-    src = _first(source.get("ConvolutionKernel")) or info.source_kernel
-    return [f"{info.target_kernel}-LIKE"[:16], f"STD-FROM-{src}"[:16]]
+    """ConvolutionKernel of the output: the target label and a marker, each within SH's 16
+    characters; the source kernel goes to DerivationDescription (any length)."""
+    return [f"{info.target_kernel}-LIKE"[:16], "STANDARDIZED"]
 
 
 def _series_description(source: Dataset, info: DerivationInfo) -> str:
