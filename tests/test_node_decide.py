@@ -307,11 +307,20 @@ def test_retry_failed_resends_only_the_latest_jobs_output(tmp_path: Path, later_
     database.create_all()
     _failed_series_with_output(cfg, database, "1.2.5.1", later_job)
     worker = Pipeline(cfg, database)
+    with database.session() as s:
+        received = s.query(db.Series).one().last_received_at
     assert worker.retry(failed=True, force=True) == 1
     with database.session() as s:
         series = s.query(db.Series).one()
+        assert series.last_received_at == received  # history stays; the retry is its own event
         if later_job:
             assert worker.resent == [] and series.state == db.RECEIVED and series.qa_force
+            assert series.retry_requested_at is not None
+            from dicom_node.decide.rules import SeriesProgress, completeness_reason
+
+            stable = cfg.completeness.model_copy(update={"stable_age_s": 1e9})
+            progress = SeriesProgress(series.instance_count, None, series.last_received_at, series.retry_requested_at)
+            assert completeness_reason(progress, stable, db.utcnow()) == "retry"  # routed at once
         else:
             assert worker.resent == ["1.2.5.1"] and not series.qa_force
             assert series.jobs[0].deliveries[0].state == db.PENDING

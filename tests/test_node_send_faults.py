@@ -129,6 +129,7 @@ def test_retry_budget_by_time_then_resend_and_retry_failed_resend_the_same_outpu
     assert d.state == db.FAILED and "retry budget 2 s" in d.error and d.attempts >= 6, d.error
     assert 1.2 < time.monotonic() - t0 < 5
     assert d.job.series.state == db.FAILED
+    failed_at, attempts_before, started = d.job.finished_at, d.attempts, d.started_at
 
     toml = tmp_path / "node.toml"
     toml.write_text(f'[node]\ndata_dir = "{tmp_path / "data"}"\n\n[[destinations]]\n'
@@ -141,6 +142,10 @@ def test_retry_budget_by_time_then_resend_and_retry_failed_resend_the_same_outpu
         assert worker.send() == 1
         d = _delivery(worker)
         assert d.state == db.SENT and d.job.series.state == db.DONE
+        # provenance is history: the resend is added, what happened before is not overwritten
+        assert d.attempts == attempts_before + 1 and d.attempts_before_resend == attempts_before
+        assert d.started_at == started and d.resent_at is not None and d.resent_at > failed_at
+        assert d.job.finished_at == failed_at
         # The PACS lost it: fail the delivery again, then `retry --failed` re-sends unsent ones only.
         with worker.db.session() as s:
             dd = s.scalars(select(db.Delivery)).one()

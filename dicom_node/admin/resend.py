@@ -95,6 +95,6 @@ def retry(config: NodeConfig, database: db.Database, series_uid: str | None = No
                 resent.append(series.series_uid)
                 n += 1
                 continue
-            track.reopen_for_retry(series, force=force, stable_age_s=config.completeness.stable_age_s)
+            track.reopen_for_retry(series, force=force)
             n += 1
     return n, resent

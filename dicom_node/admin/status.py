@@ -53,6 +53,7 @@ def job_dict(job: db.Job) -> dict[str, Any]:
             {
                 "destination": d.destination, "state": d.state, "attempts": d.attempts, "error": d.error,
                 "sent": sum(x.state == db.SENT for x in d.sends), "total": len(d.sends),
+                "started_at": _iso(d.started_at), "finished_at": _iso(d.finished_at), "resent_at": _iso(d.resent_at),
                 "instances": [
                     {"sop_instance_uid": x.sop_instance_uid, "state": x.state,
                      "status": None if x.status is None else f"0x{x.status:04X}", "attempts": x.attempts,

@@ -58,10 +58,14 @@ class SeriesProgress:
     instance_count: int
     expected_count: int | None
     last_received_at: datetime
+    retry_requested_at: datetime | None = None
 
 
 def completeness_reason(p: SeriesProgress, cfg: Completeness, now: datetime) -> str | None:
-    """``"expected_count"`` or ``"stable_age"`` when the series is complete, else ``None``."""
+    """``"expected_count"``, ``"stable_age"`` or ``"retry"`` (re-opened by ``dicom-node retry``
+    with no instance since) when the series is complete, else ``None``."""
+    if p.retry_requested_at is not None and p.retry_requested_at >= p.last_received_at:
+        return "retry"
     if cfg.use_expected_count and p.expected_count and p.instance_count >= p.expected_count:
         return "expected_count"
     if (now - p.last_received_at).total_seconds() >= cfg.stable_age_s:
@@ -121,7 +125,8 @@ class Decider:
             for series in s.scalars(select(db.Series).where(db.Series.state == db.RECEIVED)
                                     .with_for_update(skip_locked=True, of=db.Series)):
                 reason = completeness_reason(
-                    SeriesProgress(series.instance_count, series.expected_count, series.last_received_at), cfg, now
+                    SeriesProgress(series.instance_count, series.expected_count, series.last_received_at,
+                                   series.retry_requested_at), cfg, now
                 )
                 if reason is not None:
                     track.complete(series, self.audit, reason, now)

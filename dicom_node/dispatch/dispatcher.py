@@ -131,7 +131,8 @@ class Dispatcher:
                 return
             track.record_attempt(d, [(send_id, res) for (send_id, _), res in zip(todo, outcome.results)],
                                  permanent=outcome.failure == PERMANENT)
-            step = next_step(dest, outcome, d.attempts, (now - (d.started_at or attempt_at)).total_seconds(),
+            since = d.resent_at or d.started_at or attempt_at  # a resend's budget starts at the resend
+            step = next_step(dest, outcome, d.attempts - (d.attempts_before_resend or 0), (now - since).total_seconds(),
                              all(x.state == db.SENT for x in d.sends))
             if step.state == db.SENT:
                 track.delivery_sent(d, now)

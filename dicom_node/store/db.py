@@ -92,6 +92,8 @@ class Series(Base):
     grown_after_processing: Mapped[bool] = mapped_column(Boolean, default=False)
     late_instances: Mapped[int] = mapped_column(Integer, default=0)
     qa_force: Mapped[bool | None] = mapped_column(Boolean, default=False)  # `retry --force`: next job flags
+    # `retry`: routed again at once while no instance arrived since (last_received_at stays as received)
+    retry_requested_at: Mapped[datetime | None] = mapped_column(DateTime)
 
     instances: Mapped[list[Instance]] = relationship(back_populates="series", cascade="all, delete-orphan")
     anomalies: Mapped[list[Anomaly]] = relationship(back_populates="series", cascade="all, delete-orphan",
@@ -235,6 +237,9 @@ class Delivery(Base):
     error: Mapped[str | None] = mapped_column(Text)
     claimed_by: Mapped[str | None] = mapped_column(String(128))  # host:pid:role of the sending dispatcher
     lease_expires_at: Mapped[datetime | None] = mapped_column(DateTime)
+    # `resend`: when, and the attempts made before it (the retry budget starts again from there)
+    resent_at: Mapped[datetime | None] = mapped_column(DateTime)
+    attempts_before_resend: Mapped[int | None] = mapped_column(Integer)
 
     job: Mapped[Job] = relationship(back_populates="deliveries")
     sends: Mapped[list[InstanceSend]] = relationship(back_populates="delivery", cascade="all, delete-orphan")

@@ -419,7 +419,7 @@ def finish(job: db.Job, audit: AuditLog, now: datetime, error: str | None = None
     grew while the job ran goes back to ``received`` and is reprocessed whole as a new version."""
     job.state = db.FAILED if error else db.DONE
     job.error = error
-    job.finished_at = now
+    job.finished_at = job.finished_at or now  # a resend's end is its deliveries' and the audit's
     job.lease_expires_at = None
     series = job.series
     if job.instance_count is not None and series.instance_count > job.instance_count:
@@ -441,31 +441,31 @@ def finish(job: db.Job, audit: AuditLog, now: datetime, error: str | None = None
 def resend(job: db.Job, deliveries: Sequence[db.Delivery], audit: AuditLog, now: datetime, *,
            only_unsent: bool = False) -> int:
     """``done | failed -> sending`` for an output that exists on disk (no new model run): the
-    given deliveries of the job are pending again with a fresh retry budget, with all their
-    instances or only those not acknowledged yet. Returns the number of instances to send."""
+    given deliveries of the job are pending again with a fresh retry budget (counted from
+    ``resent_at`` and ``attempts_before_resend``; the attempts and first times stay), with all
+    their instances or only those not acknowledged yet. Returns the number of instances to send."""
     n = 0
-    for d in deliveries:
-        d.state, d.attempts, d.error, d.finished_at = db.PENDING, 0, None, None
-        d.started_at, d.next_attempt_at = None, now
+    for d in deliveries:  # history stays: attempts keep counting, the first start and finish stay
+        d.state, d.error, d.next_attempt_at = db.PENDING, None, now
+        d.resent_at, d.attempts_before_resend = now, d.attempts
         for x in d.sends:
             if only_unsent and x.state == db.SENT:
                 continue
             x.state, x.error = db.PENDING, None
             n += 1
-    job.state, job.error, job.finished_at = db.SENDING, None, None
-    job.sending_started_at = now
+    job.state, job.error = db.SENDING, None
     job.series.set_state(db.SENDING)
     audit.series("resend", job.series.series_uid, job.series.study_uid, instances=n,
                  output_series_uid=job.output_series_uid, destination=",".join(d.destination for d in deliveries))
     return n
 
 
-def reopen_for_retry(series: db.Series, *, force: bool, stable_age_s: float) -> None:
+def reopen_for_retry(series: db.Series, *, force: bool) -> None:
     """``failed | refused | done | ignored | unrouted -> received``, already stable: the next scan
     routes it again into a new job version (``force``: its QA gate runs as ``flag``)."""
     _reopen(series)
     series.qa_force = bool(force)
-    series.last_received_at = db.utcnow() - timedelta(seconds=stable_age_s)
+    series.retry_requested_at = db.utcnow()  # an event: the receive times stay what happened
 
 
 def recover(s: Session, *, exclusive: bool = True, dead: Callable[[str], bool] | None = None) -> dict[str, int]:
