@@ -51,7 +51,8 @@ class StructuredFormatter(logging.Formatter):
             fields["exc"] = self.formatException(record.exc_info).splitlines()[-1]
         if self.json_lines:
             return json.dumps({**base, **fields}, default=str)
-        return " ".join(f"{k}={_kv(v)}" for k, v in {**base, **fields}.items())
+        # key=value lines leave out what is not there (no "error=None"); JSON keeps it as null
+        return " ".join(f"{k}={_kv(v)}" for k, v in {**base, **fields}.items() if v is not None)
 
 
 def setup_logging(level: str = "INFO", fmt: str = "kv", stream: Any = None) -> None:

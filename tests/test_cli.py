@@ -198,3 +198,34 @@ def test_serve_on_a_busy_or_unusable_data_dir_names_the_key(tmp_path: Path) -> N
 
 if __name__ == "__main__":
     sys.exit(pytest.main([__file__, "-q"]))
+
+
+def test_status_shows_partial_delivery_uncut_names_and_a_received_series_destinations(tmp_path: Path) -> None:
+    cfg = config(tmp_path)
+    database = db.Database(f"sqlite:///{tmp_path / 'data' / 'dicom-node.sqlite'}")
+    database.create_all()
+    with database.session() as s:
+        done = db.Series(series_uid="1.2.3.10", state=db.FAILED, convolution_kernel="STANDARD",
+                         rule_name="ge-standard-to-bl64-like", instance_count=3)
+        job = db.Job(series=done, rule_name="ge-standard-to-bl64-like", model="default", destinations=["a", "b", "c"],
+                     state=db.FAILED, model_name="linear-kernel-filter", model_s=0.4, output_series_uid="1.2.3.11")
+        for name, state in (("a", db.SENT), ("b", db.SENT), ("c", db.FAILED)):
+            s.add(db.Delivery(job=job, destination=name, state=state))
+        arriving = db.Series(series_uid="1.2.3.20", state=db.RECEIVED, convolution_kernel="Br40d", rule_name="br40",
+                             instance_count=5)
+        s.add(db.Job(series=arriving, rule_name="br40", model="default", destinations=["pacs"], state=db.STREAMING))
+        s.add_all([done, arriving])
+    database.dispose()
+    r = run("--config", str(cfg), "status")
+    assert r.returncode == 0, r
+    out = r.stdout
+    assert "STANDARD " in out and "ge-standard-to-bl64-like" in out and "linear-kernel-filter," in out  # not cut
+    assert "\npartial " in out and "!! delivered to a, b; failed to c" in out
+    assert "to pacs (after processing)" in out and "not processed yet" in out and "None s" not in out
+    r = run("--config", str(cfg), "status", "--json")
+    import json
+
+    series = {x["series_uid"]: x for x in json.loads(r.stdout)["series"]}
+    assert series["1.2.3.10"]["delivery"] == {"state": "partial", "delivered_to": ["a", "b"], "failed_to": ["c"],
+                                            "destinations": 3}
+    assert series["1.2.3.20"]["jobs"][0]["destinations"] == ["pacs"]

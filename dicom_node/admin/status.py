@@ -34,6 +34,7 @@ def job_dict(job: db.Job) -> dict[str, Any]:
         "rule": job.rule_name,
         "model": {"name": job.model_name, "version": job.model_version, "sha256": job.model_sha256,
                   "method": job.method, "checkpoint": job.model},
+        "destinations": list(job.destinations or []),  # frozen at routing, before any delivery exists
         "sampler": job.sampler,
         "seed": job.seed,
         "device": job.device,
@@ -135,6 +136,7 @@ def series_dict(s: db.Series, with_instances: bool = False) -> dict[str, Any]:
         },
         "jobs": [job_dict(j) for j in s.jobs],
         "qa": qa_brief(last_job.qa if last_job else None),
+        "delivery": delivery_summary(last_job),
     }
     if not with_instances:
         for j in out["jobs"]:
@@ -257,6 +259,23 @@ def _mb(n: int) -> str:
     return f"{n / 1e6:.1f} MB"
 
 
+def delivery_summary(job: db.Job | None) -> dict[str, Any] | None:
+    """Which destinations hold the output: ``partial`` when some do and some failed (the series
+    is ``failed``, but the PACS that received it hold a complete copy)."""
+    if job is None or not job.deliveries:
+        return None
+    sent = [d.destination for d in job.deliveries if d.state == db.SENT]
+    failed = [d.destination for d in job.deliveries if d.state == db.FAILED]
+    state = ("delivered" if len(sent) == len(job.deliveries) else "partial" if sent and failed
+             else "failed" if failed and not sent and len(failed) == len(job.deliveries) else "in progress")
+    return {"state": state, "delivered_to": sent, "failed_to": failed, "destinations": len(job.deliveries)}
+
+
+def _col(values: list[str], header: str, cap: int) -> int:
+    """A column as wide as its longest value (at most ``cap``), never cutting what fits."""
+    return min(cap, max([len(header), *(len(v) for v in values)])) + 1
+
+
 def format_status(st: dict[str, Any]) -> str:
     """Human-readable rendering of :func:`collect_status`."""
     n = st["node"]
@@ -275,29 +294,40 @@ def format_status(st: dict[str, Any]) -> str:
         f" slices/min (last hour)  received {st['throughput']['received_images_last_hour']} images (last hour)",
         f"spool {_mb(st['spool']['spool_bytes'])}  outputs {_mb(st['spool']['output_bytes'])}  in {st['spool']['path']}",
         "",
-        f"{'STATE':<11}{'INST':>5} {'KERNEL':<8}{'RULE':<14}{'COMPLETE->DONE':>15}  SERIES / OUTPUT",
     ]
+    kw = _col([str(s["kernel"] or "-") for s in st["series"]], "KERNEL", 16)
+    rw = _col([str(s["rule"] or "-") for s in st["series"]], "RULE", 32)
+    indent = " " * (11 + 6 + kw + rw)
+    lines.append(f"{'STATE':<11}{'INST':>5} {'KERNEL':<{kw}}{'RULE':<{rw}}{'COMPLETE->DONE':>15}  SERIES / OUTPUT")
     for s in st["series"]:
         job = s["jobs"][-1] if s["jobs"] else None
         dur = s["durations_s"]["complete_to_done"]
-        lines.append(f"{s['state']:<11}{s['instances']:>5} {str(s['kernel'] or '-')[:7]:<8}{str(s['rule'] or '-')[:13]:<14}"
+        state = "partial" if (s.get("delivery") or {}).get("state") == "partial" else s["state"]
+        lines.append(f"{state:<11}{s['instances']:>5} {str(s['kernel'] or '-'):<{kw}}{str(s['rule'] or '-'):<{rw}}"
                      f"{(f'{dur:.1f} s' if dur is not None else '-'):>15}  {s['series_uid']}")
         if job:
             d = job["durations_s"]
             sends = ", ".join(f"{x['destination']} {x['state']} {x['sent']}/{x['total']}" for x in job["deliveries"])
-            lines.append(f"{'':<39}-> {job['output_series_uid'] or '-'} (job {job['job']} v{job['version']}, "
-                         f"{job['model']['name'] or job['model']['checkpoint']}, model {d['model']} s, {sends or 'no destinations'})")
+            if not sends and job.get("destinations"):
+                sends = "to " + ", ".join(job["destinations"]) + " (after processing)"
+            model = job["model"]["name"] or job["model"]["checkpoint"]
+            took = f"model {d['model']:.1f} s" if d["model"] is not None else "not processed yet"
+            lines.append(f"{indent}-> {job['output_series_uid'] or '-'} (job {job['job']} v{job['version']}, "
+                         f"{model}, {took}, {sends or 'no destinations'})")
+        if state == "partial":
+            dl = s["delivery"]
+            lines.append(f"{indent}!! delivered to {', '.join(dl['delivered_to'])}; failed to {', '.join(dl['failed_to'])}")
         if s.get("qa"):
             from dicom_node.process.qa_gate import summary
 
-            lines.append(f"{'':<39}qa {summary(s['qa'])}")
+            lines.append(f"{indent}qa {summary(s['qa'])}")
         if s["grown_after_processing"]:
-            lines.append(f"{'':<39}!! grew after processing ({s['late_instances']} late instances)")
+            lines.append(f"{indent}!! grew after processing ({s['late_instances']} late instances)")
         counts = s.get("anomalies", {}).get("counts", {})
         if counts:
-            lines.append(f"{'':<39}!! anomalies: " + ", ".join(f"{k} {v}" for k, v in sorted(counts.items())))
+            lines.append(f"{indent}!! anomalies: " + ", ".join(f"{k} {v}" for k, v in sorted(counts.items())))
         if s["state"] == "refused" and s["error"]:
-            lines.append(f"{'':<39}!! refused: {s['error']}")
+            lines.append(f"{indent}!! refused: {s['error']}")
     ref = st.get("refusals", {})
     if ref.get("recent"):
         lines += ["", f"refused instances ({ref['last_hour']} in the last hour; latest first):"]
