@@ -74,10 +74,10 @@ def test_status_piped_into_head_ends_quietly(tmp_path: Path) -> None:
     database = db.Database(f"sqlite:///{tmp_path / 'data' / 'dicom-node.sqlite'}")
     database.create_all()
     with database.session() as s:
-        for i in range(300):
+        for i in range(1500):  # more than a pipe holds (64 KiB), so the writer meets the closed pipe
             s.add(db.Series(series_uid=f"1.2.3.{i}", state=db.DONE))
     database.dispose()
-    r = subprocess.run(f"{' '.join(node_cmd('--config', str(cfg), 'status', '--last', '300'))} | head -2",
+    r = subprocess.run(f"{' '.join(node_cmd('--config', str(cfg), 'status', '--last', '1500'))} | head -2",
                        shell=True, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)},
                        timeout=60)
     assert len(r.stdout.splitlines()) == 2

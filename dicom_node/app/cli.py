@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import signal
 import socket
 import sys
 from collections.abc import Sequence
@@ -385,10 +384,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.command == "status" and args.instances and not args.json:
         parser.error("status --instances needs --json (the table has no per-instance view)")
-    if args.command in PIPED and hasattr(signal, "SIGPIPE"):
-        signal.signal(signal.SIGPIPE, signal.SIG_DFL)  # `dicom-node status | head -3`: no traceback
     try:
         return int(args.func(args))
+    except BrokenPipeError:
+        if args.command not in PIPED:
+            raise
+        # `dicom-node status | head -3`: the reader has gone; end quietly, as a C tool would
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())  # the interpreter's flush at exit must not fail again
+        return 141  # 128 + SIGPIPE
     except NoDatabase as exc:
         print(f"dicom-node: {exc}", file=sys.stderr)
         return 1
