@@ -173,6 +173,10 @@ class Node(Section):
     network_timeout_s: Positive = 60.0
     max_connections_per_address: Count = 4
     max_pending_connections: Count = 32
+    max_associations_per_address: Count = 4  # associations one peer address holds at once (fair share: transport.py)
+    idle_association_s: Positive = 10.0  # no C-STORE this long: the slot may go to a newcomer when all are taken
+    max_echo_per_s: Positive = 5.0  # C-ECHO answers per association and second (a loop is slowed)
+    max_dataset_mb: Annotated[float, Strict(), Field(gt=0, le=4096)] = 32.0  # one C-STORE data set; larger: 0xA700
     group_commit_ms: NonNegative = 10.0  # wait for concurrent instances to share syncs; 0 = off
     group_commit_max: Count = 64  # instances per group commit
     roles: tuple[Role, ...] = ROLES  # `serve --roles` overrides; all four: the single-box node
@@ -275,8 +279,9 @@ class Disk(Section):
     min_free_mb)`` (after reserving room for the outputs of accepted work) new instances get 0xA700."""
 
     min_free_percent: Annotated[float, Strict(), Field(ge=0, lt=100)] = 5.0
-    min_free_mb: NonNegative = 2048.0
+    min_free_mb: NonNegative = 2048.0  # at least 1 MiB is kept in any case (the processing step's margin)
     output_reserve_factor: NonNegative = 1.0  # expected output bytes per accepted input byte
+    quarantine_max_mb: NonNegative = 1024.0  # conflicting copies kept; the oldest go first (0: none kept)
 
 
 class Audit(Section):

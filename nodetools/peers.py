@@ -14,14 +14,23 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
+from io import BytesIO
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pydicom
+from pynetdicom import AE
+from pynetdicom.dimse_messages import C_STORE_RQ
+from pynetdicom.dimse_primitives import C_STORE
+from pynetdicom.pdu import P_DATA_TF
+from pynetdicom.pdu_primitives import P_DATA
+from pynetdicom.sop_class import Verification
 
 ROOT = Path(__file__).resolve().parents[1]
 LOOPBACK = "127.0.0.1"
@@ -388,3 +397,115 @@ def resume_and_stop(procs: Any) -> None:
         except ProcessLookupError:
             pass
         p.stop()
+
+
+# --------------------------------------------------------------------------- hostile peers (after the login)
+# Peers that log in and then misbehave (tests/test_net_limits.py, tests/test_node_disk.py,
+# bench/bench_hostile.py).
+_CT = "1.2.840.10008.5.1.4.1.1.2"
+_EXPLICIT_LE = "1.2.840.10008.1.2.1"
+def endless_c_store(port: int, total: int, source: str = "127.0.0.2", chunk: int = 65536,
+                    called: str = "LTDIFF", command: bool = False) -> tuple[int, bool]:
+    """A C-STORE-RQ whose data set fragments never say "last" (``command``: a command set whose
+    fragments never do): up to ``total`` bytes are sent on one association. Returns (bytes the
+    node took before it stopped the association, whether it did: aborted or closed)."""
+    ae = AE("HOSTILE")
+    ae.add_requested_context(_CT, [_EXPLICIT_LE])
+    ae.acse_timeout = ae.network_timeout = 30
+    assoc = ae.associate(peers.LOOPBACK, port, ae_title=called, bind_address=(source, 0))
+    if not assoc.is_established:
+        raise RuntimeError("association with the node failed")
+    context_id = assoc.accepted_contexts[0].context_id
+    rq = C_STORE()
+    rq.MessageID, rq.Priority = 1, 0
+    rq.AffectedSOPClassUID, rq.AffectedSOPInstanceUID = _CT, "1.2.826.0.1.3680043.10.999.1"
+    rq.DataSet = BytesIO(b"\0" * 8)
+    msg = C_STORE_RQ()
+    msg.primitive_to_message(rq)
+    first = next(msg.encode_msg(context_id, 16384))  # the first P-DATA: the command set
+    raw = assoc.dul.socket.socket
+    sent, stopped = 0, False
+    fragment = P_DATA()
+    header = b"\x01" if command else b"\x00"  # command or data set fragment, never the last
+    fragment.presentation_data_value_list = [[context_id, header + bytes(chunk)]]
+    pdu = P_DATA_TF(fragment).encode()
+    try:
+        if not command:
+            raw.sendall(P_DATA_TF(first).encode())
+        while sent < total:
+            if not assoc.is_established:
+                stopped = True
+                break
+            raw.sendall(pdu)
+            sent += chunk
+    except OSError:
+        stopped = True
+    deadline = time.monotonic() + 5
+    while assoc.is_established and time.monotonic() < deadline:
+        time.sleep(0.05)
+    stopped = stopped or not assoc.is_established
+    if assoc.is_established:
+        assoc.abort()
+    return sent, stopped
+
+
+def echo_loop(port: int, source: str, stop: threading.Event, counts: dict[str, int],
+              called: str = "LTDIFF") -> None:
+    """Keep one association open from ``source`` looping C-ECHO until ``stop``; reconnect at
+    once whenever it is refused or ended. ``counts``: echoes answered, associations refused."""
+    ae = AE("FLOOD")
+    ae.add_requested_context(Verification)
+    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 10
+    while not stop.is_set():
+        try:
+            assoc = ae.associate(peers.LOOPBACK, port, ae_title=called, bind_address=(source, 0))
+        except Exception:  # noqa: BLE001 - the node closed the connection: try again
+            counts["refused"] = counts.get("refused", 0) + 1
+            time.sleep(0.01)
+            continue
+        if not assoc.is_established:
+            counts["refused"] = counts.get("refused", 0) + 1
+            time.sleep(0.01)
+            continue
+        while assoc.is_established and not stop.is_set():
+            rsp = assoc.send_c_echo()
+            if rsp is None or "Status" not in rsp:
+                break
+            counts["echoes"] = counts.get("echoes", 0) + 1
+        if assoc.is_established:
+            assoc.release()
+
+
+@contextlib.contextmanager
+def echo_flood(port: int, sources: list[str], per_source: int) -> Iterator[dict[str, int]]:
+    """``per_source`` :func:`echo_loop` threads from each address while the block runs."""
+    stop = threading.Event()
+    counts: dict[str, int] = {}
+    threads = [threading.Thread(target=echo_loop, args=(port, src, stop, counts), daemon=True)
+               for src in sources for _ in range(per_source)]
+    for t in threads:
+        t.start()
+    try:
+        yield counts
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(15)
+
+
+def conflicting_copies(files: list[Path], out: Path, rounds: int) -> list[Path]:
+    """``rounds`` series that reuse the SOP Instance UIDs of ``files`` with other pixels."""
+    out.mkdir(parents=True, exist_ok=True)
+    made = []
+    for r in range(rounds):
+        series_uid = pydicom.uid.generate_uid(prefix="1.2.826.0.1.3680043.10.999.")
+        for k, f in enumerate(files):
+            ds = pydicom.dcmread(f)
+            ds.SeriesInstanceUID = series_uid
+            px = bytearray(ds.PixelData)
+            px[0:2] = ((r * 7 + 1) & 0xFFFF).to_bytes(2, "little")
+            ds.PixelData = bytes(px)
+            p = out / f"r{r:03d}-{k:03d}.dcm"
+            ds.save_as(p)
+            made.append(p)
+    return made

@@ -1,6 +1,8 @@
 """Hostile peers that need no login (raw sockets on loopback against the node's SCP): a huge
 declared PDU length, half-open and idle connections, the association limit, rejection reasons,
-and allow-list pins written as host names.
+and allow-list pins written as host names; and after the login (issue 23): a C-STORE data set
+that never ends, one over the size limit, an invalid A-ASSOCIATE-RQ, a C-ECHO flood holding
+every slot (the attacks are nodetools.peers' hostile peers, also run by ``bench/bench_hostile.py``).
 
 Attack sockets bind other loopback addresses (127.0.0.2, 127.0.0.3) so that the per-address
 limit applies to them and not to the legitimate DCMTK peer on 127.0.0.1.
@@ -16,6 +18,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import pydicom
 import pytest
 from pynetdicom import AE
 from pynetdicom.sop_class import Verification
@@ -236,7 +239,7 @@ def test_storescu_succeeds_while_attack_connections_stay_open(scp_factory: Any, 
 def test_max_associations_is_honoured_exactly_even_after_a_port_probe(scp_factory: Any,
                                                                       caplog: pytest.LogCaptureFixture) -> None:
     """A bare TCP probe (a monitor, a port check) held one of the 10 slots: only 9 were usable."""
-    node = scp_factory(max_associations=10, max_connections_per_address=16)
+    node = scp_factory(max_associations=10, max_connections_per_address=16, max_associations_per_address=16)
     socket.create_connection((LOOPBACK, node.port)).close()  # the probe
     time.sleep(0.3)
     ae = AE("SCU")
@@ -304,11 +307,18 @@ def test_allow_list_pin_that_does_not_resolve_is_a_config_error(tmp_path: Path) 
 
 
 def test_limit_keys_are_validated(tmp_path: Path) -> None:
-    for key in ("max_connections_per_address", "max_pending_connections", "acse_timeout_s"):
+    for key in ("max_connections_per_address", "max_pending_connections", "acse_timeout_s",
+                "max_associations_per_address", "idle_association_s", "max_echo_per_s", "max_dataset_mb"):
         with pytest.raises(ConfigError, match=rf"node\.{key}: must be positive"):
             parse_config({"node": {key: 0}}, tmp_path)
+    with pytest.raises(ConfigError, match=r"node\.max_dataset_mb: must be <= 4096 \(got 5000.0\)"):
+        parse_config({"node": {"max_dataset_mb": 5000.0}}, tmp_path)
+    with pytest.raises(ConfigError, match=r"disk\.quarantine_max_mb: must be >= 0"):
+        parse_config({"disk": {"quarantine_max_mb": -1.0}}, tmp_path)
     c = parse_config({}, tmp_path)
     assert c.acse_timeout_s == 5.0 and c.max_connections_per_address == 4 and c.max_pending_connections == 32
+    assert (c.node.max_associations_per_address, c.node.idle_association_s, c.node.max_echo_per_s,
+            c.node.max_dataset_mb, c.disk.quarantine_max_mb) == (4, 10.0, 5.0, 32.0, 1024.0)
 
 
 def test_a_port_probe_frees_its_connection_at_once(scp_factory: Any) -> None:
@@ -343,3 +353,129 @@ def test_refusal_lines_carry_the_suppressed_count(scp_factory: Any, caplog: pyte
         assert len(lines) == 2 and "suppressed" not in lines[0] and lines[1]["suppressed"] == 4
     finally:
         held.close()
+
+
+# ------------------------------------------------------------------------------ issue 23
+def _incoming_files(data_dir: Path) -> list[Path]:
+    return [p for p in (data_dir / "spool" / ".incoming").glob("*") if p.is_file()]
+
+
+def test_endless_c_store_data_set_is_spooled_bounded_and_aborted(tmp_path: Path) -> None:
+    """Item 2. Before: a data set that never ends was buffered whole (800 MB streamed: RSS
+    141 -> 957 MB, still 959 MB after the close). Now it is spooled to disk as it arrives, no
+    longer kept past node.max_dataset_mb, and the association is aborted past twice that; memory
+    stays flat during and after, for one stream and for four at once from four addresses."""
+    from nodetools.peers import endless_c_store
+
+    port = free_port()
+    cfg = write_node_config(tmp_path / "node.toml", port=port, data_dir=tmp_path / "data",
+                            extra_node={"max_dataset_mb": 4.0})
+    with started(start_node(cfg, port, tmp_path / "node.log")) as node:
+        assert echo_until_ok(port, 20) is not None
+        base_hwm, base_rss = vm_kib(node.pid, "VmHWM"), vm_kib(node.pid, "VmRSS")
+        sent, stopped = endless_c_store(port, 200 * MiB)
+        results: list[tuple[int, bool]] = []
+        threads = [threading.Thread(target=lambda src: results.append(endless_c_store(port, 100 * MiB, source=src)),
+                                    args=(f"127.0.0.{2 + i}",)) for i in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(120)
+        time.sleep(0.5)
+        peak_mib = (vm_kib(node.pid, "VmHWM") - base_hwm) / 1024
+        after_mib = (vm_kib(node.pid, "VmRSS") - base_rss) / 1024
+        print(f"endless data set: node took {sent / MiB:.1f} MiB of 200, then 4 x "
+              f"{[round(r[0] / MiB, 1) for r in results]} MiB; peak RSS +{peak_mib:.1f} MiB, after +{after_mib:.1f} MiB")
+        assert stopped and sent < 32 * MiB, f"the node read {sent / MiB:.0f} MiB of one data set"
+        assert len(results) == 4 and all(ok and n < 32 * MiB for n, ok in results), results
+        assert peak_mib < 32 and after_mib < 32, (peak_mib, after_mib)
+        assert _incoming_files(tmp_path / "data") == []
+        assert echoscu(port, "LTDIFF").returncode == 0
+    assert node.log().count("C-STORE data set past 2 x node.max_dataset_mb") == 5
+
+
+def test_endless_command_set_is_aborted(scp_factory: Any) -> None:
+    """A command set whose fragments never end is not a data set to spool: pynetdicom would keep
+    it in memory without limit; the node aborts it past 1 MiB."""
+    from nodetools.peers import endless_c_store
+
+    node = scp_factory()
+    sent, stopped = endless_c_store(node.port, 64 * MiB, command=True)
+    assert stopped and sent < 16 * MiB, sent
+
+
+def test_data_set_larger_than_max_dataset_mb_is_refused_with_out_of_resources(scp_factory: Any,
+                                                                            tmp_path: Path) -> None:
+    """Item 2, the cap: before, any size was acknowledged 0x0000. The data set that ends after
+    the limit is answered 0xA700 with the reason, nothing of it is kept, and the association
+    goes on (the next instance is stored)."""
+    from fault_helpers import c_store
+
+    from nodetools.peers import make_ct_series
+
+    node = scp_factory(max_dataset_mb=1.0)
+    (big,) = make_ct_series(tmp_path / "big", n=1, size=900)  # 1.5 MiB of pixels: past the cap, not twice
+    (small,) = make_ct_series(tmp_path / "small", n=1, size=32)
+    assert c_store(node.port, [big, small]) == [
+        (0xA700, "data set larger than node.max_dataset_mb (1 MiB)"), (0, "")]
+    with node.db.session() as s:
+        assert [i.sop_instance_uid for i in s.query(db.Instance)] == [
+            str(pydicom.dcmread(small, stop_before_pixels=True).SOPInstanceUID)]
+    assert _incoming_files(node.config.data_dir) == []
+
+
+def test_invalid_pdu_before_association_frees_the_address_at_once(scp_factory: Any) -> None:
+    """Item 6. Before: after an A-ASSOCIATE-RQ that does not decode, the node waited for the
+    ARTIM timer (the ACSE timeout, 30 s here) with the connection counted against the address,
+    though the peer had gone. Now it answers A-ABORT and closes at once."""
+    node = scp_factory(max_connections_per_address=1, acse_timeout_s=30.0)
+    with connect_from("127.0.0.6", node.port) as s:
+        s.sendall(bytes([0x01, 0, 0, 0, 0, 4, 0, 1, 0, 0]))  # an A-ASSOCIATE-RQ too short to decode
+        s.settimeout(3)
+        answer = s.recv(64)
+    assert answer[:1] == b"\x07", answer  # A-ABORT
+    deadline = time.monotonic() + 3
+    while node.scp.gate.connections() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert node.scp.gate.connections() == {}
+    ae = AE("SCU")
+    ae.add_requested_context(Verification)
+    assoc = ae.associate(LOOPBACK, node.port, ae_title="LTDIFF", bind_address=("127.0.0.6", 0))
+    try:
+        assert assoc.is_established
+    finally:
+        if assoc.is_established:
+            assoc.release()
+
+
+def test_echo_flood_does_not_lock_out_a_storing_peer(tmp_path: Path) -> None:
+    """Item 4. Before: three addresses looping C-ECHO on 4 associations each held all 10 slots;
+    a legitimate storescu was refused 6 of 6 times, and the node wrote thousands of log lines.
+    Now a newcomer takes a slot from an address that holds two more than its own (one not in a
+    C-STORE), C-ECHO is answered at most max_echo_per_s per association, and one line per
+    association (and per refused address and limit every 10 s) is written."""
+    from nodetools.peers import echo_flood
+
+    from nodetools.peers import make_ct_series, storescu
+
+    port = free_port()
+    cfg = write_node_config(tmp_path / "node.toml", port=port, data_dir=tmp_path / "data")
+    files = make_ct_series(tmp_path / "in", n=3, size=32)
+    with started(start_node(cfg, port, tmp_path / "node.log")) as node:
+        assert echo_until_ok(port, 20) is not None
+        with echo_flood(port, ["127.0.0.2", "127.0.0.3", "127.0.0.4"], 4) as counts:
+            deadline = time.monotonic() + 10
+            while counts.get("echoes", 0) < 50 and time.monotonic() < deadline:
+                time.sleep(0.1)
+            time.sleep(1.0)  # every slot is held by the flood now
+            lines_before = node.log().count("\n")
+            codes = []
+            for _ in range(3):
+                codes.append(storescu(files, port, "LTDIFF", timeout=30).returncode)
+                time.sleep(1.0)
+            lines = node.log().count("\n") - lines_before
+        print(f"echo flood: storescu {codes}, flood {counts}, node log lines meanwhile {lines}")
+        assert counts.get("echoes", 0) >= 50  # the flood did run and hold its associations
+        assert codes == [0, 0, 0]
+        assert lines < 150, lines
+    assert "event=association_evicted" in node.log()

@@ -280,7 +280,7 @@ CASES = [
          reason="BitsStored 20"),
     Case("RescaleSlope 0", "malformed", W(n=1, edit=each("RescaleSlope", 0)), CANNOT, reason="RescaleSlope"),
     Case("BitsAllocated 12", "malformed", W(n=1, edit=each("BitsAllocated", 12)), MISMATCH, reason="BitsAllocated"),
-    Case("truncated PixelData", "malformed", corrupt(truncate_pixels), CANNOT, reason="PixelData has"),
+    Case("truncated PixelData", "malformed", corrupt(truncate_pixels), CANNOT, reason="PixelData length field says"),
     # pydicom parses 2 KB of byte garbage into a few odd elements: refused for what is missing
     Case("garbage data set", "malformed", corrupt(garbage_dataset), MISMATCH, reason="missing"),
     Case("element length 0xFFFF", "malformed", corrupt(bad_length), CANNOT, reason=""),

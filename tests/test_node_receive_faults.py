@@ -229,3 +229,45 @@ def test_audit_trail_has_one_record_per_association_and_series_event(rig: NodeRi
     src = pydicom.dcmread(files[0])
     for value in (str(src.PatientName), str(src.PatientID)):
         assert value and value not in text
+
+
+# --------------------------------------------------------------------------- issue 23, item 5
+def _patched(src: Path, out: Path, old: bytes, new: bytes) -> Path:
+    """``src`` with one encoded element replaced byte for byte (pydicom would not write it)."""
+    raw = src.read_bytes()
+    assert raw.count(old) == 1, "the element to patch is not found once"
+    out.write_bytes(raw.replace(old, new))
+    return out
+
+
+def test_value_length_that_does_not_fit_its_vr_is_refused_at_receive(rig: NodeRig, tmp_path: Path) -> None:
+    """Before: a PixelRepresentation of 3 bytes (US is 2) was acknowledged 0x0000 and the job
+    then failed "cannot decode pixel data". Now it is refused at receive, 0xC000, with the reason."""
+    (f,) = series_files(tmp_path / "in", n=1)
+    pr = b"\x28\x00\x03\x01US\x02\x00" + (1).to_bytes(2, "little")  # (0028,0103) US 2 bytes, value 1
+    if pr not in f.read_bytes():
+        pr = pr[:-2] + (0).to_bytes(2, "little")
+    bad = _patched(f, tmp_path / "pr3.dcm", pr, b"\x28\x00\x03\x01US\x03\x00" + pr[-2:] + b"\x00")
+    before = len(_refusals(rig))
+    [(status, comment)] = c_store(rig.port, [bad])
+    assert status == 0xC000 and comment.startswith("PixelRepresentation (0028,0103)"), (status, comment)
+    refused = _refusals(rig)[before:]
+    assert len(refused) == 1 and refused[0].reason == (
+        "PixelRepresentation (0028,0103) has a value length of 3 bytes; US is 2")
+    with rig.database().session() as s:
+        assert s.query(db.Instance).filter_by(sop_instance_uid=_uid(f, "SOPInstanceUID")).count() == 0
+
+
+def test_pixel_data_length_field_beyond_the_data_set_is_refused(rig: NodeRig, tmp_path: Path) -> None:
+    """Before: PixelData claiming 2 GiB with 512 KiB present was accepted (Rows x Columns fit)
+    and standardized, and the spooled file could not be read by DCMTK. Now the declared length is
+    checked: 0xC000."""
+    (f,) = series_files(tmp_path / "in", n=1, size=512)
+    length = (512 * 512 * 2).to_bytes(4, "little")
+    bad = _patched(f, tmp_path / "px.dcm", b"\xe0\x7f\x10\x00OW\x00\x00" + length,
+                   b"\xe0\x7f\x10\x00OW\x00\x00" + (2**31).to_bytes(4, "little"))
+    [(status, comment)] = c_store(rig.port, [bad])
+    assert status == 0xC000, (status, comment)
+    assert _refusals(rig)[-1].reason == "PixelData length field says 2147483648 bytes, the data set holds 524288"
+    with rig.database().session() as s:
+        assert s.query(db.Instance).filter_by(sop_instance_uid=_uid(f, "SOPInstanceUID")).count() == 0

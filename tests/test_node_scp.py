@@ -214,3 +214,36 @@ def test_network_timeout_still_ends_an_idle_association(scp_factory: Any) -> Non
     while node.scp.ae.active_associations and time.monotonic() < deadline:
         time.sleep(0.05)
     assert not node.scp.ae.active_associations
+
+
+def test_data_sets_left_by_a_dead_receiver_are_swept_at_start(tmp_path: Path) -> None:
+    """A receiver killed while a data set arrived leaves its partial file in spool/.incoming;
+    the next start removes those of gone processes on this host and any stale one, and keeps a
+    fresh file of another host's receiver (a shared spool)."""
+    import os
+    import socket
+    import subprocess
+    import time
+
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    incoming = tmp_path / "data" / "spool" / ".incoming"
+    incoming.mkdir(parents=True)
+    dead = incoming / f"{socket.gethostname()}@{gone.pid}-0.part"
+    stale = incoming / "otherhost@1-0.part"
+    fresh = incoming / "otherhost@2-0.part"
+    for p in (dead, stale, fresh):
+        p.write_bytes(b"\0" * 1024)
+    old = time.time() - 3600
+    os.utime(stale, (old, old))
+    raw = {"node": {"bind_address": LOOPBACK, "port": free_port(), "data_dir": str(tmp_path / "data")}}
+    config = parse_config(raw, tmp_path)
+    database = db.Database(config.db_url)
+    database.create_all()
+    scp = StorageSCP(config, database)
+    scp.start()
+    try:
+        assert sorted(p.name for p in incoming.iterdir()) == [fresh.name]
+    finally:
+        scp.stop(drain_s=1)
+        database.dispose()

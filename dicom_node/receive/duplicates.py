@@ -8,11 +8,17 @@ transfer syntax: compare SHA-256 of the PixelData value. Different syntaxes: dec
 from __future__ import annotations
 
 import hashlib
+import threading
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pydicom
 from pydicom.dataset import Dataset
+
+from dicom_node.receive.incoming import IncomingDataSet
+from dicom_node.receive.quarantine import Quarantine
+from dicom_node.store import db, track
 
 
 def _stored_digest(path: Path) -> str | None:
@@ -67,3 +73,54 @@ def same_pixels(new: Dataset, new_ts: str, new_digest: str | None, stored: Path,
         return bool(np.array_equal(ref.pixel_array, new.pixel_array))
     except Exception:
         return False
+
+
+@dataclass(frozen=True)
+class Conflict:
+    """A copy that is not the stored instance: why, and where it is kept (``None``: not kept)."""
+
+    reason: str
+    quarantine: str | None
+
+
+class Duplicates:
+    """What to answer for a SOP Instance UID already stored: an identical re-send is acknowledged
+    and recorded (``duplicate``); anything else is a conflict: the first copy is kept, the second
+    goes to quarantine (when it may, see :mod:`dicom_node.receive.quarantine`) and is refused
+    (``0xC000``) with the reason, recorded as ``conflict``."""
+
+    def __init__(self, database: db.Database, spool_dir: Path, quarantine: Quarantine,
+                 write_lock: threading.Lock) -> None:
+        self.db = database
+        self.spool_dir = spool_dir
+        self.quarantine = quarantine
+        self._write_lock = write_lock  # the receiver's: SQLite has one writer anyway
+
+    def judge(self, ds: Dataset, incoming: IncomingDataSet, *, sop_uid: str, series_uid: str, ts_uid: str,
+              digest: str | None, calling: str, peer: str) -> Conflict | None:
+        """``None`` for an identical re-send (answer success); raises :class:`LookupError` when
+        the first copy was purged meanwhile."""
+        with self.db.session() as s:
+            first = track.instance_by_uid(s, sop_uid)
+            if first is None:
+                raise LookupError(sop_uid)
+            stored = self.spool_dir / first.path
+            same = same_pixels(ds, ts_uid, digest, stored, first.transfer_syntax_uid, first.pixel_sha256)
+            changed = header_differences(ds, stored) if same else []
+            first_series_id, first_series_uid = first.series_id, first.series.series_uid
+        if same and not changed:
+            with self._write_lock, self.db.session() as s:
+                track.record_anomaly(s, first_series_id, "duplicate", sop_uid,
+                                     f"identical re-send from {calling}@{peer} acknowledged, not stored again")
+            return None
+        reason = "SOPInstanceUID already received with different pixel data (first copy kept)"
+        if first_series_uid != series_uid:
+            reason = "SOPInstanceUID already received in another series (first copy kept)"
+        elif changed:
+            reason = f"SOPInstanceUID already received with different {', '.join(changed)} (first copy kept)"
+        kept = self.quarantine.keep(incoming, series_uid, sop_uid, digest)
+        where = f"in {kept}" if kept else "not kept (disk watermark or disk.quarantine_max_mb)"
+        with self._write_lock, self.db.session() as s:
+            track.record_anomaly(s, first_series_id, "conflict", sop_uid,
+                                 f"{reason}; second copy from {calling}@{peer} {where}")
+        return Conflict(reason, kept)

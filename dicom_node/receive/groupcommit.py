@@ -6,15 +6,15 @@ are on disk. Paying one file fsync, one directory fsync and one SQLite commit pe
 the receive rate at the disk's sync latency; across concurrent associations (pynetdicom runs one
 thread per association) the syncs can be shared instead:
 
-* the association thread writes the instance to a temporary file beside its final name (no sync)
-  and submits it, then blocks on its future;
+* the instance is on disk already, unsynced, in ``spool/.incoming/`` (written as it arrived,
+  :mod:`dicom_node.receive.incoming`); the association thread submits it and blocks on its future;
 * the committer thread takes what is queued, waits up to ``group_commit_ms`` for the other open
   associations (each has at most one C-STORE in flight: the node negotiates no asynchronous
   operations window, so a group never needs more members than there are open associations), up
   to ``group_commit_max`` members;
 * for the group, in this order: one query for the SOP Instance UIDs already known (a known one
-  is a duplicate, answered by the caller's duplicate/conflict handling, its temporary file is
-  dropped: the first copy is never overwritten); rename the new files to their final names;
+  is a duplicate, answered by the caller's duplicate/conflict handling, which also owns its
+  temporary file: the first copy is never overwritten); rename the new files to their final names;
   fsync every file and every distinct directory once, all in parallel (the file system commits
   its journal once for all of them), while the rows are inserted in one transaction
   (``track.record_received``); commit once every sync has returned;
@@ -205,9 +205,7 @@ class GroupCommitter:
         self.groups += 1
         self.members += len(new)
         stored = {id(it) for it in new}
-        for it in batch:
-            if id(it) not in stored:
-                unlink_quietly(it.tmp)
+        for it in batch:  # a known one's file stays with the caller (compared, maybe quarantined)
             it.future.set_result(Outcome.STORED if id(it) in stored else Outcome.KNOWN)
 
     def _sync(self, items: list[Pending], batch: list[Pending]) -> list[Future[None]]:

@@ -3,7 +3,7 @@
 Each pynetdicom association runs two threads that poll: the DUL reactor sleeps 1 ms whenever it
 found nothing to do (socket not readable, nothing to send), and the association reactor sleeps
 1 ms before every look at the DIMSE queue (pynetdicom's own TODO: "make this event based"). Each
-idle association so costs about a tenth of a core (``python bench/bench_reactor.py``), and four
+idle association so costs about a tenth of a core (``python -m bench.bench_reactor``), and four
 busy ones spend a share of their CPU waking up to find nothing.
 
 Here both threads block until there is work, with the same steps in the same order as
@@ -80,6 +80,9 @@ class ReactiveDUL(DULServiceProvider):
             self._wake()  # the reactor may be in its wait: it stops now, not IDLE_WAIT_S later
         return super().stop_dul()
 
+    def _between_events(self) -> None:
+        """Work other threads asked this reactor to do in its own thread (none here)."""
+
     def _wait_for_work(self) -> None:
         """Until the socket is readable, another thread queued work, or IDLE_WAIT_S passed."""
         sock = self.socket.socket if self.socket is not None else None
@@ -111,6 +114,7 @@ class ReactiveDUL(DULServiceProvider):
                     idle = True
                 if idle:
                     self._wait_for_work()
+                self._between_events()
                 if self._kill_thread:
                     break
                 if self.artim_timer.expired:

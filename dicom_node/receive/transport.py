@@ -20,9 +20,20 @@ subclass of the DUL installed per association:
 - :class:`ConnectionGate` limits TCP connections per peer address and in total (checked in the
   accept loop, before any thread is started) and admits at most ``max_associations``
   associations, counted only once an A-ASSOCIATE-RQ has arrived, so half-open and idle
-  connections never take an association slot. Every refusal is logged with its reason.
+  connections never take an association slot. Slots are shared fairly: one peer address holds
+  at most ``max_associations_per_address``, and when every slot is taken a new association takes
+  a slot from an address that holds at least two more than its own, or from any association
+  that has not stored for ``idle_association_s``; the slot given up is one not in a C-STORE at
+  that moment, idle the longest (a C-ECHO loop is not work). Every refusal is logged with its
+  reason, at most once per peer address, limit and :data:`REFUSAL_LOG_INTERVAL_S` (with the
+  count of the lines not written).
 - :class:`GuardedRequestHandler` runs the TLS handshake in the connection's own thread, under
   the same deadline as the A-ASSOCIATE-RQ.
+
+A PDU that cannot be decoded before the association is answered with an A-ABORT and the
+connection closed at once: in pynetdicom's state machine the acceptor would wait for the ARTIM
+timer (the ACSE timeout) with the connection counted against the peer's address, though the
+peer has gone.
 """
 from __future__ import annotations
 
@@ -33,6 +44,8 @@ import struct
 import threading
 import time
 from collections import Counter
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -53,6 +66,7 @@ UNLIMITED_PDU_CAP = 2**26  # max_pdu = 0 ("unlimited") still has a ceiling: the 
 _PDU_TYPES = range(0x01, 0x08)
 REFUSAL_LOG_INTERVAL_S = 10.0
 _ABORT_SOURCE_PROVIDER = 0x02
+_ABORT_NO_REASON = 0x00
 _ABORT_UNRECOGNIZED_PDU = 0x01
 _ABORT_INVALID_PARAMETER = 0x06
 
@@ -79,13 +93,17 @@ class Limits:
     max_pending_connections: int  # connections that have not (yet) been admitted as an association
     acse_timeout_s: float  # TCP connect to complete A-ASSOCIATE-RQ (TLS handshake included)
     network_timeout_s: float  # one PDU, once its first byte arrived; also bounds a blocked send
+    max_associations_per_address: int = 2**31  # associations one peer address may hold at once
+    idle_association_s: float = float("inf")  # without a C-STORE this long, a slot may go to a newcomer
 
     @classmethod
     def from_config(cls, c: Any) -> Limits:
         return cls(max_pdu=c.max_pdu, max_associations=c.max_associations,
                    max_connections_per_address=c.max_connections_per_address,
                    max_pending_connections=c.max_pending_connections,
-                   acse_timeout_s=c.acse_timeout_s, network_timeout_s=c.network_timeout_s)
+                   acse_timeout_s=c.acse_timeout_s, network_timeout_s=c.network_timeout_s,
+                   max_associations_per_address=c.node.max_associations_per_address,
+                   idle_association_s=c.node.idle_association_s)
 
     @property
     def max_connections(self) -> int:
@@ -114,6 +132,7 @@ class GuardedDUL(ReactiveDUL):
         self._request_deadline = request_deadline  # monotonic time the A-ASSOCIATE-RQ must be in by
         self._awaiting_request = True  # until a complete A-ASSOCIATE-RQ was read (the FSM may still be in Sta1)
         self._closed_before_request = threading.Event()
+        self._abort_requested: str | None = None  # set by another thread, acted on by the reactor
 
     def receive_pdu(self, wait: bool = False, timeout: float | None = None) -> Any:
         """As pynetdicom's, but the acceptor's wait for the A-ASSOCIATE-RQ ends as soon as the
@@ -186,12 +205,33 @@ class GuardedDUL(ReactiveDUL):
         try:
             pdu, event = self._decode_pdu(header + body)
         except Exception as exc:  # noqa: BLE001 - any decoding failure is Evt19, as in pynetdicom
-            log_event(log, "pdu_invalid", level=logging.WARNING, peer=self._peer(), reason=f"{type(exc).__name__}")
-            self.event_queue.put("Evt19")
+            log_event(log, "pdu_invalid", level=logging.WARNING, peer=self._peer(), reason=f"{type(exc).__name__}",
+                      before_association=awaiting_request)
+            if awaiting_request:  # nothing to wait for: abort and close now (frees the peer's slot)
+                self._drop(f"invalid PDU ({type(exc).__name__})", abort=_ABORT_INVALID_PARAMETER,
+                           awaiting_request=True)
+            else:
+                self.event_queue.put("Evt19")
             return
         self._awaiting_request = False
         self.event_queue.put(event)
         self._recv_pdu.put(pdu)
+
+    def abort_transport(self, reason: str) -> None:
+        """A-ABORT (service provider, no reason given) and close, from the reactor's own thread
+        (the DIMSE layer: a data set past its limits)."""
+        self._drop(reason, abort=_ABORT_NO_REASON, awaiting_request=False)
+
+    def request_abort(self, reason: str) -> None:
+        """:meth:`abort_transport` from another thread: done by the reactor at its next turn, so
+        the A-ABORT is never written between the bytes of a PDU it is sending."""
+        self._abort_requested = reason
+        self._wake()
+
+    def _between_events(self) -> None:
+        reason, self._abort_requested = self._abort_requested, None
+        if reason is not None:
+            self.abort_transport(reason)
 
     def _peer(self) -> str:
         try:
@@ -220,6 +260,72 @@ class GuardedDUL(ReactiveDUL):
         sock.close()  # puts Evt17: Sta2 -> Sta1 (AA-5), established -> A-P-ABORT indication (AA-4)
 
 
+class LogLimiter:
+    """One line per key every REFUSAL_LOG_INTERVAL_S, with the number not written since: a flood
+    of connections or associations must not become a flood of log lines."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._last: dict[tuple[str, ...], tuple[float, int]] = {}  # key -> (last logged, suppressed)
+
+    def log(self, key: tuple[str, ...], event: str, level: int = logging.WARNING, **fields: Any) -> None:
+        now = time.monotonic()
+        with self._lock:
+            last, suppressed = self._last.get(key, (-REFUSAL_LOG_INTERVAL_S, 0))
+            if now - last < REFUSAL_LOG_INTERVAL_S:
+                self._last[key] = (last, suppressed + 1)
+                return
+            if len(self._last) > 4096:
+                self._last.clear()
+            self._last[key] = (now, 0)
+        if suppressed:
+            fields["suppressed"] = suppressed
+        log_event(log, event, level=level, **fields)
+
+
+class TokenBucket:
+    """At most ``rate`` events a second on average (bursts up to one second's worth): ``wait``
+    sleeps the caller's thread until the next event is due. One per association, so a peer that
+    loops a request slows only itself."""
+
+    def __init__(self, rate: float) -> None:
+        self.rate = float(rate)
+        self.capacity = max(1.0, self.rate)
+        self._tokens = self.capacity
+        self._at = time.monotonic()
+
+    def wait(self) -> float:
+        """Take one token; returns the seconds slept for it."""
+        now = time.monotonic()
+        self._tokens = min(self.capacity, self._tokens + (now - self._at) * self.rate)
+        self._at = now
+        if self._tokens >= 1.0:
+            self._tokens -= 1.0
+            return 0.0
+        delay = (1.0 - self._tokens) / self.rate
+        time.sleep(delay)
+        self._tokens, self._at = 0.0, time.monotonic()
+        return delay
+
+
+@dataclass
+class Slot:
+    """An admitted association: where from, and when it last did work (a C-STORE)."""
+
+    address: str
+    admitted_at: float
+    last_work: float = 0.0
+    working: int = 0  # C-STORE handlers running
+
+    def busy(self, assoc: Association) -> bool:
+        """A C-STORE is handled, or its data set is arriving."""
+        return bool(self.working or getattr(assoc.dimse, "receiving", False))
+
+    def idle_s(self, assoc: Association, now: float) -> float:
+        """Seconds without work (0 while busy)."""
+        return 0.0 if self.busy(assoc) else now - max(self.admitted_at, self.last_work)
+
+
 class ConnectionGate:
     """Connection and association admission shared by every listener of one node."""
 
@@ -227,25 +333,13 @@ class ConnectionGate:
         self.limits = limits
         self._lock = threading.Lock()
         self._connections: Counter[str] = Counter()
-        self._admitted: set[Association] = set()
-        self._refusals: dict[tuple[str, str], tuple[float, int]] = {}  # (peer, limit) -> (last logged, suppressed)
+        self._admitted: dict[Association, Slot] = {}
+        self.lines = LogLimiter()
 
     def log_refusal(self, host: str, reason: str, **fields: Any) -> None:
         """One ``connection_refused`` line per peer address and limit every REFUSAL_LOG_INTERVAL_S,
         with the number suppressed since: a connection flood must not become a log flood."""
-        key = (host, reason.split(" (")[0])
-        now = time.monotonic()
-        with self._lock:
-            last, suppressed = self._refusals.get(key, (-REFUSAL_LOG_INTERVAL_S, 0))
-            if now - last < REFUSAL_LOG_INTERVAL_S:
-                self._refusals[key] = (last, suppressed + 1)
-                return
-            if len(self._refusals) > 4096:
-                self._refusals.clear()
-            self._refusals[key] = (now, 0)
-        if suppressed:
-            fields["suppressed"] = suppressed
-        log_event(log, "connection_refused", level=logging.WARNING, peer=host, reason=reason, **fields)
+        self.lines.log((host, reason.split(" (")[0]), "connection_refused", peer=host, reason=reason, **fields)
 
     # -------------------------------------------------------------- TCP connections
     def open_connection(self, host: str) -> str | None:
@@ -277,31 +371,75 @@ class ConnectionGate:
             return len(self._admitted)
 
     def _prune(self) -> None:
-        self._admitted = {a for a in self._admitted
+        self._admitted = {a: slot for a, slot in self._admitted.items()
                           if a.is_alive() and not (a.is_released or a.is_aborted or a.is_rejected)}
 
+    @contextmanager
+    def working(self, assoc: Association) -> Iterator[None]:
+        """Around a C-STORE handler: the association is doing work, not holding a slot idle."""
+        slot = self._admitted.get(assoc)
+        if slot is None:
+            yield
+            return
+        slot.working += 1
+        try:
+            yield
+        finally:
+            slot.working -= 1
+            slot.last_work = time.monotonic()
+
+    def _victim(self, mine: int, now: float) -> Association | None:
+        """The association to give up its slot to a newcomer whose address holds ``mine``: one
+        not in a C-STORE, from an address holding at least ``mine + 2`` (fair share), or idle for
+        idle_association_s; the address holding the most first, then the longest idle."""
+        held = Counter(slot.address for slot in self._admitted.values())
+        free = []
+        for a, slot in self._admitted.items():
+            idle = slot.idle_s(a, now)
+            if not slot.busy(a) and (held[slot.address] >= mine + 2 or idle >= self.limits.idle_association_s):
+                free.append((held[slot.address], idle, a))
+        return max(free, key=lambda c: (c[0], c[1]))[2] if free else None
+
     def on_requested(self, event: evt.Event) -> None:
-        """EVT_REQUESTED: admit the association or reject it (transient, local limit exceeded)."""
+        """EVT_REQUESTED: admit the association (when every slot is taken, in the slot of one that
+        gives it up, :meth:`_victim`) or reject it (transient, local limit exceeded)."""
         assoc = event.assoc
         if assoc.is_rejected or assoc.is_aborted:
             return  # refused by an earlier handler (calling AE pinned to another host)
+        rq = assoc.requestor
+        host = str(rq.address)
+        now = time.monotonic()
+        reason: str | None = None
+        victim: Association | None = None
+        lost: Slot | None = None
         with self._lock:
             self._prune()
-            full = len(self._admitted) >= self.limits.max_associations
-            if not full:
-                self._admitted.add(assoc)
-        if full:
-            rq = assoc.requestor
-            log_event(log, "association_rejected", level=logging.WARNING,
-                      calling_ae=str(rq.primitive.calling_ae_title).strip(), peer=rq.address,
-                      reason=f"max_associations ({self.limits.max_associations}) reached",
-                      result="rejected-transient")
+            mine = sum(1 for slot in self._admitted.values() if slot.address == host)
+            if mine >= self.limits.max_associations_per_address:
+                reason = f"max_associations_per_address ({self.limits.max_associations_per_address}) reached for {host}"
+            elif len(self._admitted) >= self.limits.max_associations:
+                victim = self._victim(mine, now)
+                if victim is None:
+                    reason = f"max_associations ({self.limits.max_associations}) reached"
+                else:
+                    lost = self._admitted.pop(victim)
+            if reason is None:
+                self._admitted[assoc] = Slot(host, now)
+        if victim is not None and lost is not None:
+            self.lines.log((lost.address, "evicted"), "association_evicted", peer=lost.address,
+                           idle_s=round(lost.idle_s(victim, now), 1), for_peer=host,
+                           reason="every slot taken: slot given to a peer holding fewer, or idle too long")
+            victim.dul.request_abort(f"association slot given to {host}")  # a GuardedDUL, like every admitted one
+        if reason is not None:
+            self.lines.log((host, reason.split(" (")[0]), "association_rejected",
+                           calling_ae=str(rq.primitive.calling_ae_title).strip(), peer=host, reason=reason,
+                           result="rejected-transient")
             assoc.acse.send_reject(0x02, 0x03, 0x02)  # transient, service provider (presentation), local limit
             assoc.kill()
 
     def on_closed(self, event: evt.Event) -> None:
         with self._lock:
-            self._admitted.discard(event.assoc)
+            self._admitted.pop(event.assoc, None)
 
 
 class GuardedRequestHandler(RequestHandler):
@@ -327,9 +465,14 @@ class GuardedRequestHandler(RequestHandler):
                     return
             sock.settimeout(gate.limits.network_timeout_s)
             assoc = self._create_association_guarded(deadline)
+            done = self.server.prepare(assoc) if self.server.prepare is not None else None
             evt.trigger(assoc, evt.EVT_CONN_OPEN, {"address": self.client_address})
-            assoc.start()
-            assoc.join()
+            try:
+                assoc.start()
+                assoc.join()
+            finally:
+                if done is not None:
+                    done()
         finally:
             gate.close_connection(host)
             try:
@@ -362,10 +505,12 @@ class GuardedAssociationServer(ThreadedAssociationServer):
 
     def __init__(self, ae: AE, address: tuple[str, int], ae_title: str, contexts: list[Any],
                  ssl_context: ssl.SSLContext | None = None, evt_handlers: list[Any] | None = None, *,
-                 gate: ConnectionGate, listener: str = "dicom", reuse_port: bool = False) -> None:
+                 gate: ConnectionGate, listener: str = "dicom", reuse_port: bool = False,
+                 prepare: Callable[[Association], Callable[[], None]] | None = None) -> None:
         self.gate = gate
         self.listener = listener
         self.reuse_port = reuse_port
+        self.prepare = prepare  # installs per-association machinery; returns what to run at its end
         super().__init__(ae, address, ae_title, contexts, ssl_context, evt_handlers,
                          request_handler=GuardedRequestHandler)
         # Bound after the caller's handlers: a calling AE refused for its host is never counted.
@@ -414,14 +559,17 @@ def tls_peer(assoc: Association) -> dict[str, Any]:
 
 def start_server(ae: AE, address: tuple[str, int], handlers: list[Any], gate: ConnectionGate,
                  ssl_context: ssl.SSLContext | None = None, listener: str = "dicom",
-                 reuse_port: bool = False) -> GuardedAssociationServer:
-    """Start a guarded listener in a daemon thread (what ``AE.start_server(block=False)`` does)."""
+                 reuse_port: bool = False,
+                 prepare: Callable[[Association], Callable[[], None]] | None = None) -> GuardedAssociationServer:
+    """Start a guarded listener in a daemon thread (what ``AE.start_server(block=False)`` does).
+    ``prepare`` is called with each association before it starts (the node's data set spooling,
+    :mod:`dicom_node.receive.incoming`) and returns what to call when its thread has ended."""
     # pynetdicom's own limit counts every acceptor thread (half-open ones too); the gate enforces
     # the real one, so this only has to stay above what the gate lets in.
     ae.maximum_associations = gate.limits.max_connections + 1
     server = ae.make_server(address, ssl_context=ssl_context, evt_handlers=handlers,
                             server_class=GuardedAssociationServer, gate=gate, listener=listener,
-                            reuse_port=reuse_port)
+                            reuse_port=reuse_port, prepare=prepare)
     stamp = datetime.now().strftime("%Y%m%d%H%M%S")
     thread = threading.Thread(target=server.serve_forever, name=f"AcceptorServer@{stamp}", daemon=True)
     thread.start()

@@ -3,9 +3,10 @@
 A C-STORE is acknowledged only after its bytes are durable, so a crash or power loss never
 leaves a half-written instance that the database claims to have. The writer is the project's one
 atomic writer, ``ltdiff_core.atomic.write_atomic`` (temporary file in the same directory, fsync,
-``os.replace``, fsync the directory). The receiver splits that pattern (``write_pending`` in its
-association thread, the syncs in ``groupcommit``) so that instances arriving together share one
-pass of syncs; both use the same temporary names and directory sync.
+``os.replace``, fsync the directory). The receiver splits that pattern: each data set is written
+as it arrives to ``spool/.incoming/`` on the same volume (``dicom_node.receive.incoming``), and
+renamed and synced with its group (``groupcommit``), so that instances arriving together share
+one pass of syncs.
 """
 from __future__ import annotations
 
@@ -14,10 +15,10 @@ import os
 import re
 from pathlib import Path
 
-from ltdiff_core.atomic import fsync_dir, fsync_file, fsync_files, make_durable, temp_name, write_atomic
+from ltdiff_core.atomic import fsync_dir, fsync_file, fsync_files, make_durable, write_atomic
 
-__all__ = ["disk_usage", "fsync_dir", "fsync_file", "fsync_files", "make_durable", "make_dirs", "safe_name", "unlink_quietly", "write_atomic",
-           "write_pending"]
+__all__ = ["disk_usage", "fsync_dir", "fsync_file", "fsync_files", "make_durable", "make_dirs", "safe_name",
+           "unlink_quietly", "write_atomic"]
 
 _SAFE_UID = re.compile(r"^[0-9]+(\.[0-9]+)*$")
 
@@ -44,21 +45,6 @@ def make_dirs(path: Path) -> list[Path]:
         pass  # made by a concurrent writer whose sync may not have happened yet: sync it here too
     changed.append(path.parent)
     return changed
-
-
-def write_pending(path: Path, *chunks: bytes | bytearray | memoryview) -> Path:
-    """Write ``chunks`` one after the other to a temporary file beside ``path``, without syncing:
-    the caller makes it durable and renames it (see ``groupcommit``). Returns the temporary path;
-    on failure nothing is left behind."""
-    tmp = temp_name(path)
-    try:
-        with open(tmp, "wb") as f:
-            for chunk in chunks:
-                f.write(chunk)
-    except BaseException:
-        unlink_quietly(tmp)
-        raise
-    return tmp
 
 
 def unlink_quietly(path: Path) -> None:
