@@ -412,7 +412,7 @@ def endless_c_store(port: int, total: int, source: str = "127.0.0.2", chunk: int
     ae = AE("HOSTILE")
     ae.add_requested_context(_CT, [_EXPLICIT_LE])
     ae.acse_timeout = ae.network_timeout = 30
-    assoc = ae.associate(peers.LOOPBACK, port, ae_title=called, bind_address=(source, 0))
+    assoc = ae.associate(LOOPBACK, port, ae_title=called, bind_address=(source, 0))
     if not assoc.is_established:
         raise RuntimeError("association with the node failed")
     context_id = assoc.accepted_contexts[0].context_id
@@ -458,7 +458,7 @@ def echo_loop(port: int, source: str, stop: threading.Event, counts: dict[str, i
     ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 10
     while not stop.is_set():
         try:
-            assoc = ae.associate(peers.LOOPBACK, port, ae_title=called, bind_address=(source, 0))
+            assoc = ae.associate(LOOPBACK, port, ae_title=called, bind_address=(source, 0))
         except Exception:  # noqa: BLE001 - the node closed the connection: try again
             counts["refused"] = counts.get("refused", 0) + 1
             time.sleep(0.01)

@@ -166,8 +166,8 @@ def test_two_receivers_share_one_port(tmp_path: Path, postgres: PostgresServer) 
 
     def config(name: str, reuse: bool) -> Path:
         return write_node_config(tmp_path / f"{name}.toml", port=port, data_dir=tmp_path / "shared", stable_age_s=3600,
-                                 extra_node={"database_url": url, "reuse_port": reuse,
-                                             "max_connections_per_address": 8},  # per process
+                                 extra_node={"database_url": url, "reuse_port": reuse,  # limits per process:
+                                             "max_connections_per_address": 8, "max_associations_per_address": 8},
                                  disk=SCRATCH_DISK)
     cfg = config("node", True)
     database = db.Database(url)

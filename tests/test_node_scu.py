@@ -192,11 +192,11 @@ def test_echo_names_the_rejection(tmp_path: Path, capsys: pytest.CaptureFixture[
         conf = write_node_config(tmp_path / "node.toml", port=free_port(), data_dir=tmp_path / "data",
                                  destinations=[{**_dest(ok.port), "name": "OK"}, {**_dest(no.port), "name": "NO"}])
         assert cli_main(["--config", str(conf), "echo", "--destination", "OK"]) == 0
-        assert capsys.readouterr().out.strip() == f"C-ECHO PACS@{LOOPBACK}:{ok.port}: status 0x0000"
+        assert capsys.readouterr().out.strip() == f"C-ECHO LTDIFF -> PACS@{LOOPBACK}:{ok.port}: status 0x0000"
         for _ in range(5):  # the peer closes at once: the rejection must be read every time
             assert cli_main(["--config", str(conf), "echo", "--destination", "NO"]) == 1
             assert capsys.readouterr().out.strip().startswith(
-                f"C-ECHO PACS@{LOOPBACK}:{no.port}: association rejected (permanent): ")
+                f"C-ECHO LTDIFF -> PACS@{LOOPBACK}:{no.port}: association rejected (permanent): ")
 
 
 def test_exhausted_retries_fail_with_reason(tmp_path: Path) -> None:

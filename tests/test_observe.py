@@ -106,7 +106,7 @@ def test_ipv6_loopback(tmp_path: Path) -> None:
 
 
 def test_a_taken_http_port_stops_the_start_before_the_dicom_listener(tmp_path: Path) -> None:
-    from dicom_node.app.service import NodeService
+    from dicom_node.app.service import NodeService, StartError
 
     with socket.socket() as taken:
         taken.bind((LOOPBACK, 0))
@@ -114,7 +114,7 @@ def test_a_taken_http_port_stops_the_start_before_the_dicom_listener(tmp_path: P
         cfg = node_config(tmp_path, f"enabled = true\nport = {taken.getsockname()[1]}")
         service = NodeService(cfg)
         try:
-            with pytest.raises(OSError):
+            with pytest.raises(StartError, match=f"http.port = {taken.getsockname()[1]}: cannot listen"):
                 service.start()
         finally:
             service.db.dispose()

@@ -26,6 +26,7 @@ from dicom_node.tls import BCP195_CIPHERS
 from dicom_node.receive.transport import ASSOCIATE_RQ_MAX_LENGTH
 from dicom_node.version import SOFTWARE_NAME, SOFTWARE_VERSION
 
+
 class DestinationLike(Protocol):
     """A configured C-STORE SCP that receives standardized series."""
 
