@@ -194,7 +194,7 @@ def run(args: argparse.Namespace) -> int:
         _say(f"result at the PACS: {where}")
         _say(f"before/after image: {png}")
         _say(f"node data (spool, outputs, database): {out / 'node-data'}; status: "
-             f"python -m dicom_node.app.cli --config {cfg} status")
+             f"python -m dicom_node --config {cfg} status")
         if args.keep_running:
             _say("PACS and node keep running; press Ctrl-C to stop them")
             while True:
