@@ -12,6 +12,7 @@ configuration keeps working whatever the current directory of the process is.
 """
 from __future__ import annotations
 
+import difflib
 import ipaddress
 import os
 import re
@@ -711,7 +712,8 @@ def _describe(err: ErrorDetails) -> str:
     if kind == "extra_forbidden":
         model = _model_at(loc[:-1])
         keys = sorted(f.alias or n for n, f in model.model_fields.items()) if model else []
-        why = f"unknown key; expected one of {keys}"
+        near = difflib.get_close_matches(str(loc[-1]), keys, n=1, cutoff=0.6)
+        why = f"unknown key; expected one of {keys}" + (f"; did you mean '{near[0]}'?" if near else "")
     elif kind in _MUST_BE:
         why = f"must be {_MUST_BE[kind]}"
     elif kind == "greater_than":

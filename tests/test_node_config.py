@@ -118,6 +118,9 @@ def test_example_config_documents_every_key() -> None:
         # unknown keys, at every level, are named with the keys that level accepts
         ({"colour": "red"}, "colour: unknown key; expected one of ['audit', 'completeness', 'destinations'"),
         ({"tls": {"certfile": "x.pem"}}, "tls.certfile: unknown key; expected one of ['ca_file', 'certificate'"),
+        # a typo gets the nearest key
+        ({"node": {"ae_tilte": "X"}}, "; did you mean 'ae_title'?"),
+        ({"node": {"colour": "red"}}, "'uid_root'] (got 'red')"),  # nothing near: no suggestion
         ({"http": {"bind": "0.0.0.0"}},
          "http.bind: unknown key; expected one of ['enabled', 'host', 'port'] (got '0.0.0.0')"),
         ({"destinations": [{"name": "P", "ae_title": "P", "host": "h", "port": 104, "retries": 3}]},
