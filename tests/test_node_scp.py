@@ -247,3 +247,30 @@ def test_data_sets_left_by_a_dead_receiver_are_swept_at_start(tmp_path: Path) ->
     finally:
         scp.stop(drain_s=1)
         database.dispose()
+
+
+def test_refused_presentation_contexts_are_logged_and_audited(scp_factory: Any, tmp_path: Path,
+                                                             caplog: pytest.LogCaptureFixture) -> None:
+    """An MR series sent to the node: DCMTK storescu sees no accepted presentation context; the
+    node says which SOP class and transfer syntaxes it refused and why (as storescp -v does), in
+    the log, the association's closing line and the audit trail."""
+    import json
+    import logging
+
+    node = scp_factory()
+    mr = make_ct_series(tmp_path / "in", n=1, size=16)[0]
+    ds = pydicom.dcmread(mr)
+    ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.4"  # MR Image Storage
+    ds.Modality = "MR"
+    ds.save_as(mr)
+    with caplog.at_level(logging.INFO, logger="dicom_node"):
+        r = storescu([mr], node.port, "LTDIFF")
+    assert r.returncode != 0
+    refused = [rec for rec in caplog.records if rec.getMessage() == "presentation_contexts_refused"]
+    assert refused, [rec.getMessage() for rec in caplog.records]
+    text = refused[0].fields["refused"]
+    assert "MR Image Storage" in text and "abstract syntax not supported" in text, text
+    assert node.count(db.Instance) == 0
+    audit = [json.loads(x) for x in node.config.audit_path.read_text().splitlines()]
+    accepted = [a for a in audit if a["dicom_node"].get("outcome") == "accepted"]
+    assert any("MR Image Storage" in " ".join(a["dicom_node"].get("refused_contexts", [])) for a in accepted)

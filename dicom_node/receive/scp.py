@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from pydicom.dataset import Dataset
+from pydicom.uid import UID
 from pynetdicom import AE, evt
 from pynetdicom.sop_class import Verification
 
@@ -67,6 +68,25 @@ class _AssocStats:
     echoes: int = 0
     nbytes: int = 0
     last_store: float = -1e9  # monotonic time of the last C-STORE request
+    refused_contexts: int = 0  # presentation contexts the node refused at negotiation
+
+
+#: A-ASSOCIATE-AC presentation context results (PS3.8 9.3.3.2), as storescp -v names them.
+_CONTEXT_RESULT = {1: "user rejection", 2: "no reason", 3: "abstract syntax not supported",
+                   4: "transfer syntaxes not supported"}
+
+
+def refused_contexts(assoc: Any) -> list[str]:
+    """``SOP class (transfer syntaxes): why`` for each presentation context refused, once each."""
+    out: list[str] = []
+    for cx in getattr(assoc, "rejected_contexts", ()):
+        sop = UID(str(cx.abstract_syntax))
+        name = sop.name if sop.name != str(sop) else str(sop)
+        ts = ",".join(UID(str(t)).name for t in cx.transfer_syntax or ())
+        text = f"{name} ({ts}): {_CONTEXT_RESULT.get(cx.result, f'result {cx.result}')}"
+        if text not in out:
+            out.append(text)
+    return out
 
 
 # An association that sent a C-STORE within this many seconds is expected to send the next one soon:
@@ -214,7 +234,13 @@ class StorageSCP:
                                                    echo_rate=TokenBucket(self.config.node.max_echo_per_s))
         log_event(log, "association_accepted", calling_ae=str(rq.ae_title).strip(), peer=rq.address,
                   port=rq.port, max_pdu=rq.maximum_length, **tls_peer(event.assoc))
-        audit_for(self.config).association("accepted", str(rq.ae_title).strip(), rq.address, called_ae=self.config.ae_title)
+        refused = refused_contexts(event.assoc)
+        if refused:  # e.g. an MR series: the sender sees "no presentation context", the admin sees why
+            self._stats[id(event.assoc)].refused_contexts = len(refused)
+            log_event(log, "presentation_contexts_refused", level=logging.WARNING, calling_ae=str(rq.ae_title).strip(),
+                      peer=rq.address, accepted=len(event.assoc.accepted_contexts), refused="; ".join(refused))
+        audit_for(self.config).association("accepted", str(rq.ae_title).strip(), rq.address, called_ae=self.config.ae_title,
+                                           counts={"refused_contexts": refused} if refused else None)
 
     def _on_closed(self, event: evt.Event) -> None:
         st = self._stats.pop(id(event.assoc), None)
@@ -224,7 +250,8 @@ class StorageSCP:
         how = "association_released" if event.event is evt.EVT_RELEASED else "association_aborted"
         log_event(log, how, level=logging.INFO if how.endswith("released") else logging.WARNING,
                   calling_ae=st.calling_ae, peer=st.address, stored=st.stored, duplicates=st.duplicates,
-                  failed=st.failed, echoes=st.echoes, mbytes=round(st.nbytes / 1e6, 1), seconds=round(dt, 2),
+                  failed=st.failed, echoes=st.echoes, refused_contexts=st.refused_contexts or None,
+                  mbytes=round(st.nbytes / 1e6, 1), seconds=round(dt, 2),
                   images_per_s=round(st.stored / dt, 1))
         audit_for(self.config).association(how.split("_")[1], st.calling_ae, st.address, called_ae=self.config.ae_title,
                                            counts={"stored": st.stored, "duplicates": st.duplicates,
